@@ -1,0 +1,25 @@
+# Two commands do all set-up: `make serve` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+HOST ?= 0.0.0.0
+PORT ?= 8000
+BIN := $(VENV)/bin
+
+.PHONY: serve test lint bench clean
+
+serve: $(VENV)/.installed
+	$(BIN)/python -m training --if-missing
+	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,140 @@
+"""Command line: ``python -m training [train options]``; ``python -m training --help`` lists them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from training import artifact
+from training.data import DataError
+
+COMMANDS = ("train",)
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model and publish it as the next version (the default)")
+    p.add_argument("--data", type=Path, help="CSV or .npz file (default: scikit-learn's digits, embedded)")
+    p.add_argument("--target", help="CSV label column")
+    p.add_argument(
+        "--task", choices=["classification", "regression"], help="default: inferred from the labels"
+    )
+    p.add_argument("--name", help="model name in the repository (default: the data set's name)")
+    p.add_argument(
+        "--artifacts", type=Path, default=Path("artifacts"), help="model repository (default: ./artifacts)"
+    )
+    p.add_argument("--if-missing", action="store_true", help="do nothing if the model already has a version")
+    p.add_argument("--architecture", choices=["dense", "conv"], default="dense")
+    p.add_argument(
+        "--hidden", type=int, nargs="+", help="hidden layer sizes (classification 128 64, regression 50)"
+    )
+    p.add_argument(
+        "--dropout", type=float, help="dropout rate after each hidden layer (0.5; regression 0.05)"
+    )
+    p.add_argument(
+        "--input-dropout", type=float, help="dropout rate on the inputs (0; regression: --dropout)"
+    )
+    p.add_argument("--spatial-dropout", type=float, default=0.25, help="SpatialDropout2D rate (conv)")
+    p.add_argument("--weight-decay", type=float, help="L2 factor on every kernel (regression: from tau)")
+    p.add_argument(
+        "--tau", type=float, help="regression model precision (default: fitted on validation rows)"
+    )
+    p.add_argument("--epochs", type=int, help="training epochs (classification 60, regression 400)")
+    p.add_argument("--batch-size", type=int, help="(classification 32, regression 128)")
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--validation-split", type=float, default=0.1)
+    p.add_argument("--test-split", type=float, default=0.2)
+    p.add_argument("--mc-samples", type=int, default=100, help="MC samples for the held-out scores")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from training import data as datasets
+
+    dataset = (
+        datasets.digits(args.architecture == "conv")
+        if args.data is None
+        else datasets.load(args.data, args.target, args.task)
+    )
+    name = artifact.validate_name(args.name or dataset.name)
+    existing = artifact.versions(args.artifacts / name)
+    if args.if_missing and existing:
+        print(f"{name}: version {existing[-1]} exists in {args.artifacts}; not training (--if-missing)")
+        return
+
+    from training.export import export_model
+    from training.model import ModelConfig
+    from training.train import TrainConfig, train
+
+    regression = dataset.task == "regression"
+    dropout = args.dropout if args.dropout is not None else (0.05 if regression else 0.5)
+    config = ModelConfig(
+        architecture=args.architecture,
+        hidden=tuple(args.hidden or ((50,) if regression else (128, 64))),
+        dropout=dropout,
+        input_dropout=args.input_dropout
+        if args.input_dropout is not None
+        else (dropout if regression else 0.0),
+        spatial_dropout=args.spatial_dropout,
+        weight_decay=None if args.weight_decay is None else (args.weight_decay,) * 64,
+        learning_rate=args.learning_rate,
+    )
+    settings = TrainConfig(
+        epochs=args.epochs or (400 if regression else 60),
+        batch_size=args.batch_size or (128 if regression else 32),
+        validation_split=args.validation_split,
+        test_split=args.test_split,
+        seed=args.seed,
+        tau=args.tau,
+        mc_samples=args.mc_samples,
+    )
+    print(f"{name}: {dataset.task}, {len(dataset.y)} rows, inputs {list(dataset.x.shape[1:])}", flush=True)
+    trained = train(dataset, config, settings)
+    path = export_model(
+        trained.model,
+        args.artifacts,
+        name,
+        task=dataset.task,
+        class_labels=dataset.class_labels,
+        feature_names=dataset.feature_names,
+        target_names=dataset.target_names,
+        tau=trained.tau,
+        preprocessing=trained.preprocessing,
+        metrics=trained.metrics,
+        training={
+            "model": config.__dict__,
+            "fit": settings.__dict__,
+            "data": str(args.data or "sklearn digits"),
+        },
+    )
+    _print_summary(trained.metrics, trained.tau)
+    print(f"published {path}")
+
+
+def _print_summary(scores: dict[str, dict[str, float]], tau: float | None) -> None:
+    names = list(next(iter(scores.values())))
+    print("\nheld-out test set" + (f" (tau = {tau:.4g})" if tau else ""))
+    print(f"{'':22}" + "".join(f"{n:>16}" for n in names))
+    for kind, values in scores.items():
+        print(f"{kind:22}" + "".join(f"{values[n]:>16.4f}" for n in names))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "train")
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (DataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

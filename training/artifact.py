@@ -1,0 +1,166 @@
+"""The artifact contract: how a model lives in the model repository.
+
+This module is the single written definition; ``training`` writes artifacts through it and
+``app`` reads them through it. It imports neither Keras nor TensorFlow.
+
+Layout (TensorFlow Serving's, so TF Serving can serve the same folder)::
+
+    <repository>/<model name>/<version>/     version: a positive integer, newest is highest
+        saved_model.pb, variables/, ...      a TensorFlow SavedModel
+        metadata.json                        ModelMetadata below, as JSON
+
+A version folder appears atomically: it is written under ``<model name>/.staging-*`` and then
+renamed into place, so a reader never sees half of one. Names starting with a dot are never
+versions. A new version takes the next integer.
+
+Signatures of the SavedModel (inputs are float32 with a free batch axis ``N``):
+
+``serving_default``
+    ``inputs [N, *input_shape]`` -> ``outputs [N, *output_shape]``: inference mode, exactly
+    ``model(inputs, training=False)``. Classification outputs are class probabilities;
+    regression outputs are predicted values in the target's original units.
+``mc_dropout``
+    ``inputs [N, *input_shape]``, ``samples`` (int32 scalar, T >= 1), ``seed`` (int64 scalar)
+    -> ``outputs [T, N, *output_shape]``: T Monte-Carlo dropout samples in one call, with only
+    the dropout layers stochastic and every other layer in inference mode; no variable changes.
+    The same inputs, T and seed give bit-identical samples in any process. Sample ``t`` is one
+    draw of the network, shared by all instances of the call (see ``training.mc_dropout``).
+
+Preprocessing (feature scaling, target de-standardization) is part of both signatures, so
+clients send raw features. For regression, ``tau`` is the model precision: the aleatoric
+standard deviation of a prediction is ``1 / sqrt(tau)``, in the target's units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+SERVING_SIGNATURE = "serving_default"
+MC_SIGNATURE = "mc_dropout"
+INPUTS_KEY = "inputs"
+SAMPLES_KEY = "samples"
+SEED_KEY = "seed"
+OUTPUTS_KEY = "outputs"
+METADATA_FILE = "metadata.json"
+
+Task = Literal["classification", "regression"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class DropoutLayer(BaseModel):
+    name: str
+    type: str
+    rate: float
+
+
+class Preprocessing(BaseModel):
+    """What the graph does to raw inputs and outputs, recorded for people, applied in-graph."""
+
+    inputs: str = Field(description="e.g. 'x / 16' or 'standardized with training mean and std'")
+    outputs: str = "none"
+    input_shift: list[float] | None = None
+    input_scale: list[float] | None = None
+    target_shift: list[float] | None = None
+    target_scale: list[float] | None = None
+
+
+class ModelMetadata(BaseModel):
+    """Everything about a version that the SavedModel's signatures do not say themselves."""
+
+    format_version: int = 1
+    name: str
+    version: int
+    task: Task
+    input_shape: list[int] = Field(description="shape of one instance, batch axis excluded")
+    input_dtype: str = "float32"
+    output_shape: list[int]
+    output_meaning: str
+    class_labels: list[str] | None = None
+    feature_names: list[str] | None = None
+    target_names: list[str] | None = None
+    dropout_layers: list[DropoutLayer]
+    tau: float | None = Field(None, description="regression model precision, 1/variance")
+    preprocessing: Preprocessing | None = None
+    mc_rows_per_pass: int = Field(description="rows per forward pass inside mc_dropout")
+    training: dict[str, object] = Field(default_factory=dict, description="training settings")
+    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    tensorflow_version: str
+    keras_version: str
+    created_at: datetime
+
+
+def validate_name(name: str) -> str:
+    """Model names are single path components; refuse anything else before touching disk."""
+    if not _NAME.match(name):
+        raise ValueError(
+            f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (at most 64), "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def versions(model_dir: Path) -> list[int]:
+    """The published versions of one model, oldest first."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def model_names(repository: Path) -> list[str]:
+    """Models in the repository that have at least one published version."""
+    if not repository.is_dir():
+        return []
+    return sorted(p.name for p in repository.iterdir() if _NAME.match(p.name) and versions(p))
+
+
+def read_metadata(version_dir: Path) -> ModelMetadata | None:
+    """The version's metadata, or None for a plain SavedModel written by something else."""
+    path = version_dir / METADATA_FILE
+    if not path.exists():
+        return None
+    return ModelMetadata.model_validate_json(path.read_text())
+
+
+@contextlib.contextmanager
+def staging_dir(repository: Path, name: str) -> Iterator[Path]:
+    """A scratch folder beside the versions (same filesystem, so publishing is a rename).
+
+    It is removed whatever happens, so a failed export leaves nothing behind.
+    """
+    model_dir = repository / validate_name(name)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(staged: Path, metadata: ModelMetadata) -> Path:
+    """Write ``metadata`` into ``staged`` and rename it to the next free version number.
+
+    If another writer takes the number first, the rename fails and the next one is tried.
+    Returns the published version folder; ``metadata.version`` is set to its number.
+    """
+    model_dir = staged.parent
+    while True:
+        metadata.version = max(versions(model_dir), default=0) + 1
+        (staged / METADATA_FILE).write_text(metadata.model_dump_json(indent=2))
+        target = model_dir / str(metadata.version)
+        try:
+            os.rename(staged, target)
+        except OSError:
+            if not target.exists():
+                raise
+            continue
+        return target

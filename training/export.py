@@ -1,0 +1,132 @@
+"""Export any single-input, single-output Keras 3 model as a versioned SavedModel artifact."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from training import artifact
+from training.mc_dropout import dropout_layers, mc_dropout_fn
+
+ACTIVATION_BUDGET = 2**22
+"""Most float32 elements one intermediate tensor of an MC forward pass may hold (16 MiB)."""
+
+
+def _input_spec(model: keras.Model) -> tf.TensorSpec:
+    inputs = getattr(model, "inputs", None)
+    outputs = getattr(model, "outputs", None)
+    if not inputs or not outputs:
+        raise ValueError("export_model needs a built Sequential or functional model (give it an Input)")
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(
+            f"export_model supports one input and one output; this model has {len(inputs)} "
+            f"inputs and {len(outputs)} outputs"
+        )
+    return tf.TensorSpec([None, *inputs[0].shape[1:]], tf.float32, name=artifact.INPUTS_KEY)
+
+
+def _widest_row(graph: tf.Graph) -> int:
+    """Elements per instance of the largest tensor in a traced forward pass."""
+    sizes = [
+        t.shape[1:].num_elements()
+        for op in graph.get_operations()
+        for t in op.outputs
+        if t.shape.rank and t.shape[0] is None and t.shape[1:].is_fully_defined()
+    ]
+    return max(sizes, default=1) or 1
+
+
+def write_saved_model(model: keras.Model, path: Path, rows_per_pass: int | None = None) -> int:
+    """Write ``model`` as a SavedModel with the contract's signatures; returns rows per pass.
+
+    ``mc_dropout`` is written only when the model has dropout layers: without them every
+    sample would be identical, and a server should say so rather than report zero uncertainty.
+    """
+    spec = _input_spec(model)
+
+    def serve(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {artifact.OUTPUTS_KEY: model(inputs, training=False)}
+
+    serving = tf.function(serve, input_signature=[spec], autograph=False).get_concrete_function()
+    signatures = {artifact.SERVING_SIGNATURE: serving}
+    if rows_per_pass is None:
+        rows_per_pass = max(1, ACTIVATION_BUDGET // _widest_row(serving.graph))
+
+    if dropout_layers(model):
+        sample = mc_dropout_fn(model, rows_per_pass)
+
+        def mc_dropout(inputs: tf.Tensor, samples: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {artifact.OUTPUTS_KEY: sample(inputs, samples, seed)}
+
+        mc_spec = [
+            spec,
+            tf.TensorSpec([], tf.int32, name=artifact.SAMPLES_KEY),
+            tf.TensorSpec([], tf.int64, name=artifact.SEED_KEY),
+        ]
+        mc = tf.function(mc_dropout, input_signature=mc_spec, autograph=False)
+        signatures[artifact.MC_SIGNATURE] = mc.get_concrete_function()
+
+    holder = tf.Module()
+    holder.model = model
+    tf.saved_model.save(holder, str(path), signatures=signatures)
+    return rows_per_pass
+
+
+def export_model(
+    model: keras.Model,
+    repository: str | Path,
+    name: str,
+    *,
+    task: artifact.Task,
+    class_labels: list[str] | None = None,
+    feature_names: list[str] | None = None,
+    target_names: list[str] | None = None,
+    tau: float | None = None,
+    preprocessing: artifact.Preprocessing | None = None,
+    metrics: dict[str, dict[str, float]] | None = None,
+    training: dict[str, object] | None = None,
+    rows_per_pass: int | None = None,
+) -> Path:
+    """Publish ``model`` as the next version of ``name`` in ``repository``; returns its folder.
+
+    Works on any Keras 3 Sequential or functional model with one input and one output; its
+    Dropout, SpatialDropout1D/2D/3D, GaussianDropout and AlphaDropout layers become the
+    stochastic part of the ``mc_dropout`` signature. Classification models must output
+    class probabilities.
+    """
+    input_shape = [int(d) for d in _input_spec(model).shape[1:]]
+    output_shape = [int(d) for d in model.outputs[0].shape[1:]]
+    if tau is not None and not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a positive number, got {tau}")
+    if task == "classification" and class_labels is not None and output_shape != [len(class_labels)]:
+        raise ValueError(f"{len(class_labels)} class labels for an output of shape {output_shape}")
+    with artifact.staging_dir(Path(repository), name) as staged:
+        rows = write_saved_model(model, staged, rows_per_pass)
+        metadata = artifact.ModelMetadata(
+            name=name,
+            version=0,
+            task=task,
+            input_shape=input_shape,
+            output_shape=output_shape,
+            output_meaning="class probabilities" if task == "classification" else "predicted value",
+            class_labels=class_labels,
+            feature_names=feature_names,
+            target_names=target_names,
+            dropout_layers=[
+                artifact.DropoutLayer(name=layer.name, type=type(layer).__name__, rate=float(layer.rate))
+                for layer in dropout_layers(model)
+            ],
+            tau=tau,
+            preprocessing=preprocessing,
+            mc_rows_per_pass=rows,
+            training=training or {},
+            metrics=metrics or {},
+            tensorflow_version=tf.__version__,
+            keras_version=keras.__version__,
+            created_at=datetime.now(UTC),
+        )
+        return artifact.publish(staged, metadata)

@@ -1,0 +1,114 @@
+"""Fit a dropout network on a dataset and score it on held-out data, deterministically per seed."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training import metrics
+from training.artifact import Preprocessing
+from training.data import Dataset, split
+from training.mc_dropout import sample
+from training.model import ModelConfig, build_network, mc_weight_decay, with_preprocessing
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 32
+    validation_split: float = 0.1
+    test_split: float = 0.2
+    seed: int = 0
+    tau: float | None = None
+    """Regression model precision; None fits it on the validation rows after training."""
+    mc_samples: int = 100
+    """MC samples for the held-out scores."""
+
+
+@dataclass
+class TrainedModel:
+    model: keras.Model
+    """Raw features in, class probabilities or target-unit predictions out."""
+    preprocessing: Preprocessing
+    history: dict[str, list[float]]
+    metrics: dict[str, dict[str, float]]
+    tau: float | None = None
+    test: Dataset | None = field(default=None, repr=False)
+
+
+def _input_scaling(data: Dataset, config: ModelConfig) -> tuple[np.ndarray, np.ndarray, str]:
+    """Shift and scale that put the features near [0, 1] or at zero mean and unit variance."""
+    if data.value_range is not None:
+        return np.zeros(1), np.full(1, data.value_range), f"x / {data.value_range:g}"
+    if config.architecture == "conv":
+        return np.full(1, data.x.mean()), np.full(1, data.x.std() or 1.0), "standardized (one mean, one std)"
+    std = data.x.std(axis=0)
+    return data.x.mean(axis=0), np.where(std > 0, std, 1.0), "standardized per feature (training mean, std)"
+
+
+def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedModel:
+    keras.utils.set_random_seed(settings.seed)
+    tf.config.experimental.enable_op_determinism()
+    train_rows, test = split(data, settings.test_split, settings.seed)
+    fit_rows, validation = split(train_rows, settings.validation_split, settings.seed)
+
+    shift, scale, description = _input_scaling(fit_rows, config)
+    preprocessing = Preprocessing(inputs=description, input_shift=shift.tolist(), input_scale=scale.tolist())
+    x_fit, x_val = (fit_rows.x - shift) / scale, (validation.x - shift) / scale
+    y_fit, y_val = fit_rows.y, validation.y
+    outputs = len(data.class_labels) if data.task == "classification" else data.y.shape[1]
+    if data.task == "regression":
+        y_shift, y_scale = (
+            fit_rows.y.mean(axis=0),
+            np.where(fit_rows.y.std(axis=0) > 0, fit_rows.y.std(axis=0), 1.0),
+        )
+        y_fit, y_val = (y_fit - y_shift) / y_scale, (y_val - y_shift) / y_scale
+        preprocessing.outputs = "network predicts the standardized target; the graph restores its units"
+        preprocessing.target_shift, preprocessing.target_scale = y_shift.tolist(), y_scale.tolist()
+        if config.weight_decay is None:
+            prior_tau = settings.tau or float(1.0 / np.mean(y_scale**2))
+            config = replace(config, weight_decay=mc_weight_decay(config, len(y_fit), prior_tau))
+
+    network = build_network(config, data.x.shape[1:], outputs, data.task)
+    history = network.fit(
+        x_fit,
+        y_fit,
+        validation_data=(x_val, y_val),
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        verbose=1 if sys.stdout.isatty() else 2,
+    ).history
+    if data.task == "classification":
+        served = with_preprocessing(network, shift, scale)
+    else:
+        served = with_preprocessing(network, shift, scale, y_shift, y_scale)
+
+    tau = None
+    if data.task == "regression":
+        tau = settings.tau or metrics.fit_tau(
+            validation.y, sample(served, validation.x, settings.mc_samples, settings.seed)
+        )
+    scores = evaluate(served, test, data.task, tau, settings.mc_samples, settings.seed)
+    return TrainedModel(
+        served, preprocessing, {k: [float(v) for v in vs] for k, vs in history.items()}, scores, tau, test
+    )
+
+
+def evaluate(model: keras.Model, data: Dataset, task: str, tau: float | None, samples: int, seed: int):
+    """Held-out scores of inference-mode ("deterministic") and MC-dropout ("mc") predictions."""
+    deterministic = model(data.x, training=False).numpy()
+    mc = sample(model, data.x, samples, seed)
+    if task == "classification":
+        return {
+            "test_deterministic": metrics.classification_scores(deterministic, data.y),
+            "test_mc": metrics.classification_scores(mc.mean(axis=0), data.y),
+        }
+    return {
+        "test_deterministic": metrics.regression_scores(data.y, deterministic, None, tau),
+        "test_mc": metrics.regression_scores(data.y, mc.mean(axis=0), mc, tau),
+    }

@@ -1,0 +1,82 @@
+"""Summaries of Monte-Carlo dropout samples: what a client reads from ``/predict/mc-dropout``.
+
+Plain NumPy over samples shaped ``[T, N, ...]`` (T samples of N instances), shared by the
+service and by the evaluation report. Entropies are in nats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import xlogy
+
+Z_95 = 1.959963984540054
+"""Two-sided 95 % quantile of the standard normal."""
+
+
+def entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Shannon entropy over the last axis (0 log 0 = 0)."""
+    return -xlogy(probabilities, probabilities).sum(axis=-1)
+
+
+@dataclass(frozen=True)
+class ClassificationSummary:
+    mean: np.ndarray  # [N, K] mean probabilities
+    std: np.ndarray  # [N, K] per-class standard deviation over samples
+    label: np.ndarray  # [N] argmax of the mean
+    probability: np.ndarray  # [N] mean probability of that label
+    predictive_entropy: np.ndarray  # [N] H[mean p]: total uncertainty
+    expected_entropy: np.ndarray  # [N] mean_t H[p_t]: aleatoric part
+    mutual_information: np.ndarray  # [N] BALD, their difference: epistemic part
+    variation_ratio: np.ndarray  # [N] share of samples whose argmax is not the modal label
+
+
+def summarize_classification(samples: np.ndarray) -> ClassificationSummary:
+    samples = np.asarray(samples, dtype=np.float64)
+    mean = samples.mean(axis=0)
+    label = mean.argmax(axis=-1)
+    predictive = entropy(mean)
+    expected = entropy(samples).mean(axis=0)
+    votes = samples.argmax(axis=-1)  # [T, N]
+    classes = samples.shape[-1]
+    modal_count = (
+        np.stack([np.bincount(v, minlength=classes).max() for v in votes.T]) if votes.size else np.zeros(0)
+    )
+    return ClassificationSummary(
+        mean=mean,
+        std=samples.std(axis=0),
+        label=label,
+        probability=np.take_along_axis(mean, label[:, None], axis=-1)[:, 0],
+        predictive_entropy=predictive,
+        expected_entropy=expected,
+        mutual_information=np.maximum(predictive - expected, 0.0),
+        variation_ratio=1.0 - modal_count / samples.shape[0],
+    )
+
+
+@dataclass(frozen=True)
+class RegressionSummary:
+    mean: np.ndarray  # [N, D]
+    epistemic_std: np.ndarray  # [N, D] spread of the sampled predictions
+    aleatoric_std: float | None  # 1 / sqrt(tau), the same for every instance
+    total_std: np.ndarray  # [N, D] sqrt(epistemic² + aleatoric²)
+    lower: np.ndarray  # [N, D] 95 % interval, Gaussian approximation
+    upper: np.ndarray
+
+
+def summarize_regression(samples: np.ndarray, tau: float | None) -> RegressionSummary:
+    samples = np.asarray(samples, dtype=np.float64)
+    samples = samples.reshape(samples.shape[0], samples.shape[1], -1)
+    mean = samples.mean(axis=0)
+    epistemic = samples.std(axis=0)
+    aleatoric = None if tau is None else float(1.0 / np.sqrt(tau))
+    total = np.sqrt(epistemic**2 + (aleatoric or 0.0) ** 2)
+    return RegressionSummary(
+        mean=mean,
+        epistemic_std=epistemic,
+        aleatoric_std=aleatoric,
+        total_std=total,
+        lower=mean - Z_95 * total,
+        upper=mean + Z_95 * total,
+    )

@@ -57,3 +57,45 @@ def digit_rows() -> np.ndarray:
     from training.data import digits
 
     return digits().x[:16]
+
+
+class Server:
+    """A real ``uvicorn app.main:app`` process on a free loopback port."""
+
+    def __init__(self, model_dir: Path, **settings: object) -> None:
+        import os
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "DROPOUT_SERVE_MODEL_DIR": str(model_dir)}
+        env.update({f"DROPOUT_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
+        self.log = open(model_dir.parent / f"uvicorn-{self.port}.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.wait_until_up()
+
+    def wait_until_up(self, timeout: float = 120) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, Path(self.log.name).read_text()[-3000:]
+            try:
+                httpx.get(f"{self.url}/health/live", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise TimeoutError(f"uvicorn did not start: {Path(self.log.name).read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        self.process.terminate()
+        code = self.process.wait(timeout=30)
+        self.log.close()
+        return code

@@ -76,9 +76,7 @@ def test_batchnorm_runs_in_inference_mode_while_dropout_samples(digit_rows):
     model = digits_with_batchnorm(rate=0.0)
     model.fit(digit_rows, np.arange(16) % 10, epochs=1, verbose=0)
     samples = sample(model, digit_rows, 3, seed=0)
-    np.testing.assert_allclose(
-        samples, np.broadcast_to(model(digit_rows, training=False), samples.shape), atol=1e-6
-    )
+    np.testing.assert_allclose(samples, np.broadcast_to(model(digit_rows, training=False), samples.shape), atol=1e-6)
 
 
 SCRIPT = """
@@ -102,9 +100,7 @@ def test_seeded_samples_are_identical_across_processes(tiny_classifier_dir, digi
         ).stdout.strip()
         for _ in range(2)
     }
-    in_process = hashlib.sha256(
-        mc(tf.saved_model.load(str(tiny_classifier_dir)), digit_rows, 50, 1234).tobytes()
-    )
+    in_process = hashlib.sha256(mc(tf.saved_model.load(str(tiny_classifier_dir)), digit_rows, 50, 1234).tobytes())
     assert digests == {in_process.hexdigest()}
 
 
@@ -173,9 +169,7 @@ def test_alpha_dropout_follows_keras_formula():
     rate, alpha_p = 0.2, -1.6732632423543772 * 1.0507009873554805
     a = ((1 - rate) * (1 + rate * alpha_p**2)) ** -0.5
     b = -a * alpha_p * rate
-    samples = sample(
-        identity_model(keras.layers.AlphaDropout(rate), (400,)), np.full((1, 400), 2.0, np.float32), 5, 4
-    )
+    samples = sample(identity_model(keras.layers.AlphaDropout(rate), (400,)), np.full((1, 400), 2.0, np.float32), 5, 4)
     np.testing.assert_allclose(np.unique(samples), sorted([a * alpha_p + b, a * 2.0 + b]), rtol=1e-5)
     assert 0.75 < np.mean(np.isclose(samples, a * 2.0 + b)) < 0.85
 

@@ -34,10 +34,7 @@ def test_training_is_deterministic_for_a_seed():
     from training.model import ModelConfig
     from training.train import TrainConfig, train
 
-    runs = [
-        train(digits(), ModelConfig(hidden=(16,)), TrainConfig(epochs=2, seed=4, mc_samples=5))
-        for _ in range(2)
-    ]
+    runs = [train(digits(), ModelConfig(hidden=(16,)), TrainConfig(epochs=2, seed=4, mc_samples=5)) for _ in range(2)]
     for a, b in zip(runs[0].model.get_weights(), runs[1].model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert runs[0].metrics == runs[1].metrics
@@ -54,18 +51,14 @@ def diabetes_csv(tmp_path_factory):
 
 
 def test_regression_from_csv_keeps_scaling_in_the_graph(diabetes_csv, tmp_path):
-    result = run_training(
-        "--data", diabetes_csv, "--target", "progression", "--artifacts", tmp_path, "--epochs", "40"
-    )
+    result = run_training("--data", diabetes_csv, "--target", "progression", "--artifacts", tmp_path, "--epochs", "40")
     assert result.returncode == 0, result.stderr[-2000:]
     meta = artifact.read_metadata(tmp_path / "diabetes" / "1")
     assert meta.task == "regression" and meta.tau > 0 and meta.target_names == ["progression"]
     assert meta.preprocessing.target_scale[0] > 10  # the target was standardized for training
     rows = np.loadtxt(diabetes_csv, delimiter=",", skiprows=1)
     loaded = tf.saved_model.load(str(tmp_path / "diabetes" / "1"))
-    predicted = loaded.signatures["serving_default"](inputs=tf.constant(rows[:, :-1], tf.float32))[
-        "outputs"
-    ].numpy()
+    predicted = loaded.signatures["serving_default"](inputs=tf.constant(rows[:, :-1], tf.float32))["outputs"].numpy()
     assert 100 < predicted.mean() < 200  # raw features in, target units out
     assert np.corrcoef(predicted[:, 0], rows[:, -1])[0, 1] > 0.5
 

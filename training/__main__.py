@@ -16,29 +16,17 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model and publish it as the next version (the default)")
     p.add_argument("--data", type=Path, help="CSV or .npz file (default: scikit-learn's digits, embedded)")
     p.add_argument("--target", help="CSV label column")
-    p.add_argument(
-        "--task", choices=["classification", "regression"], help="default: inferred from the labels"
-    )
+    p.add_argument("--task", choices=["classification", "regression"], help="default: inferred from the labels")
     p.add_argument("--name", help="model name in the repository (default: the data set's name)")
-    p.add_argument(
-        "--artifacts", type=Path, default=Path("artifacts"), help="model repository (default: ./artifacts)"
-    )
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="model repository (default: ./artifacts)")
     p.add_argument("--if-missing", action="store_true", help="do nothing if the model already has a version")
     p.add_argument("--architecture", choices=["dense", "conv"], default="dense")
-    p.add_argument(
-        "--hidden", type=int, nargs="+", help="hidden layer sizes (classification 128 64, regression 50)"
-    )
-    p.add_argument(
-        "--dropout", type=float, help="dropout rate after each hidden layer (0.5; regression 0.05)"
-    )
-    p.add_argument(
-        "--input-dropout", type=float, help="dropout rate on the inputs (0; regression: --dropout)"
-    )
+    p.add_argument("--hidden", type=int, nargs="+", help="hidden layer sizes (classification 128 64, regression 50)")
+    p.add_argument("--dropout", type=float, help="dropout rate after each hidden layer (0.5; regression 0.05)")
+    p.add_argument("--input-dropout", type=float, help="dropout rate on the inputs (0; regression: --dropout)")
     p.add_argument("--spatial-dropout", type=float, default=0.25, help="SpatialDropout2D rate (conv)")
     p.add_argument("--weight-decay", type=float, help="L2 factor on every kernel (regression: from tau)")
-    p.add_argument(
-        "--tau", type=float, help="regression model precision (default: fitted on validation rows)"
-    )
+    p.add_argument("--tau", type=float, help="regression model precision (default: fitted on validation rows)")
     p.add_argument("--epochs", type=int, help="training epochs (classification 60, regression 400)")
     p.add_argument("--batch-size", type=int, help="(classification 32, regression 128)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -73,9 +61,7 @@ def _run_train(args: argparse.Namespace) -> None:
         architecture=args.architecture,
         hidden=tuple(args.hidden or ((50,) if regression else (128, 64))),
         dropout=dropout,
-        input_dropout=args.input_dropout
-        if args.input_dropout is not None
-        else (dropout if regression else 0.0),
+        input_dropout=args.input_dropout if args.input_dropout is not None else (dropout if regression else 0.0),
         spatial_dropout=args.spatial_dropout,
         weight_decay=None if args.weight_decay is None else (args.weight_decay,) * 64,
         learning_rate=args.learning_rate,

@@ -114,9 +114,7 @@ def _from_npz(path: Path, task: Task | None) -> Dataset:
     except (zipfile.BadZipFile, OSError, ValueError) as error:
         raise DataError(f"{path}: not a readable .npz file ({error})") from None
     if x.ndim < 2 or len(x) != len(y):
-        raise DataError(
-            f"{path}: x must be [rows, features...] and y [rows, ...], got {x.shape} and {y.shape}"
-        )
+        raise DataError(f"{path}: x must be [rows, features...] and y [rows, ...], got {x.shape} and {y.shape}")
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{path}: x must be numeric, got {x.dtype}")
     return _from_columns(path, None, x.astype(np.float64), y, ["y"], task)
@@ -164,9 +162,7 @@ def _check_finite(path: Path, what: str, values: np.ndarray) -> None:
     if bad.any():
         rows = np.unique(np.nonzero(bad)[0])
         shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
-        raise DataError(
-            f"{path}: {what} contain NaN or infinite values in {len(rows)} row(s) (0-based: {shown})"
-        )
+        raise DataError(f"{path}: {what} contain NaN or infinite values in {len(rows)} row(s) (0-based: {shown})")
 
 
 def _label_order(label: str) -> tuple[int, float, str]:
@@ -192,7 +188,5 @@ def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Datase
     try:
         kept, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
     except ValueError as error:
-        raise DataError(
-            f"{dataset.name}: cannot hold out {fraction:.0%} of {len(rows)} rows ({error})"
-        ) from None
+        raise DataError(f"{dataset.name}: cannot hold out {fraction:.0%} of {len(rows)} rows ({error})") from None
     return dataset.subset(np.sort(kept)), dataset.subset(np.sort(held))

@@ -93,9 +93,7 @@ def _noise_shape(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
     declared = getattr(layer, "noise_shape", None)
     if declared is None:
         return features
-    return tf.stack(
-        [features[i] if d is None else tf.constant(d, tf.int64) for i, d in enumerate(declared[1:])]
-    )
+    return tf.stack([features[i] if d is None else tf.constant(d, tf.int64) for i, d in enumerate(declared[1:])])
 
 
 def _apply_noise(layer: keras.layers.Layer, x: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
@@ -162,22 +160,16 @@ def mc_dropout_fn(model: keras.Model, rows_per_pass: int):
             rows = tf.reshape(tiled, tf.concat([[-1], tf.shape(inputs, out_type=tf.int64)[1:]], 0))
             with _dropout_switched_on(layers, _Draw(seed, first, count)):
                 outputs = model(rows, training=False)
-            outputs = tf.reshape(
-                outputs, tf.concat([[count, batch], tf.shape(outputs, out_type=tf.int64)[1:]], 0)
-            )
+            outputs = tf.reshape(outputs, tf.concat([[count, batch], tf.shape(outputs, out_type=tf.int64)[1:]], 0))
             return first + count, chunks.write(tf.cast(first // per_pass, tf.int32), outputs)
 
-        _, chunks = tf.while_loop(
-            lambda first, _: first < samples, one_pass, (tf.constant(0, tf.int64), chunks)
-        )
+        _, chunks = tf.while_loop(lambda first, _: first < samples, one_pass, (tf.constant(0, tf.int64), chunks))
         return tf.ensure_shape(chunks.concat(), [None, None, *model.outputs[0].shape[1:]])
 
     return mc_dropout
 
 
-def sample(
-    model: keras.Model, inputs: np.ndarray, samples: int, seed: int, rows_per_pass: int = 2**15
-) -> np.ndarray:
+def sample(model: keras.Model, inputs: np.ndarray, samples: int, seed: int, rows_per_pass: int = 2**15) -> np.ndarray:
     """Run ``mc_dropout_fn`` on an in-memory model (what the exported signature computes)."""
     fn = tf.function(mc_dropout_fn(model, rows_per_pass), autograph=False)
     outputs = fn(tf.constant(inputs, tf.float32), tf.constant(samples, tf.int32), tf.constant(seed, tf.int64))

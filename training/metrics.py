@@ -65,10 +65,7 @@ def mc_log_likelihood(targets: np.ndarray, samples: np.ndarray, tau: float) -> f
     samples = np.asarray(samples, dtype=np.float64).reshape((samples.shape[0], *targets.shape))
     squared = (targets[None] - samples) ** 2
     per_dim = (
-        logsumexp(-0.5 * tau * squared, axis=0)
-        - np.log(samples.shape[0])
-        - 0.5 * np.log(2 * np.pi)
-        + 0.5 * np.log(tau)
+        logsumexp(-0.5 * tau * squared, axis=0) - np.log(samples.shape[0]) - 0.5 * np.log(2 * np.pi) + 0.5 * np.log(tau)
     )
     return float(np.mean(per_dim.reshape(len(targets), -1).sum(axis=-1)))
 

@@ -26,9 +26,7 @@ class ModelConfig:
     learning_rate: float = 1e-3
 
 
-def mc_weight_decay(
-    config: ModelConfig, rows: int, tau: float, length_scale: float = 1e-2
-) -> tuple[float, ...]:
+def mc_weight_decay(config: ModelConfig, rows: int, tau: float, length_scale: float = 1e-2) -> tuple[float, ...]:
     """Gal & Ghahramani's weight decay ``l² (1 - p) / (2 N tau)`` for each Dense kernel.
 
     ``p`` is the dropout rate on that layer's input: ``input_dropout`` for the first layer,
@@ -52,9 +50,7 @@ def build_network(config: ModelConfig, input_shape: tuple[int, ...], outputs: in
         if len(input_shape) == 2:
             x = keras.layers.Reshape((*input_shape, 1))(x)
         for filters in config.conv_filters:
-            x = keras.layers.Conv2D(
-                filters, 3, padding="same", activation="relu", kernel_regularizer=regularizer()
-            )(x)
+            x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_regularizer=regularizer())(x)
             x = keras.layers.SpatialDropout2D(config.spatial_dropout)(x)
             if min(x.shape[1:3]) >= 4:
                 x = keras.layers.MaxPooling2D()(x)
@@ -87,12 +83,8 @@ def with_preprocessing(
     It shares the network's layers and weights, so exporting it puts the scaling in the graph.
     """
     inputs = keras.Input(network.input_shape[1:], name="raw_features")
-    x = keras.layers.Rescaling(1.0 / input_scale, offset=-input_shift / input_scale, name="scale_inputs")(
-        inputs
-    )
+    x = keras.layers.Rescaling(1.0 / input_scale, offset=-input_shift / input_scale, name="scale_inputs")(inputs)
     outputs = network(x)
     if target_scale is not None:
-        outputs = keras.layers.Rescaling(target_scale, offset=target_shift, name="restore_target_units")(
-            outputs
-        )
+        outputs = keras.layers.Rescaling(target_scale, offset=target_shift, name="restore_target_units")(outputs)
     return keras.Model(inputs, outputs, name=network.name)

@@ -40,9 +40,7 @@ def summarize_classification(samples: np.ndarray) -> ClassificationSummary:
     expected = entropy(samples).mean(axis=0)
     votes = samples.argmax(axis=-1)  # [T, N]
     classes = samples.shape[-1]
-    modal_count = (
-        np.stack([np.bincount(v, minlength=classes).max() for v in votes.T]) if votes.size else np.zeros(0)
-    )
+    modal_count = np.stack([np.bincount(v, minlength=classes).max() for v in votes.T]) if votes.size else np.zeros(0)
     return ClassificationSummary(
         mean=mean,
         std=samples.std(axis=0),

@@ -1,0 +1,1 @@
+"""dropout-serve's HTTP service: settings -> registry -> inference -> api -> main."""

@@ -1,0 +1,107 @@
+"""Request and response bodies, with examples that work against the default digits model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+DIGIT_ZERO = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0]
+DIGIT_ZERO += [0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
+"""The first image of scikit-learn's digits set (a zero), 8x8 intensities 0-16, row by row."""
+
+SEED_MAX = 2**63 - 1
+
+
+class PredictRequest(BaseModel):
+    instances: list[Any] = Field(
+        min_length=1, description="one entry per input, each shaped like the model's input (64 numbers for digits)"
+    )
+    model: str | None = Field(None, description="model name; default: the service's default model")
+    version: int | None = Field(None, ge=1, description="model version; default: the latest loaded")
+
+    model_config = {"json_schema_extra": {"examples": [{"instances": [DIGIT_ZERO]}]}}
+
+
+class MCDropoutRequest(PredictRequest):
+    samples: int | None = Field(None, ge=1, description="Monte-Carlo samples T (default 100, bounded)")
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="makes the answer reproducible; default: fresh random"
+    )
+    return_samples: bool = Field(False, description="include every sample's output")
+
+    model_config = {"json_schema_extra": {"examples": [{"instances": [DIGIT_ZERO], "samples": 100, "seed": 42}]}}
+
+
+class ClassPrediction(BaseModel):
+    label: str
+    probability: float = Field(description="probability of the predicted label")
+    probabilities: list[float] = Field(description="one per class, in the order of the model's class labels")
+
+
+class RegressionPrediction(BaseModel):
+    value: float | list[float]
+
+
+class RawPrediction(BaseModel):
+    outputs: list[Any]
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: int
+    class_labels: list[str] | None = None
+    predictions: list[ClassPrediction | RegressionPrediction | RawPrediction]
+
+
+class ClassMCPrediction(ClassPrediction):
+    std: list[float] = Field(description="per-class standard deviation over samples")
+    predictive_entropy: float = Field(description="entropy of the mean probabilities (nats): total uncertainty")
+    expected_entropy: float = Field(description="mean entropy of each sample (nats): aleatoric part")
+    mutual_information: float = Field(description="their difference, BALD (nats): epistemic part")
+    variation_ratio: float = Field(description="share of samples whose top class is not the modal one")
+    samples: list[list[float]] | None = None
+
+
+class RegressionMCPrediction(BaseModel):
+    mean: float | list[float]
+    epistemic_std: float | list[float] = Field(description="spread of the sampled predictions")
+    aleatoric_std: float | None = Field(description="1 / sqrt(tau): noise the model expects in the data")
+    total_std: float | list[float]
+    interval_95: list[float | list[float]] = Field(description="[lower, upper], mean ± 1.96 total_std")
+    samples: list[Any] | None = None
+
+
+class RawMCPrediction(BaseModel):
+    mean: list[Any]
+    std: list[Any]
+    samples: list[Any] | None = None
+
+
+class MCDropoutResponse(BaseModel):
+    model: str
+    version: int
+    samples: int = Field(description="T, the number of Monte-Carlo samples used")
+    seed: int = Field(description="the seed used; send it back to reproduce this answer exactly")
+    class_labels: list[str] | None = None
+    predictions: list[ClassMCPrediction | RegressionMCPrediction | RawMCPrediction]
+
+
+class ModelVersion(BaseModel):
+    version: int
+    task: str | None
+    input_shape: list[int]
+    output_shape: list[int]
+    class_labels: list[str] | None
+    dropout_layers: list[dict[str, Any]]
+    mc_dropout: bool = Field(description="whether the artifact has the mc_dropout signature")
+    tau: float | None
+    metrics: dict[str, dict[str, float]]
+    created_at: str | None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    default: bool
+    latest: int
+    versions: list[ModelVersion]

@@ -32,8 +32,12 @@ def repository(digits_repository, tmp_path_factory):
     shutil.copytree(digits_repository / "digits", root / "digits")
 
     bunch = load_diabetes(scaled=False)
-    diabetes = Dataset("diabetes", bunch.data.astype(np.float32), bunch.target[:, None].astype(np.float32), "regression")
-    trained = train(diabetes, ModelConfig(hidden=(16,), dropout=0.1, input_dropout=0.1), TrainConfig(epochs=20, tau=0.001))
+    diabetes = Dataset(
+        "diabetes", bunch.data.astype(np.float32), bunch.target[:, None].astype(np.float32), "regression"
+    )
+    trained = train(
+        diabetes, ModelConfig(hidden=(16,), dropout=0.1, input_dropout=0.1), TrainConfig(epochs=20, tau=0.001)
+    )
     export_model(trained.model, root, "diabetes", task="regression", tau=trained.tau)
 
     inputs = keras.Input((64,))

@@ -21,5 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+bench: $(VENV)/.installed
+	$(BIN)/python -m training --if-missing
+	$(BIN)/python bench/serving.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from training import artifact
-from training.data import DataError
+from training.data import DIGITS, DataError
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "evaluate")
 
 
 def _train_parser(sub) -> None:
@@ -91,8 +91,10 @@ def _run_train(args: argparse.Namespace) -> None:
         training={
             "model": config.__dict__,
             "fit": settings.__dict__,
-            "data": str(args.data or "sklearn digits"),
+            "data": str(args.data) if args.data else DIGITS,
+            "target": args.target,
         },
+        history=trained.history,
     )
     _print_summary(trained.metrics, trained.tau)
     print(f"published {path}")
@@ -106,6 +108,30 @@ def _print_summary(scores: dict[str, dict[str, float]], tau: float | None) -> No
         print(f"{kind:22}" + "".join(f"{values[n]:>16.4f}" for n in names))
 
 
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a classifier's uncertainty: calibration, OOD detection, plots")
+    p.add_argument("name", help="model name in the repository")
+    p.add_argument("--version", type=int, help="default: the latest")
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="model repository (default: ./artifacts)")
+    p.add_argument("--samples", type=int, default=100, help="MC samples T")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="report folder (default: reports/<name>/<version>)")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from training.report import evaluate, markdown
+
+    versions = artifact.versions(args.artifacts / artifact.validate_name(args.name))
+    if not versions or (args.version is not None and args.version not in versions):
+        raise ValueError(f"{args.artifacts / args.name}: no version {args.version or ''} (found: {versions or 'none'})")
+    version = args.version or versions[-1]
+    out = args.out or Path("reports") / args.name / str(version)
+    report = evaluate(args.artifacts / args.name / str(version), out, args.samples, args.seed)
+    print(markdown(report))
+    print(f"report and plots in {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
@@ -113,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _evaluate_parser(sub)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -94,6 +94,7 @@ class ModelMetadata(BaseModel):
     mc_rows_per_pass: int = Field(description="rows per forward pass inside mc_dropout")
     training: dict[str, object] = Field(default_factory=dict, description="training settings")
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    history: dict[str, list[float]] = Field(default_factory=dict, description="per-epoch training curves")
     tensorflow_version: str
     keras_version: str
     created_at: datetime

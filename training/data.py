@@ -13,6 +13,9 @@ from sklearn.model_selection import train_test_split
 
 from training.artifact import Task
 
+DIGITS = "sklearn digits"
+"""How training metadata names the embedded data set."""
+
 
 class DataError(ValueError):
     """Input data that cannot be trained on; the message says what is wrong and where."""

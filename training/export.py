@@ -89,6 +89,7 @@ def export_model(
     preprocessing: artifact.Preprocessing | None = None,
     metrics: dict[str, dict[str, float]] | None = None,
     training: dict[str, object] | None = None,
+    history: dict[str, list[float]] | None = None,
     rows_per_pass: int | None = None,
 ) -> Path:
     """Publish ``model`` as the next version of ``name`` in ``repository``; returns its folder.
@@ -125,6 +126,7 @@ def export_model(
             mc_rows_per_pass=rows,
             training=training or {},
             metrics=metrics or {},
+            history=history or {},
             tensorflow_version=tf.__version__,
             keras_version=keras.__version__,
             created_at=datetime.now(UTC),

@@ -1,0 +1,185 @@
+"""How trustworthy a classifier's uncertainty is, measured through its exported SavedModel.
+
+``python -m training evaluate digits`` scores inference-mode ("deterministic") and MC-dropout
+predictions on the held-out test rows (accuracy, NLL, Brier, ECE), checks how well MC mutual
+information and predictive entropy tell test digits from out-of-distribution inputs (AUROC),
+and draws a reliability diagram, uncertainty histograms and the training curves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score
+
+from training import artifact, metrics
+from training.data import DIGITS, Dataset, digits, load, split
+from training.uncertainty import entropy, summarize_classification
+
+
+def held_out_rows(meta: artifact.ModelMetadata) -> tuple[Dataset, Dataset]:
+    """The training and test rows the model was trained and scored on, re-split with its seed."""
+    source = meta.training.get("data", DIGITS)
+    if source == DIGITS:
+        data = digits(images=len(meta.input_shape) > 1)
+    else:
+        data = load(source, meta.training.get("target"), meta.task)
+    fit = meta.training.get("fit", {})
+    return split(data, fit.get("test_split", 0.2), fit.get("seed", 0))
+
+
+def out_of_distribution(train: Dataset, like: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Inputs the model never saw: uniform noise over the feature range, and inverted intensities."""
+    low, high = float(train.x.min()), float(train.x.max())
+    rng = np.random.default_rng(seed)
+    return {
+        "uniform noise": rng.uniform(low, high, size=like.shape).astype(np.float32),
+        "inverted": (low + high - like).astype(np.float32),
+    }
+
+
+def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) -> dict:
+    meta = artifact.read_metadata(version_dir)
+    if meta is None or meta.task != "classification":
+        raise ValueError(f"{version_dir}: evaluate needs a classification model exported by dropout-serve")
+    loaded = tf.saved_model.load(str(version_dir))
+    if artifact.MC_SIGNATURE not in loaded.signatures:
+        raise ValueError(f"{version_dir}: the model has no {artifact.MC_SIGNATURE} signature")
+
+    def deterministic(x: np.ndarray) -> np.ndarray:
+        return loaded.signatures[artifact.SERVING_SIGNATURE](inputs=tf.constant(x))[artifact.OUTPUTS_KEY].numpy()
+
+    def mc(x: np.ndarray) -> np.ndarray:
+        signature = loaded.signatures[artifact.MC_SIGNATURE]
+        outputs = signature(inputs=tf.constant(x), samples=tf.constant(samples), seed=tf.constant(seed, tf.int64))
+        return outputs[artifact.OUTPUTS_KEY].numpy()
+
+    train, test = held_out_rows(meta)
+    det_probs = deterministic(test.x)
+    mc_summary = summarize_classification(mc(test.x))
+    scores = {
+        "deterministic": metrics.classification_scores(det_probs, test.y),
+        "mc": metrics.classification_scores(mc_summary.mean, test.y),
+    }
+
+    uncertainty = {"in-distribution": _uncertainties(det_probs, mc_summary)}
+    for name, x in out_of_distribution(train, test.x, seed).items():
+        uncertainty[name] = _uncertainties(deterministic(x), summarize_classification(mc(x)))
+    auroc = {
+        name: {
+            measure: _auroc(uncertainty["in-distribution"][measure], values[measure])
+            for measure in uncertainty["in-distribution"]
+        }
+        for name, values in uncertainty.items()
+        if name != "in-distribution"
+    }
+
+    out.mkdir(parents=True, exist_ok=True)
+    _plot_reliability(det_probs, mc_summary.mean, test.y, out / "reliability.png")
+    _plot_uncertainty(uncertainty, out / "uncertainty.png")
+    if meta.history:
+        _plot_history(meta.history, out / "training.png")
+    report = {
+        "model": meta.name,
+        "version": meta.version,
+        "test_rows": len(test.y),
+        "samples": samples,
+        "seed": seed,
+        "scores": scores,
+        "ood_auroc": auroc,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def _uncertainties(det_probs: np.ndarray, summary) -> dict[str, np.ndarray]:
+    return {
+        "mc mutual information": summary.mutual_information,
+        "mc predictive entropy": summary.predictive_entropy,
+        "deterministic entropy": entropy(det_probs.astype(np.float64)),
+    }
+
+
+def _auroc(in_distribution: np.ndarray, outside: np.ndarray) -> float:
+    """Chance that an out-of-distribution input gets more uncertainty than a test input."""
+    labels = np.r_[np.zeros(len(in_distribution)), np.ones(len(outside))]
+    return float(roc_auc_score(labels, np.r_[in_distribution, outside]))
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# {report['model']} version {report['version']}: deterministic vs MC dropout",
+        "",
+        f"{report['test_rows']} held-out test rows, T = {report['samples']} MC samples, seed {report['seed']}.",
+        "",
+        "| predictions | accuracy | NLL | Brier | ECE |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, s in report["scores"].items():
+        lines.append(f"| {kind} | {s['accuracy']:.4f} | {s['nll']:.4f} | {s['brier']:.4f} | {s['ece']:.4f} |")
+    measures = list(next(iter(report["ood_auroc"].values())))
+    lines += ["", "Out-of-distribution detection, AUROC (test digits vs each set):", ""]
+    lines += ["| inputs | " + " | ".join(measures) + " |", "|---" * (len(measures) + 1) + "|"]
+    for name, values in report["ood_auroc"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{values[m]:.3f}" for m in measures) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_reliability(det: np.ndarray, mc: np.ndarray, labels: np.ndarray, path: Path, bins: int = 15) -> None:
+    figure = Figure(figsize=(10, 4.5))
+    axes = figure.subplots(1, 2, sharey=True)
+    edges = np.linspace(0, 1, bins + 1)
+    for ax, (title, probs) in zip(axes, [("deterministic", det), ("MC dropout", mc)], strict=True):
+        count, confidence, accuracy = metrics.calibration_bins(probs, labels, bins)
+        filled = count > 0
+        ax.bar(edges[:-1][filled], accuracy[filled], width=1 / bins, align="edge", edgecolor="black", label="accuracy")
+        ax.bar(
+            edges[:-1][filled],
+            confidence[filled] - accuracy[filled],
+            bottom=accuracy[filled],
+            width=1 / bins,
+            align="edge",
+            color="tab:red",
+            alpha=0.4,
+            label="gap to confidence",
+        )
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set(title=f"{title} (ECE {metrics.ece(probs, labels, bins):.3f})", xlabel="confidence", xlim=(0, 1))
+        ax.legend(loc="upper left")
+    axes[0].set_ylabel("accuracy")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def _plot_uncertainty(uncertainty: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    measures = list(uncertainty["in-distribution"])
+    figure = Figure(figsize=(5 * len(measures), 4))
+    axes = figure.subplots(1, len(measures))
+    for ax, measure in zip(axes, measures, strict=True):
+        top = max(values[measure].max() for values in uncertainty.values()) or 1.0
+        for name, values in uncertainty.items():
+            ax.hist(values[measure], bins=40, range=(0, top), alpha=0.5, density=True, label=name)
+        ax.set(title=measure, xlabel="nats", ylabel="density")
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def _plot_history(history: dict[str, list[float]], path: Path) -> None:
+    kinds = [k for k in history if not k.startswith("val_")]
+    figure = Figure(figsize=(5 * len(kinds), 4))
+    axes = figure.subplots(1, len(kinds), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        epochs = np.arange(1, len(history[kind]) + 1)
+        ax.plot(epochs, history[kind], label="training (dropout on)")
+        if f"val_{kind}" in history:
+            ax.plot(epochs, history[f"val_{kind}"], label="validation")
+        ax.set(title=kind, xlabel="epoch")
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)

@@ -131,27 +131,31 @@ def markdown(report: dict) -> str:
 
 
 def _plot_reliability(det: np.ndarray, mc: np.ndarray, labels: np.ndarray, path: Path, bins: int = 15) -> None:
-    figure = Figure(figsize=(10, 4.5))
-    axes = figure.subplots(1, 2, sharey=True)
-    edges = np.linspace(0, 1, bins + 1)
-    for ax, (title, probs) in zip(axes, [("deterministic", det), ("MC dropout", mc)], strict=True):
+    """Accuracy against confidence per bin (the gap to the diagonal is miscalibration), with bin sizes."""
+    figure = Figure(figsize=(10, 6))
+    axes = figure.subplots(2, 2, sharex=True, height_ratios=[3, 1])
+    left = np.linspace(0, 1, bins + 1)[:-1]
+    for column, (title, probs) in enumerate([("deterministic", det), ("MC dropout", mc)]):
         count, confidence, accuracy = metrics.calibration_bins(probs, labels, bins)
         filled = count > 0
-        ax.bar(edges[:-1][filled], accuracy[filled], width=1 / bins, align="edge", edgecolor="black", label="accuracy")
-        ax.bar(
-            edges[:-1][filled],
-            confidence[filled] - accuracy[filled],
-            bottom=accuracy[filled],
+        top, bottom = axes[0, column], axes[1, column]
+        top.bar(left[filled], accuracy[filled], width=1 / bins, align="edge", edgecolor="black", label="accuracy")
+        top.bar(
+            left[filled],
+            np.abs(confidence - accuracy)[filled],
+            bottom=np.minimum(confidence, accuracy)[filled],
             width=1 / bins,
             align="edge",
             color="tab:red",
-            alpha=0.4,
-            label="gap to confidence",
+            alpha=0.35,
+            hatch="//",
+            label="gap to mean confidence",
         )
-        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
-        ax.set(title=f"{title} (ECE {metrics.ece(probs, labels, bins):.3f})", xlabel="confidence", xlim=(0, 1))
-        ax.legend(loc="upper left")
-    axes[0].set_ylabel("accuracy")
+        top.plot([0, 1], [0, 1], "k--", linewidth=1)
+        top.set(title=f"{title}: ECE {metrics.ece(probs, labels, bins):.4f}", ylabel="accuracy", ylim=(0, 1))
+        top.legend(loc="upper left")
+        bottom.bar(left, count, width=1 / bins, align="edge", color="gray", edgecolor="black")
+        bottom.set(xlabel="confidence (top-class probability)", ylabel="test rows", yscale="log", xlim=(0, 1))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -163,8 +167,8 @@ def _plot_uncertainty(uncertainty: dict[str, dict[str, np.ndarray]], path: Path)
     for ax, measure in zip(axes, measures, strict=True):
         top = max(values[measure].max() for values in uncertainty.values()) or 1.0
         for name, values in uncertainty.items():
-            ax.hist(values[measure], bins=40, range=(0, top), alpha=0.5, density=True, label=name)
-        ax.set(title=measure, xlabel="nats", ylabel="density")
+            ax.hist(values[measure], bins=40, range=(0, top), histtype="step", linewidth=1.5, label=name)
+        ax.set(title=measure, xlabel="nats", ylabel="inputs", yscale="log")
         ax.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)

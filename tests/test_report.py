@@ -1,0 +1,45 @@
+"""``python -m training evaluate``: scores, OOD AUROC and plots, through the exported SavedModel."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import run_training
+
+from training import metrics
+
+
+def test_evaluate_writes_scores_auroc_and_plots(tmp_path):
+    trained = run_training("--artifacts", tmp_path, "--name", "tiny", "--hidden", "16", "--epochs", "3")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    out = tmp_path / "report"
+    result = run_training("evaluate", "tiny", "--artifacts", tmp_path, "--samples", "20", "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| mc |" in result.stdout
+    for plot in ("reliability.png", "uncertainty.png", "training.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    assert report["test_rows"] == 360 and report["samples"] == 20
+    assert set(report["scores"]) == {"deterministic", "mc"}
+    for kind in ("uniform noise", "inverted"):
+        for value in report["ood_auroc"][kind].values():
+            assert 0.0 <= value <= 1.0
+    meta = json.loads((tmp_path / "tiny" / "1" / "metadata.json").read_text())
+    assert report["scores"]["deterministic"] == meta["metrics"]["test_deterministic"]  # the same test rows
+
+
+def test_evaluate_refuses_unknown_models(tmp_path):
+    result = run_training("evaluate", "nothing", "--artifacts", tmp_path)
+    assert result.returncode == 2 and "no version" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_calibration_scores_on_a_hand_made_case():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
+    labels = np.array([0, 1, 1, 0])
+    assert metrics.accuracy(probs, labels) == 0.75
+    assert metrics.nll(probs, labels) == np.mean(-np.log([0.9, 0.4, 0.8, 0.7]))
+    assert np.isclose(metrics.brier(probs, labels), np.mean([0.02, 0.72, 0.08, 0.18]))
+    # bins of width 0.25: {0.6, 0.7} -> confidence 0.65, accuracy 0.5; {0.9, 0.8} -> 0.85, accuracy 1.
+    assert np.isclose(metrics.ece(probs, labels, bins=4), 0.5 * 0.15 + 0.5 * 0.15)
+    assert metrics.ece(probs, labels, bins=2) == 0.0  # one bin: mean confidence 0.75 = accuracy

@@ -63,7 +63,7 @@ def _run_train(args: argparse.Namespace) -> None:
         dropout=dropout,
         input_dropout=args.input_dropout if args.input_dropout is not None else (dropout if regression else 0.0),
         spatial_dropout=args.spatial_dropout,
-        weight_decay=None if args.weight_decay is None else (args.weight_decay,) * 64,
+        weight_decay=args.weight_decay or 0.0,
         learning_rate=args.learning_rate,
     )
     settings = TrainConfig(

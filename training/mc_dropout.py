@@ -37,15 +37,18 @@ _SELU_ALPHA_P = -1.6732632423543772 * 1.0507009873554805  # AlphaDropout's dropp
 
 
 def dropout_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """All dropout-family layers of ``model``, nested models included, in a stable order."""
-    found: list[keras.layers.Layer] = []
-    for layer in model.layers:
-        if isinstance(layer, DROPOUT_LAYERS):
-            if not any(layer is seen for seen in found):
-                found.append(layer)
-        elif hasattr(layer, "layers"):
-            found.extend(inner for inner in dropout_layers(layer) if not any(inner is s for s in found))
-    return found
+    """All dropout-family layers of ``model``, nested models included, each once, in call order."""
+    found: dict[int, keras.layers.Layer] = {}
+
+    def walk(container: keras.Model) -> None:
+        for layer in container.layers:
+            if isinstance(layer, DROPOUT_LAYERS):
+                found.setdefault(id(layer), layer)
+            elif hasattr(layer, "layers"):
+                walk(layer)
+
+    walk(model)
+    return list(found.values())
 
 
 @dataclass

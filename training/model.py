@@ -21,8 +21,8 @@ class ModelConfig:
     input_dropout: float = 0.0
     conv_filters: tuple[int, ...] = (32, 64)
     spatial_dropout: float = 0.25
-    weight_decay: tuple[float, ...] | None = None
-    """L2 factor per Dense/Conv kernel, in order; None means none (see ``mc_weight_decay``)."""
+    weight_decay: float | tuple[float, ...] = 0.0
+    """L2 factor on every Dense/Conv kernel, or one per kernel in order (see ``mc_weight_decay``)."""
     learning_rate: float = 1e-3
 
 
@@ -38,10 +38,10 @@ def mc_weight_decay(config: ModelConfig, rows: int, tau: float, length_scale: fl
 
 def build_network(config: ModelConfig, input_shape: tuple[int, ...], outputs: int, task: Task) -> keras.Model:
     """The trainable network; it expects preprocessed inputs (see ``with_preprocessing``)."""
-    decay = iter(config.weight_decay or ())
+    per_kernel = iter(config.weight_decay) if isinstance(config.weight_decay, tuple) else None
 
     def regularizer():
-        factor = next(decay, 0.0)
+        factor = config.weight_decay if per_kernel is None else next(per_kernel, 0.0)
         return keras.regularizers.L2(factor) if factor else None
 
     inputs = keras.Input(input_shape, name="features")

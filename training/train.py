@@ -69,7 +69,7 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
         y_fit, y_val = (y_fit - y_shift) / y_scale, (y_val - y_shift) / y_scale
         preprocessing.outputs = "network predicts the standardized target; the graph restores its units"
         preprocessing.target_shift, preprocessing.target_scale = y_shift.tolist(), y_scale.tolist()
-        if config.weight_decay is None:
+        if not config.weight_decay:
             prior_tau = settings.tau or float(1.0 / np.mean(y_scale**2))
             config = replace(config, weight_decay=mc_weight_decay(config, len(y_fit), prior_tau))
 

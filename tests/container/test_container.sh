@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Builds the Docker image with podman and checks it really serves: predictions, non-root user,
+# healthcheck, a mounted model repository and a graceful, quick stop. Run from anywhere:
+#   bash tests/container/test_container.sh
+# Needs the shared container set-up (see <shared>/container/README.md), found through
+# $DS_SHARED_DIR, then <repo>/../shared, then /work/shared.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+IMAGE=dropout-serve:test
+ZERO='[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]'
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
+
+setup=
+for dir in ${DS_SHARED_DIR:+"$DS_SHARED_DIR"} "$REPO/../shared" /work/shared; do
+    if [[ -f $dir/container/setup.sh ]]; then setup=$dir/container/setup.sh; break; fi
+done
+[[ -n $setup ]] || fail "container/setup.sh not found in \$DS_SHARED_DIR, $REPO/../shared or /work/shared"
+# shellcheck source=/dev/null
+source "$setup"
+
+WORK=$(mktemp -d)
+SERVED=ds-test-$$      # the image as built
+MOUNTED=ds-mounted-$$  # with a model repository mounted from the host
+cleanup() {
+    podman rm -f -t 0 "$SERVED" "$MOUNTED" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Starts container $1 from $IMAGE with the remaining options; prints its host port.
+# podman's complaints that it cannot (un)schedule healthchecks without systemd are harmless: hidden.
+start() {
+    local name=$1 port
+    shift
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
+    podman run -d --name "$name" -p "127.0.0.1:$port:8000" "$@" "$IMAGE" >"$WORK/$name.run" 2>&1 || {
+        cat "$WORK/$name.run" >&2
+        return 1
+    }
+    echo "$port"
+}
+
+wait_ready() {
+    local name=$1 port=$2 deadline=$((SECONDS + 120))
+    until curl -fsS -o /dev/null "http://127.0.0.1:$port/health/ready" 2>/dev/null; do
+        if [[ $(podman inspect -f '{{.State.Running}}' "$name") != true ]]; then
+            podman logs "$name" >&2
+            fail "$name exited before it was ready"
+        fi
+        ((SECONDS < deadline)) || { podman logs "$name" >&2; fail "$name not ready after 120 s"; }
+        sleep 0.5
+    done
+}
+
+post() { curl -fsS "http://127.0.0.1:$1$2" -H 'content-type: application/json' -d "$3"; }
+
+# Checks a JSON answer with a Python expression over `r`.
+check() {
+    python3 -c 'import json, sys; r = json.loads(sys.argv[1]); assert eval(sys.argv[2]), sys.argv[1][:500]' "$1" "$2" \
+        || fail "$3"
+}
+
+cd "$REPO"
+echo "== build"
+t0=$(now)
+# --format docker keeps HEALTHCHECK (podman's default OCI format drops it), as `docker build` does.
+podman build --format docker --network host -t "$IMAGE" . >"$WORK/build.log" 2>&1 || {
+    tail -50 "$WORK/build.log" >&2
+    fail "podman build"
+}
+build_time=$(since "$t0")
+size_mb=$(($(podman image inspect "$IMAGE" --format '{{.Size}}') / 1000000))
+echo "built $IMAGE in $build_time s, $size_mb MB"
+
+echo "== run"
+t0=$(now)
+port=$(start "$SERVED")
+wait_ready "$SERVED" "$port"
+ready_time=$(since "$t0")
+echo "ready $ready_time s after podman run"
+
+answer=$(post "$port" /predict "{\"instances\": [$ZERO]}")
+check "$answer" 'r["model"] == "digits" and r["predictions"][0]["label"] == "0"' "/predict: not a zero"
+mc='{"instances": ['"$ZERO"'], "samples": 100, "seed": 42}'
+answer=$(post "$port" /predict/mc-dropout "$mc")
+check "$answer" 'r["samples"] == 100 and r["seed"] == 42 and r["predictions"][0]["label"] == "0"' \
+    "/predict/mc-dropout: wrong answer"
+[[ $(post "$port" /predict/mc-dropout "$mc") == "$answer" ]] || fail "seeded MC request is not reproducible"
+echo "predict and mc-dropout answer 0; a seeded MC request repeats byte for byte"
+
+uid=$(podman exec "$SERVED" id -u)
+[[ $uid != 0 ]] || fail "the service runs as root"
+echo "runs as uid $uid ($(podman top "$SERVED" user | tail -1 | tr -d ' '))"
+podman healthcheck run "$SERVED" >/dev/null 2>&1 || fail "HEALTHCHECK fails on a ready container"
+echo "healthcheck passes"
+
+echo "== mounted model repository"
+models=$WORK/models
+mkdir "$models"
+podman cp "$SERVED":/srv/dropout-serve/artifacts/digits "$models/digits-mounted"
+# mktemp -d makes 0700 folders; the container's user 10001 must read the mount.
+chmod -R a+rX "$models"
+mounted=(-e DROPOUT_SERVE_MODEL_DIR=/models)
+port2=$(start "$MOUNTED" -v "$models:/models:ro,Z" "${mounted[@]}" 2>/dev/null) \
+    || port2=$(start "$MOUNTED" -v "$models:/models:ro" "${mounted[@]}")
+wait_ready "$MOUNTED" "$port2"
+answer=$(curl -fsS "http://127.0.0.1:$port2/models")
+check "$answer" '[m["name"] for m in r] == ["digits-mounted"]' "GET /models does not list only digits-mounted"
+answer=$(post "$port2" /predict "{\"model\": \"digits-mounted\", \"instances\": [$ZERO]}")
+check "$answer" 'r["model"] == "digits-mounted" and r["predictions"][0]["label"] == "0"' \
+    "/predict on the mounted model: wrong answer"
+echo "serves digits-mounted from the mounted folder"
+
+echo "== stop"
+t0=$(now)
+podman stop -t 10 "$SERVED" >"$WORK/stop.log" 2>&1 || { cat "$WORK/stop.log" >&2; fail "podman stop"; }
+stop_time=$(since "$t0")
+code=$(podman inspect -f '{{.State.ExitCode}}' "$SERVED")
+podman logs "$SERVED" >"$WORK/served.log" 2>&1
+python3 -c 'import sys; sys.exit(float(sys.argv[1]) > 8)' "$stop_time" || fail "podman stop took $stop_time s"
+[[ $code == 0 ]] || { tail -20 "$WORK/served.log" >&2; fail "exit code $code after podman stop"; }
+grep -q "Finished server process" "$WORK/served.log" || fail "uvicorn did not shut down gracefully"
+echo "stopped in $stop_time s, exit code 0, uvicorn shut down gracefully"
+
+echo
+echo "PASS: build $build_time s, image $size_mb MB, run to ready $ready_time s, stop $stop_time s"

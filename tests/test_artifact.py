@@ -36,6 +36,7 @@ def test_versions_count_up_and_staging_leaves_nothing(tmp_path):
     assert [p.name for p in sorted((tmp_path / "m").iterdir())] == ["1", "2", "3"]
     assert artifact.versions(tmp_path / "m") == [1, 2, 3]
     assert artifact.model_names(tmp_path) == ["m"]
+    assert (tmp_path / "m" / "1").stat().st_mode & 0o777 == 0o755  # readable by a server running as another user
 
 
 def test_failed_export_leaves_no_version_and_no_scratch(tmp_path):

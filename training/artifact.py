@@ -141,6 +141,7 @@ def staging_dir(repository: Path, name: str) -> Iterator[Path]:
     model_dir = repository / validate_name(name)
     model_dir.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    path.chmod(0o755)  # mkdtemp makes it private; a published version must be readable by the server's user
     try:
         yield path
     finally:

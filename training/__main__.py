@@ -9,7 +9,7 @@ from pathlib import Path
 from training import artifact
 from training.data import DIGITS, DataError
 
-COMMANDS = ("train", "evaluate")
+COMMANDS = ("train", "evaluate", "uci")
 
 
 def _train_parser(sub) -> None:
@@ -132,6 +132,32 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     print(f"report and plots in {out}")
 
 
+def _uci_parser(sub) -> None:
+    p = sub.add_parser("uci", help="Gal & Ghahramani's UCI regression benchmark through our export path")
+    p.add_argument("--data-dir", type=Path, nargs="+", required=True, help="data set folder(s), or folders of them")
+    p.add_argument("--splits", type=int, nargs="+", help="split numbers (default: all)")
+    p.add_argument("--epochs-multiplier", type=int, default=10, help="epochs = n_epochs.txt x this (default: 10)")
+    p.add_argument("--samples", type=int, default=10_000, help="MC samples T, validation and test (default: 10000)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/uci"), help="<out>/<data set>.json and .md")
+    p.add_argument("--repository", type=Path, help="where the split models are published (default: <out>/models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_uci)
+
+
+def _run_uci(args: argparse.Namespace) -> None:
+    from training.uci import main as uci_main
+
+    uci_main(
+        args.data_dir,
+        splits=args.splits,
+        epochs_multiplier=args.epochs_multiplier,
+        samples=args.samples,
+        seed=args.seed,
+        out=args.out,
+        repository=args.repository,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
@@ -139,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _uci_parser(sub)
     _evaluate_parser(sub)
     args = parser.parse_args(argv)
     try:

@@ -36,7 +36,7 @@ COPY training training
 RUN pip install --no-cache-dir --no-deps .
 
 # Models from the build context's artifacts/ if it has a digits version; otherwise train one,
-# deterministically. Versions are published from 0700 temp folders: open them for the runtime user.
+# deterministically. The runtime user must read them, whatever modes the build context had.
 COPY artifacts /srv/dropout-serve/artifacts
 RUN python -m training --if-missing --seed 0 --artifacts /srv/dropout-serve/artifacts \
  && chmod -R a+rX /srv/dropout-serve/artifacts

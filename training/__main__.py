@@ -27,7 +27,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--spatial-dropout", type=float, default=0.25, help="SpatialDropout2D rate (conv)")
     p.add_argument("--weight-decay", type=float, help="L2 factor on every kernel (regression: from tau)")
     p.add_argument("--tau", type=float, help="regression model precision (default: fitted on validation rows)")
-    p.add_argument("--epochs", type=int, help="training epochs (classification 60, regression 400)")
+    p.add_argument("--epochs", type=int, help="training epochs (classification 300, regression 400)")
     p.add_argument("--batch-size", type=int, help="(classification 32, regression 128)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--validation-split", type=float, default=0.1)
@@ -67,7 +67,7 @@ def _run_train(args: argparse.Namespace) -> None:
         learning_rate=args.learning_rate,
     )
     settings = TrainConfig(
-        epochs=args.epochs or (400 if regression else 60),
+        epochs=args.epochs or (400 if regression else 300),
         batch_size=args.batch_size or (128 if regression else 32),
         validation_split=args.validation_split,
         test_split=args.test_split,

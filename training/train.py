@@ -18,7 +18,7 @@ from training.model import ModelConfig, build_network, mc_weight_decay, with_pre
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 60
+    epochs: int = 300
     batch_size: int = 32
     validation_split: float = 0.1
     test_split: float = 0.2

@@ -177,7 +177,8 @@ def weight_decay(rate: float, tau: float, rows: int, hidden: int) -> tuple[float
     """λ of the two kernels: the project's ``mc_weight_decay`` with p on the input and the hidden layer."""
     from training.model import ModelConfig, mc_weight_decay
 
-    first, second = mc_weight_decay(ModelConfig(hidden=(hidden,), dropout=rate, input_dropout=rate), rows, tau)
+    config = ModelConfig(hidden=(hidden,), dropout=rate, input_dropout=rate)
+    first, second = mc_weight_decay(config, rows, tau, LENGTH_SCALE)
     return first, second
 
 
@@ -197,9 +198,6 @@ class Weights:
     b1: np.ndarray  # [G, H]
     w2: np.ndarray  # [G, H, 1]
     b2: np.ndarray  # [G, 1]
-
-    def __len__(self) -> int:
-        return len(self.w1)
 
     def take(self, rows: Sequence[int] | np.ndarray) -> Weights:
         rows = np.asarray(rows)

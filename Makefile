@@ -13,6 +13,7 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 $(VENV)/.installed: pyproject.toml

@@ -26,8 +26,11 @@ def _location(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    content_type = request.headers.get("content-type", "")
+    if "json" not in content_type and any(e["loc"] == ("body",) for e in errors):
+        return _error(415, f"send the body as JSON with 'Content-Type: application/json' (got {content_type!r})")
     broken = next((e for e in errors if e["type"] == "json_invalid"), None)
     if broken is not None:
         reason = broken.get("ctx", {}).get("error", "unparsable")

@@ -219,6 +219,12 @@ BAD_REQUESTS = {
     "unknown version": ("/predict", {"json": {**GOOD, "version": 7}}, 404, "no loaded version 7; loaded: 1"),
     "version zero": ("/predict", {"json": {**GOOD, "version": 0}}, 422, "version: Input should be greater"),
     "malformed JSON": ("/predict", raw('{"instances": [[1, 2,'), 400, "not valid JSON"),
+    "form-encoded body": (
+        "/predict",
+        {"content": json.dumps(GOOD).encode(), "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        415,
+        "send the body as JSON with 'Content-Type: application/json'",
+    ),
     "too many instances": ("/predict", {"json": {"instances": [ROW] * 33}}, 422, "at most 32 per request"),
     "too many samples": ("/predict/mc-dropout", {"json": {**GOOD, "samples": 501}}, 422, "at most 500"),
     "zero samples": ("/predict/mc-dropout", {"json": {**GOOD, "samples": 0}}, 422, "samples: Input should be greater"),

@@ -182,7 +182,7 @@ def _plot_history(history: dict[str, list[float]], path: Path) -> None:
         epochs = np.arange(1, len(history[kind]) + 1)
         ax.plot(epochs, history[kind], label="training (dropout on)")
         if f"val_{kind}" in history:
-            ax.plot(epochs, history[f"val_{kind}"], label="validation")
+            ax.plot(epochs, history[f"val_{kind}"], label="validation (inference mode)")
         ax.set(title=kind, xlabel="epoch")
         ax.legend()
     figure.tight_layout()

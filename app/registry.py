@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from app.errors import ApiError
-from training import artifact
+from training import artifact, signatures
 
 log = logging.getLogger("dropout_serve")
 
@@ -37,17 +37,10 @@ class ServedModel:
     """The loaded SavedModel; the signatures' variables live as long as it does."""
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
-        return self.serving(**{self.input_key: tf.constant(inputs)})[self.output_key].numpy()
+        return signatures.infer(self.serving, inputs, self.input_key, self.output_key)
 
     def sample(self, inputs: np.ndarray, samples: int, seed: int) -> np.ndarray:
-        outputs = self.mc_dropout(
-            **{
-                artifact.INPUTS_KEY: tf.constant(inputs),
-                artifact.SAMPLES_KEY: tf.constant(samples, tf.int32),
-                artifact.SEED_KEY: tf.constant(seed, tf.int64),
-            }
-        )
-        return outputs[artifact.OUTPUTS_KEY].numpy()
+        return signatures.mc_samples(self.mc_dropout, inputs, samples, seed)
 
     @property
     def tau(self) -> float | None:

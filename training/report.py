@@ -16,7 +16,7 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
 
-from training import artifact, metrics
+from training import artifact, metrics, signatures
 from training.data import DIGITS, Dataset, digits, load, split
 from training.uncertainty import entropy, summarize_classification
 
@@ -51,12 +51,10 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
         raise ValueError(f"{version_dir}: the model has no {artifact.MC_SIGNATURE} signature")
 
     def deterministic(x: np.ndarray) -> np.ndarray:
-        return loaded.signatures[artifact.SERVING_SIGNATURE](inputs=tf.constant(x))[artifact.OUTPUTS_KEY].numpy()
+        return signatures.infer(loaded.signatures[artifact.SERVING_SIGNATURE], x)
 
     def mc(x: np.ndarray) -> np.ndarray:
-        signature = loaded.signatures[artifact.MC_SIGNATURE]
-        outputs = signature(inputs=tf.constant(x), samples=tf.constant(samples), seed=tf.constant(seed, tf.int64))
-        return outputs[artifact.OUTPUTS_KEY].numpy()
+        return signatures.mc_samples(loaded.signatures[artifact.MC_SIGNATURE], x, samples, seed)
 
     train, test = held_out_rows(meta)
     det_probs = deterministic(test.x)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from training import metrics
+from training import artifact, metrics, signatures
 from training.data import DataError
 
 LENGTH_SCALE = 1e-2
@@ -541,12 +541,9 @@ def _test_through_saved_model(
     )
     loaded = tf.saved_model.load(str(path))
     test = data.splits[job.split][1]
-    inputs = tf.constant(data.x[test], tf.float32)
     targets = data.y[test][:, None]
-    mc = loaded.signatures["mc_dropout"](
-        inputs=inputs, samples=tf.constant(samples, tf.int32), seed=tf.constant(seed, tf.int64)
-    )["outputs"].numpy()
-    deterministic = loaded.signatures["serving_default"](inputs=inputs)["outputs"].numpy()
+    mc = signatures.mc_samples(loaded.signatures[artifact.MC_SIGNATURE], data.x[test], samples, seed)
+    deterministic = signatures.infer(loaded.signatures[artifact.SERVING_SIGNATURE], data.x[test])
     return {
         "rmse_mc": metrics.rmse(mc.mean(axis=0), targets),
         "rmse_deterministic": metrics.rmse(deterministic, targets),

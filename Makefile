@@ -5,7 +5,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench bench-replicas clean
 
 serve: $(VENV)/.installed
 	$(BIN)/python -m training --if-missing
@@ -25,6 +25,11 @@ $(VENV)/.installed: pyproject.toml
 bench: $(VENV)/.installed
 	$(BIN)/python -m training --if-missing
 	$(BIN)/python bench/serving.py
+
+# Throughput with 1, 2 and 3 replicas behind HAProxy (apt-get install haproxy).
+bench-replicas: $(VENV)/.installed
+	$(BIN)/python -m training --if-missing
+	$(BIN)/python bench/replicas.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -4,7 +4,8 @@
 
 Three uvicorn replicas (one TensorFlow thread each, like pods with one CPU) serve the digits
 model from one repository; for n = 1, 2, 3 an HAProxy in front of the first n gets `concurrency`
-clients for `duration` seconds, first with one-instance `/predict`, then with one-instance
+connections from ``wrk`` (``apt-get install wrk``: C, so the clients take little of the CPU the
+replicas need) for `duration` seconds, first with one-instance `/predict`, then with one-instance
 `/predict/mc-dropout` at T = 100. A run straight at one replica (no proxy) gives HAProxy's cost.
 Besides requests per second, the CPU seconds each party spent per 1,000 requests (from
 /proc/<pid>/stat): on a machine with fewer cores than replicas + proxy + clients, that, not the
@@ -16,15 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from cluster import HAProxy, Load, Replica  # noqa: E402
+from cluster import HAProxy, Replica  # noqa: E402
 
 from app.schemas import DIGIT_ZERO  # noqa: E402
 
@@ -37,16 +40,52 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def measure(url: str, body: tuple[str, bytes], args, pids: dict[str, int]) -> dict:
-    Load(url, [body], concurrency=args.concurrency, max_seconds=2).run()  # warm-up
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %f %f %d\\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50) / 1000, e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def wrk(url: str, body: bytes, connections: int, seconds: float, scratch: Path) -> dict:
+    script = scratch / "post.lua"
+    script.write_text(WRK_SCRIPT.format(body=body.decode()))
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script), url]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+    requests, duration, p50, errors = line.split()[1:]
+    assert int(errors) == 0, f"{url}: {errors} failed or non-2xx requests"
+    return {"requests": int(requests), "seconds": float(duration), "p50_ms": float(p50)}
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(url: str, body: tuple[str, bytes], args, pids: dict[str, int], scratch: Path) -> dict:
+    path, payload = body
+    wrk(url + path, payload, args.concurrency, 2, scratch)  # warm-up
     before = {who: cpu_seconds(pid) for who, pid in pids.items()}
-    client_before = time.process_time()
-    result = Load(url, [body], concurrency=args.concurrency, max_seconds=args.duration).run()
+    clients_before = children_cpu()
+    result = wrk(url + path, payload, args.concurrency, args.duration, scratch)
     cpu = {who: cpu_seconds(pid) - before[who] for who, pid in pids.items()}
-    cpu["clients"] = time.process_time() - client_before
-    assert result.failures == 0, f"{dict(result.statuses)} {dict(result.errors)}"
-    per_1000 = {who: round(seconds / result.requests * 1000, 2) for who, seconds in cpu.items()}
-    return {"requests": result.requests, "rps": round(result.throughput, 1), "cpu_s_per_1000": per_1000}
+    cpu["clients"] = children_cpu() - clients_before
+    per_1000 = {who: round(seconds / result["requests"] * 1000, 2) for who, seconds in cpu.items()}
+    rps = round(result["requests"] / result["seconds"], 1)
+    busy = round(sum(cpu.values()) / result["seconds"], 2)
+    return {
+        "requests": result["requests"],
+        "rps": rps,
+        "p50_ms": result["p50_ms"],
+        "cpu_s_per_1000": per_1000,
+        "cores_busy": busy,
+    }
 
 
 def main() -> None:
@@ -57,6 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.model_dir / "digits").is_dir():
         sys.exit(f"no digits model in {args.model_dir}: run `python -m training` first")
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk")
 
     workloads = {
         "predict": ("/predict", json.dumps({"instances": [DIGIT_ZERO]}).encode()),
@@ -78,14 +119,16 @@ def main() -> None:
             replica.wait_ready()
         pids = {r.name: r.process.pid for r in replicas}
         for name, body in workloads.items():
-            rows.append({"setup": "1 replica, direct", "workload": name, **measure(replicas[0].url, body, args, pids)})
+            direct = measure(replicas[0].url, body, args, {"r0": pids["r0"]}, logs)
+            rows.append({"setup": "1 replica, direct", "workload": name, **direct})
         for n in (1, 2, 3):
             proxy = HAProxy(replicas[:n], logs)
             try:
                 for replica in replicas[:n]:
                     proxy.wait_up(replica.name)
                 for name, body in workloads.items():
-                    result = measure(proxy.url, body, args, {**pids, "haproxy": proxy.process.pid})
+                    serving = {r.name: pids[r.name] for r in replicas[:n]}
+                    result = measure(proxy.url, body, args, {**serving, "haproxy": proxy.process.pid}, logs)
                     rows.append({"setup": f"{n} behind HAProxy", "workload": name, **result})
             finally:
                 proxy.stop()
@@ -96,14 +139,14 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     print(f"\n{os.cpu_count()} cores, load average {load:.1f}, c = {args.concurrency}, {args.duration:g} s each")
-    print("| setup | workload | req/s | CPU s per 1,000 requests: replicas / HAProxy / clients |")
-    print("|---|---|---|---|")
+    print("| setup | workload | req/s | p50 ms | CPU s per 1,000 requests: replicas / HAProxy / wrk | cores busy |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         cpu = row["cpu_s_per_1000"]
         replica_cpu = sum(v for k, v in cpu.items() if k.startswith("r"))
         print(
-            f"| {row['setup']} | {row['workload']} | {row['rps']:.0f} | "
-            f"{replica_cpu:.2f} / {cpu.get('haproxy', 0):.2f} / {cpu['clients']:.2f} |"
+            f"| {row['setup']} | {row['workload']} | {row['rps']:.0f} | {row['p50_ms']:.1f} | "
+            f"{replica_cpu:.2f} / {cpu.get('haproxy', 0):.2f} / {cpu['clients']:.2f} | {row['cores_busy']:.2f} |"
         )
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,11 @@ Service / ingress.
 
 HAProxy settings that make a replica's restart cost no request (``haproxy_config``):
 
-- ``option httpchk GET /health/ready`` with ``inter 500ms fall 1 rise 2``: a replica that stops
-  listening or answers 503 (models not loaded yet) is out of rotation within half a second, and
-  back after two good checks in a row, i.e. only once it is really serving.
+- ``option httpchk GET /health/ready`` with ``inter 500ms fall 2 rise 2``: a replica that stops
+  listening or answers 503 (models not loaded yet) is out of rotation within a second, and back
+  after two good checks in a row, i.e. only once it is really serving. ``timeout check 2s``: a
+  replica busy with a queue of requests answers its check late, not never; with the default
+  (``inter``) it would be thrown out for being loaded, and with one replica that is a 503 for all.
 - ``retries 3`` + ``option redispatch 1``: a request whose connection is refused (the replica got
   SIGTERM and closed its socket before the check noticed) is retried on *another* replica.
 - ``retry-on conn-failure empty-response junk-response response-timeout 503``: also retry when a
@@ -123,6 +125,7 @@ defaults
     timeout client 60s
     timeout server 60s
     timeout http-request 10s
+    timeout check 2s
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response junk-response response-timeout 503
@@ -136,7 +139,8 @@ backend replicas
     balance leastconn
     option httpchk GET /health/ready
     http-check expect status 200
-    default-server inter 500ms fastinter 250ms downinter 500ms rise 2 fall 1
+    option log-health-checks
+    default-server inter 500ms fastinter 250ms downinter 500ms rise 2 fall 2
 {servers}
 """
 

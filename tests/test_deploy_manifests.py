@@ -285,6 +285,14 @@ def test_probes_and_metrics_are_real_routes(where, metadata, spec, container, re
     assert unloaded.get(paths["livenessProbe"]).status_code == 200
 
 
+def test_the_runtimes_protocols_are_served(kserve):
+    """KServe sends Open Inference Protocol requests to a runtime that declares v2."""
+    runtime = one(kserve, "ServingRuntime")
+    assert runtime["spec"]["protocolVersions"] == ["v2"]
+    assert is_route("/v2/health/ready") and is_route("/v2/models/digits")
+    assert is_route("/v2/models/digits/infer", "POST")
+
+
 def dockerfile_uid() -> int:
     text = (ROOT / "Dockerfile").read_text()
     return int(text.split("useradd --uid ")[1].split()[0])

@@ -1,0 +1,1 @@
+"""Protocol doors: each module is a FastAPI router adapting one wire protocol to the core."""

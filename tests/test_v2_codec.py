@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import zlib
+
 import numpy as np
 import orjson
 import pytest
@@ -12,6 +15,7 @@ from app.protocols.v2_codec import (
     DATATYPES,
     OutputTensor,
     datatype_of,
+    decompress,
     encode_infer_response,
     parse_infer_request,
 )
@@ -205,3 +209,20 @@ def test_malformed_requests_get_a_400_naming_the_problem(case):
         parse_infer_request(body, header_length)
     assert caught.value.status == 400
     assert message in caught.value.message
+
+
+def test_compressed_bodies_are_inflated_within_the_limit():
+    body = orjson.dumps({"inputs": [tensor()]}) * 10
+    assert decompress(gzip.compress(body), "gzip", len(body)) == body
+    assert decompress(zlib.compress(body), "deflate", len(body)) == body
+    assert decompress(body, None, 1) == body
+    failures = {
+        (gzip.compress(body), "gzip", len(body) - 1): (413, "larger than"),
+        (gzip.compress(body)[:-12], "gzip", len(body)): (400, "gzip body is truncated"),
+        (body, "gzip", len(body)): (400, "not valid gzip data"),
+        (body, "br", len(body)): (415, "Content-Encoding 'br' is not supported"),
+    }
+    for args, (status, message) in failures.items():
+        with pytest.raises(ApiError) as caught:
+            decompress(*args)
+        assert caught.value.status == status and message in caught.value.message

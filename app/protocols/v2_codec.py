@@ -16,6 +16,7 @@ encoder and decoder.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,27 @@ def datatype_of(dtype: np.dtype) -> str:
         return _NAMES[np.dtype(dtype).newbyteorder("<")]
     except KeyError:
         raise ValueError(f"no v2 datatype for NumPy {dtype}") from None
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body under its ``Content-Encoding`` (tritonclient's request compression), at most ``limit`` bytes."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(415, f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
+    inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+    try:
+        content = inflater.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise bad(f"the body is not valid {encoding} data: {error}") from None
+    if len(content) > limit:
+        raise ApiError(
+            413, f"the decompressed request body is larger than {limit} bytes (DROPOUT_SERVE_MAX_BODY_BYTES)"
+        )
+    if not inflater.eof:
+        raise bad(f"the {encoding} body is truncated")
+    return content
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:

@@ -1,1 +1,5 @@
-"""Protocol doors: each module is a FastAPI router adapting one wire protocol to the core."""
+"""The protocol doors: thin adapters from each HTTP API to the one core (registry + inference).
+
+``native`` is dropout-serve's own API, ``tfserving`` TensorFlow Serving's REST API, ``v2`` the
+Open Inference Protocol (KServe, Triton, MLServer).
+"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 
 import httpx
@@ -43,6 +44,11 @@ def repository(digits_repository, tmp_path_factory):
     data = Dataset("diabetes", bunch.data.astype(np.float32), bunch.target[:, None].astype(np.float32), "regression")
     trained = train(data, ModelConfig(hidden=(16,), dropout=0.1, input_dropout=0.1), TrainConfig(epochs=5, tau=0.001))
     export_model(trained.model, root, "diabetes", task="regression", tau=trained.tau)
+    broken = root / "broken" / "1"
+    (broken / "variables").mkdir(parents=True)
+    for path in (broken / "saved_model.pb", broken / "variables" / "variables.index"):
+        path.write_bytes(b"not a SavedModel")
+        os.utime(path, (0, 0))  # settled long ago: loaded (and failing) at start-up
     return root
 
 
@@ -190,10 +196,34 @@ def test_gzip_request_bodies(tc, client):
     np.testing.assert_array_equal(result.as_numpy("outputs"), [p["probabilities"] for p in expected])
 
 
-def test_repository_index(tc):
+def test_repository_index_shows_states_and_load_errors(tc, client):
     index = tc.get_model_repository_index()
     assert {"name": "digits", "version": "1", "state": "READY", "reason": ""} in index
-    assert {entry["name"] for entry in index} == {"digits", "diabetes"}
+    assert {entry["name"] for entry in index} == {"digits", "diabetes", "broken"}
+    (broken,) = [entry for entry in index if entry["name"] == "broken"]
+    assert broken["version"] == "1" and broken["state"] == "UNAVAILABLE" and broken["reason"]
+    ready = client.post("/v2/repository/index", json={"ready": True}).json()
+    assert {entry["name"] for entry in ready} == {"digits", "diabetes"}
+    assert not tc.is_model_ready("broken")
+    with pytest.raises(InferenceServerException) as caught:
+        tc.load_model("broken")
+    assert caught.value.status() == "400" and "failed to load 'broken': version 1:" in caught.value.message()
+
+
+def test_unload_and_load_a_model(tc):
+    rows = np.zeros((1, 10), np.float32)
+    tc.unload_model("diabetes")
+    assert not tc.is_model_ready("diabetes")
+    with pytest.raises(InferenceServerException) as caught:
+        tc.infer("diabetes", [tensor_input(rows)])
+    assert caught.value.status() == "404"
+    assert {"name": "diabetes", "state": "UNAVAILABLE", "reason": "not loaded"} in tc.get_model_repository_index()
+    tc.load_model("diabetes")
+    assert tc.is_model_ready("diabetes")
+    assert tc.infer("diabetes", [tensor_input(rows)]).as_numpy("outputs").shape == (1, 1)
+    with pytest.raises(InferenceServerException) as caught:
+        tc.load_model("mnist")
+    assert caught.value.status() == "404"
 
 
 def test_openapi_documents_the_v2_routes(client):

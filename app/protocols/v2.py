@@ -25,13 +25,16 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from app import inference
 from app.errors import ApiError
+from app.loading import ServedModel
 from app.protocols import v2_codec as codec
 from app.protocols import v2_schemas as docs
-from app.registry import Registry, ServedModel
+from app.registry import Registry
 from app.settings import Settings
+from training import artifact
 from training.uncertainty import summarize_classification, summarize_regression
 
 router = APIRouter(prefix="/v2", tags=["v2 (KServe, Triton)"])
@@ -128,10 +131,10 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 @router.get("/models/{name}/versions/{version}/ready", response_model=docs.ModelReady, responses=docs.ERRORS)
 async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
     """200 if the model (version) serves, 503 if it is known but not (yet or any more) serving."""
-    registry = _registry(request)
     number = _version(version)
-    registry.status(name)  # 404 for an unknown model
-    is_ready = registry.is_ready(name, number)
+    states = {s.version: s.state for s in _registry(request).status(name)}  # 404 for an unknown model
+    serving = [v for v, state in states.items() if state == "AVAILABLE"]
+    is_ready = number in serving if number is not None else bool(serving)
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
 
 
@@ -210,10 +213,7 @@ def _batch(model: ServedModel, inputs: list[codec.InputTensor], settings: Settin
     shape = tensor.array.shape
     if len(shape) != len(expected) or shape[1:] != model.input_shape or shape[0] == 0:
         raise ApiError(400, f"input {tensor.name!r}: shape {list(shape)} does not match {expected} of {where}")
-    if shape[0] > settings.max_instances:
-        raise ApiError(
-            400, f"input {tensor.name!r}: {shape[0]} instances, at most {settings.max_instances} per request"
-        )
+    inference.check_instances(shape[0], settings)
     if tensor.datatype == "BOOL":
         raise ApiError(400, f"input {tensor.name!r}: datatype BOOL; send numbers (FP32, FP64, INT*, UINT*)")
     with np.errstate(over="ignore"):
@@ -269,22 +269,30 @@ def _summaries(model: ServedModel, draws: np.ndarray) -> dict[str, np.ndarray]:
     return {"mean": draws.mean(axis=0), "std": draws.std(axis=0)}
 
 
-@router.post("/repository/index", response_model=list[docs.RepositoryModel], summary="Model repository index")
+@router.post(
+    "/repository/index",
+    response_model=list[docs.RepositoryModel],
+    response_model_exclude_none=True,
+    summary="Model repository index",
+)
 async def repository_index(request: Request) -> list[dict[str, str]]:
-    """Every version the registry knows, with its state; body ``{"ready": true}`` for serving ones only."""
-    body = await request.body()
-    only_ready = False
-    if body.strip():
-        try:
-            options = orjson.loads(body)
-        except orjson.JSONDecodeError as error:
-            raise ApiError(400, f"request body is not valid JSON: {error}") from None
-        only_ready = options.get("ready", False) if isinstance(options, dict) else None
-        if not isinstance(only_ready, bool):
-            raise ApiError(400, 'the index request is {"ready": true|false} or empty')
+    """Every model of the repository, each version the registry tracks with its state.
+
+    Body ``{"ready": true}`` for the serving versions only. A model in the repository that the
+    registry does not track (unloaded on request, or not scanned yet) is listed without a version.
+    """
+    options = _json_body(await request.body(), "index request")
+    only_ready = options.get("ready", False)
+    if not isinstance(only_ready, bool):
+        raise ApiError(400, f"ready: expected true or false, got {only_ready!r}")
     registry = _registry(request)
+    tracked = registry.known()
     index = []
-    for name in registry.names():
+    for name in sorted(set(tracked) | set(artifact.model_names(_settings(request).model_dir))):
+        if name not in tracked:
+            if not only_ready:
+                index.append({"name": name, "state": "UNAVAILABLE", "reason": "not loaded"})
+            continue
         for status in registry.status(name):
             state = _REPOSITORY_STATES.get(status.state, "UNAVAILABLE")
             if not only_ready or state == "READY":
@@ -292,3 +300,44 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
                     {"name": name, "version": str(status.version), "state": state, "reason": status.error or ""}
                 )
     return index
+
+
+@router.post("/repository/models/{name}/load", responses=docs.ERRORS, summary="Load a model")
+async def repository_load(request: Request, name: str) -> Response:
+    """Serve ``name`` again after an unload and load its versions now; 400 if none of them loads."""
+    parameters = _json_body(await request.body(), "load request").get("parameters") or {}
+    if parameters:
+        raise ApiError(
+            400, f"load parameters ({', '.join(parameters)}) are not supported; the repository is the config"
+        )
+    registry = _registry(request)
+    await run_in_threadpool(registry.load_model, name)
+    statuses = registry.status(name)
+    if not any(s.state == "AVAILABLE" for s in statuses):
+        errors = "; ".join(f"version {s.version}: {s.error}" for s in statuses if s.error) or "no loadable version"
+        raise ApiError(400, f"failed to load {name!r}: {errors}")
+    return Response(status_code=200)
+
+
+@router.post("/repository/models/{name}/unload", responses=docs.ERRORS, summary="Unload a model")
+async def repository_unload(request: Request, name: str) -> Response:
+    """Stop serving ``name`` (in-flight requests finish) until it is loaded again; the watcher leaves it alone."""
+    parameters = _json_body(await request.body(), "unload request").get("parameters") or {}
+    unknown = sorted(set(parameters) - {"unload_dependents"})
+    if unknown:
+        raise ApiError(400, f"parameters.{unknown[0]}: unknown unload parameter; known: unload_dependents")
+    _registry(request).unload_model(name)
+    return Response(status_code=200)
+
+
+def _json_body(body: bytes, what: str) -> dict[str, Any]:
+    """An optional JSON object body (tritonclient sends an empty one for the index)."""
+    if not body.strip():
+        return {}
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise ApiError(400, f"{what} is not valid JSON: {error}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("parameters", {}), dict):
+        raise ApiError(400, f"the {what} must be a JSON object (with an object 'parameters', if any)")
+    return value

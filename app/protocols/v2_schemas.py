@@ -69,7 +69,7 @@ class InferResponse(BaseModel):
 
 class RepositoryModel(BaseModel):
     name: str
-    version: str
+    version: str | None = Field(None, description="absent for a model the registry does not track (unloaded)")
     state: str = Field(description="READY, LOADING, UNLOADING or UNAVAILABLE")
     reason: str = Field(description="why a version is not ready, e.g. its load error")
 

@@ -282,16 +282,14 @@ def _from_json(data: Any, dtype: np.dtype, datatype: str, shape: list[int], coun
     if len(leaves) != count:
         raise bad(f"{where}.data: {len(leaves)} values, but shape {shape} holds {count}")
     if datatype == "BOOL":
-        wanted, ok = "true or false", lambda v: type(v) is bool
+        wanted, allowed = "true or false", {bool}
     elif dtype.kind in "iu":
-        wanted, ok = "an integer", lambda v: type(v) is int
+        wanted, allowed = "an integer", {int}
     else:
-        wanted, ok = "a number", lambda v: type(v) is int or type(v) is float
-    for index, value in enumerate(leaves):
-        if not ok(value):
-            raise bad(
-                f"{where}.data: value {index} (row-major): expected {wanted} for {datatype}, got {_describe(value)}"
-            )
+        wanted, allowed = "a number", {int, float}
+    if not set(map(type, leaves)) <= allowed:  # one pass in C; the loop below only names the culprit
+        index, value = next((i, v) for i, v in enumerate(leaves) if type(v) not in allowed)
+        raise bad(f"{where}.data: value {index} (row-major): expected {wanted} for {datatype}, got {_describe(value)}")
     try:
         with np.errstate(over="ignore"):  # float overflow becomes infinity, refused below
             array = np.array(leaves, dtype=dtype).reshape(shape)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import keras
 import numpy as np
 import orjson
 import pytest
@@ -31,7 +33,7 @@ MC_CLASSIFICATION = [
 
 @pytest.fixture(scope="module")
 def repository(digits_repository, tmp_path_factory):
-    """The default digits model and a small regression model (trained for seconds)."""
+    """The default digits model, a small regression model (trained for seconds), one without dropout, a broken one."""
     from sklearn.datasets import load_diabetes
 
     from training.data import Dataset
@@ -44,6 +46,10 @@ def repository(digits_repository, tmp_path_factory):
     data = Dataset("diabetes", bunch.data.astype(np.float32), bunch.target[:, None].astype(np.float32), "regression")
     trained = train(data, ModelConfig(hidden=(16,), dropout=0.1, input_dropout=0.1), TrainConfig(epochs=5, tau=0.001))
     export_model(trained.model, root, "diabetes", task="regression", tau=trained.tau)
+    inputs = keras.Input((64,))
+    export_model(
+        keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(inputs)), root, "plain", task="classification"
+    )
     broken = root / "broken" / "1"
     (broken / "variables").mkdir(parents=True)
     for path in (broken / "saved_model.pb", broken / "variables" / "variables.index"):
@@ -120,6 +126,27 @@ def test_infer_equals_predict(tc, client, binary_in, binary_out):
     assert probabilities.dtype == np.float32 and probabilities.shape == (5, 10)
     np.testing.assert_array_equal(probabilities, np.array(expected, np.float32))
     assert ("data" in result.get_output("outputs")) == (binary_out is False)
+
+
+def test_concurrent_binary_requests_each_get_their_own_rows(client):
+    rows = digits().x[:30].astype(np.float32)
+    expected = native(client, "/predict", instances=rows.tolist())["predictions"]
+
+    def call(i: int) -> bool:
+        one = rows[i : i + 1]
+        body, length = triton.InferenceServerClient.generate_request_body([tensor_input(one)])
+        response = client.post(INFER, content=body, headers={"Inference-Header-Content-Length": str(length)})
+        length = int(response.headers["Inference-Header-Content-Length"])
+        result = triton.InferResult.from_response_body(response.content, header_length=length)
+        return np.array_equal(result.as_numpy("outputs")[0], np.float32(expected[i]["probabilities"]))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(call, list(range(30)) * 3))
+
+
+def test_metadata_of_a_model_without_dropout(tc):
+    parameters = tc.get_model_metadata("plain")["parameters"]
+    assert parameters == {"task": "classification", "mc_dropout": False, "mc_dropout_outputs": ""}
 
 
 def test_infer_with_a_version_and_integer_data(tc, client):
@@ -199,11 +226,11 @@ def test_gzip_request_bodies(tc, client):
 def test_repository_index_shows_states_and_load_errors(tc, client):
     index = tc.get_model_repository_index()
     assert {"name": "digits", "version": "1", "state": "READY", "reason": ""} in index
-    assert {entry["name"] for entry in index} == {"digits", "diabetes", "broken"}
+    assert {entry["name"] for entry in index} == {"digits", "diabetes", "plain", "broken"}
     (broken,) = [entry for entry in index if entry["name"] == "broken"]
     assert broken["version"] == "1" and broken["state"] == "UNAVAILABLE" and broken["reason"]
     ready = client.post("/v2/repository/index", json={"ready": True}).json()
-    assert {entry["name"] for entry in ready} == {"digits", "diabetes"}
+    assert {entry["name"] for entry in ready} == {"digits", "diabetes", "plain"}
     assert not tc.is_model_ready("broken")
     with pytest.raises(InferenceServerException) as caught:
         tc.load_model("broken")
@@ -267,6 +294,12 @@ BAD = {
         json_request(parameters={"mc_dropout": True, "samples": 501}),
         400,
         "at most 500",
+    ),
+    "model without dropout": (
+        "/v2/models/plain/infer",
+        json_request(parameters={"mc_dropout": True}),
+        400,
+        "'plain' version 1 has no mc_dropout signature",
     ),
     "negative seed": (INFER, json_request(parameters={"mc_dropout": True, "seed": -1}), 400, "parameters.seed"),
     "unknown output": (INFER, json_request(outputs=[{"name": "probs"}]), 400, "unknown output 'probs'"),

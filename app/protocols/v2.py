@@ -212,7 +212,9 @@ def _batch(model: ServedModel, inputs: list[codec.InputTensor], settings: Settin
     expected = [-1, *model.input_shape]
     shape = tensor.array.shape
     if len(shape) != len(expected) or shape[1:] != model.input_shape or shape[0] == 0:
-        raise ApiError(400, f"input {tensor.name!r}: shape {list(shape)} does not match {expected} of {where}")
+        raise ApiError(
+            400, f"input {tensor.name!r}: shape {list(shape)} does not match {expected} of {where} (N >= 1 rows)"
+        )
     inference.check_instances(shape[0], settings)
     if tensor.datatype == "BOOL":
         raise ApiError(400, f"input {tensor.name!r}: datatype BOOL; send numbers (FP32, FP64, INT*, UINT*)")

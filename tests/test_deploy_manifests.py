@@ -10,6 +10,7 @@ by kubernetes-validate; KServe resources by the openAPIV3Schema of KServe's own 
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import shutil
@@ -322,6 +323,15 @@ def test_non_root_read_only_and_models_mounted(where, metadata, spec, container,
         assert container["resources"]["requests"][resource] and container["resources"]["limits"][resource]
 
 
+def uvicorn_drain_seconds() -> float:
+    """``timeout_graceful_shutdown`` as ``python -m app`` (the image's command) passes it to uvicorn."""
+    tree = ast.parse((ROOT / "app" / "__main__.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "timeout_graceful_shutdown":
+            return ast.literal_eval(node.value)
+    pytest.fail("python -m app sets no timeout_graceful_shutdown: uvicorn would drain without limit")
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_deployment_wiring(rendered, overlay):
     resources = rendered[overlay]
@@ -336,10 +346,10 @@ def test_deployment_wiring(rendered, overlay):
     target = one(resources, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
-    # SIGTERM comes after preStop; uvicorn then needs time to finish in-flight requests.
+    # SIGTERM comes after preStop; uvicorn may then drain for up to its graceful-shutdown timeout.
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] >= int(command[1]) + 20
+    assert pod["terminationGracePeriodSeconds"] > int(command[1]) + uvicorn_drain_seconds()
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0

@@ -2,7 +2,7 @@
 
     python bench/replicas.py [--model-dir artifacts] [--duration 10] [--concurrency 16]
 
-Three uvicorn replicas (one TensorFlow thread each, like pods with one CPU) serve the digits
+Three replicas (`python -m app`, one TensorFlow thread each, like pods with one CPU) serve the digits
 model from one repository; for n = 1, 2, 3 an HAProxy in front of the first n gets `concurrency`
 connections from ``wrk`` (``apt-get install wrk``: C, so the clients take little of the CPU the
 replicas need) for `duration` seconds, first with one-instance `/predict`, then with one-instance

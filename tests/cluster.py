@@ -1,9 +1,9 @@
 """Replicas of the service behind HAProxy on loopback, and a bounded load generator.
 
 The replica test (tests/test_replicas.py) and the scaling benchmark (bench/replicas.py) share
-this. Each replica is a real ``uvicorn app.main:app`` process on its own port, all reading one
-model repository, as pods reading one volume; HAProxy (Debian's ``haproxy``) stands in for the
-Service / ingress.
+this. Each replica is a real ``python -m app`` process (the image's command) on its own port,
+all reading one model repository, as pods reading one volume; HAProxy (Debian's ``haproxy``)
+stands in for the Service / ingress.
 
 HAProxy settings that make a replica's restart cost no request (``haproxy_config``):
 
@@ -63,20 +63,22 @@ def wait_for(url: str, deadline: float, alive: callable = lambda: True, what: st
 
 
 class Replica:
-    """One uvicorn process serving ``model_dir`` on its own loopback port; restartable."""
+    """One ``python -m app`` process serving ``model_dir`` on its own loopback port; restartable."""
 
     def __init__(self, model_dir: Path, logs: Path, name: str, **settings: object) -> None:
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "DROPOUT_SERVE_MODEL_DIR": str(model_dir)}
+        self.env.update({"DROPOUT_SERVE_HOST": "127.0.0.1", "DROPOUT_SERVE_PORT": str(self.port)})
         self.env.update({f"DROPOUT_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
         self.log_path = logs / f"{name}.log"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         with open(self.log_path, "a") as log:
+            # The image's command: uvicorn with the settings' host, port, workers and drain limit.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+                [sys.executable, "-m", "app"],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,

@@ -2,7 +2,7 @@
 model version published to the shared repository cost no request, and a seeded MC request
 gets the byte-identical answer from each replica.
 
-Replicas are uvicorn processes (tests/cluster.py), not containers: podman would add minutes.
+Replicas are `python -m app` processes (tests/cluster.py), not containers: podman would add minutes.
 HAProxy is Debian's package; .ci/run installs it.
 """
 

@@ -1,15 +1,16 @@
 """Throughput with 1, 2 and 3 replicas behind HAProxy, side by side in one run.
 
-    python bench/replicas.py [--model-dir artifacts] [--duration 10] [--concurrency 16]
+    python bench/replicas.py [--model-dir artifacts] [--duration 5] [--rounds 3] [--concurrency 16]
 
 Three replicas (`python -m app`, one TensorFlow thread each, like pods with one CPU) serve the digits
 model from one repository; for n = 1, 2, 3 an HAProxy in front of the first n gets `concurrency`
 connections from ``wrk`` (``apt-get install wrk``: C, so the clients take little of the CPU the
 replicas need) for `duration` seconds, first with one-instance `/predict`, then with one-instance
 `/predict/mc-dropout` at T = 100. A run straight at one replica (no proxy) gives HAProxy's cost.
-Besides requests per second, the CPU seconds each party spent per 1,000 requests (from
-/proc/<pid>/stat): on a machine with fewer cores than replicas + proxy + clients, that, not the
-replica count, sets the ceiling. Machinery shared with tests/test_replicas.py: tests/cluster.py.
+All setups are measured in turn, `rounds` times. Besides requests per second, the CPU each party
+spent per request (from /proc/<pid>/stat): on a machine with fewer cores than replicas + proxy +
+clients, that, not the replica count, sets the ceiling. Machinery shared with
+tests/test_replicas.py: tests/cluster.py.
 """
 
 from __future__ import annotations
@@ -76,14 +77,14 @@ def measure(url: str, body: tuple[str, bytes], args, pids: dict[str, int], scrat
     result = wrk(url + path, payload, args.concurrency, args.duration, scratch)
     cpu = {who: cpu_seconds(pid) - before[who] for who, pid in pids.items()}
     cpu["clients"] = children_cpu() - clients_before
-    per_1000 = {who: round(seconds / result["requests"] * 1000, 2) for who, seconds in cpu.items()}
+    per_request = {who: round(seconds / result["requests"] * 1000, 2) for who, seconds in cpu.items()}
     rps = round(result["requests"] / result["seconds"], 1)
     busy = round(sum(cpu.values()) / result["seconds"], 2)
     return {
         "requests": result["requests"],
         "rps": rps,
         "p50_ms": result["p50_ms"],
-        "cpu_s_per_1000": per_1000,
+        "cpu_ms_per_request": per_request,
         "cores_busy": busy,
     }
 
@@ -91,8 +92,9 @@ def measure(url: str, body: tuple[str, bytes], args, pids: dict[str, int], scrat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=ROOT / "artifacts")
-    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if not (args.model_dir / "digits").is_dir():
         sys.exit(f"no digits model in {args.model_dir}: run `python -m training` first")
@@ -112,42 +114,55 @@ def main() -> None:
         for i in range(3)
     ]
     rows = []
+    proxies: dict[int, HAProxy] = {}
     try:
         for replica in replicas:
             replica.start()
         for replica in replicas:
             replica.wait_ready()
-        pids = {r.name: r.process.pid for r in replicas}
-        for name, body in workloads.items():
-            direct = measure(replicas[0].url, body, args, {"r0": pids["r0"]}, logs)
-            rows.append({"setup": "1 replica, direct", "workload": name, **direct})
         for n in (1, 2, 3):
-            proxy = HAProxy(replicas[:n], logs)
-            try:
-                for replica in replicas[:n]:
-                    proxy.wait_up(replica.name)
+            (logs / f"haproxy-{n}").mkdir()
+            proxies[n] = HAProxy(replicas[:n], logs / f"haproxy-{n}")
+            for replica in replicas[:n]:
+                proxies[n].wait_up(replica.name)
+        pids = {r.name: r.process.pid for r in replicas}
+        setups = {"1 replica, direct": (replicas[0].url, {"r0": pids["r0"]})}
+        for n, proxy in proxies.items():
+            serving = {r.name: pids[r.name] for r in replicas[:n]}
+            setups[f"{n} behind HAProxy"] = (proxy.url, {**serving, "haproxy": proxy.process.pid})
+        # Rounds through every setup in turn, so that a change in what else runs on the machine
+        # hits them all alike; the table gives the median round.
+        for round_ in range(args.rounds):
+            for setup, (url, watched) in setups.items():
                 for name, body in workloads.items():
-                    serving = {r.name: pids[r.name] for r in replicas[:n]}
-                    result = measure(proxy.url, body, args, {**serving, "haproxy": proxy.process.pid}, logs)
-                    rows.append({"setup": f"{n} behind HAProxy", "workload": name, **result})
-            finally:
-                proxy.stop()
+                    rows.append(
+                        {"round": round_, "setup": setup, "workload": name, **measure(url, body, args, watched, logs)}
+                    )
     finally:
+        for proxy in proxies.values():
+            proxy.stop()
         for replica in replicas:
             if replica.alive():
                 replica.stop()
 
     load = os.getloadavg()[0]
-    print(f"\n{os.cpu_count()} cores, load average {load:.1f}, c = {args.concurrency}, {args.duration:g} s each")
-    print("| setup | workload | req/s | p50 ms | CPU s per 1,000 requests: replicas / HAProxy / wrk | cores busy |")
+    print(
+        f"\n{os.cpu_count()} cores, load average {load:.1f} at the end, c = {args.concurrency}, "
+        f"{args.duration:g} s per measurement, median of {args.rounds} rounds (range in brackets)"
+    )
+    print("| setup | workload | req/s | p50 ms | CPU ms per request: replicas / HAProxy / wrk | cores busy |")
     print("|---|---|---|---|---|---|")
-    for row in rows:
-        cpu = row["cpu_s_per_1000"]
-        replica_cpu = sum(v for k, v in cpu.items() if k.startswith("r"))
-        print(
-            f"| {row['setup']} | {row['workload']} | {row['rps']:.0f} | {row['p50_ms']:.1f} | "
-            f"{replica_cpu:.2f} / {cpu.get('haproxy', 0):.2f} / {cpu['clients']:.2f} | {row['cores_busy']:.2f} |"
-        )
+    for setup in setups:
+        for name in workloads:
+            runs = sorted((r for r in rows if r["setup"] == setup and r["workload"] == name), key=lambda r: r["rps"])
+            row = runs[len(runs) // 2]
+            cpu = row["cpu_ms_per_request"]
+            replica_cpu = sum(v for k, v in cpu.items() if k.startswith("r"))
+            print(
+                f"| {setup} | {name} | {row['rps']:.0f} ({runs[0]['rps']:.0f} to {runs[-1]['rps']:.0f}) | "
+                f"{row['p50_ms']:.1f} | {replica_cpu:.2f} / {cpu.get('haproxy', 0):.2f} / {cpu['clients']:.2f} | "
+                f"{row['cores_busy']:.2f} |"
+            )
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "replicas.json").write_text(json.dumps(rows, indent=2))

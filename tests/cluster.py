@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, deadline: float, alive: callable = lambda: True, what: str = "") -> None:
+def wait_for(url: str, deadline: float, alive: Callable[[], bool] = lambda: True, what: str = "") -> None:
     """Until ``url`` answers 200."""
     while time.monotonic() < deadline:
         assert alive(), f"{what} exited"
@@ -164,9 +165,6 @@ class HAProxy:
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 30) -> None:
-        wait_for(f"{self.url}/health/ready", time.monotonic() + timeout, lambda: self.process.poll() is None, "haproxy")
-
     def status(self) -> dict[str, str]:
         """Each replica's state as HAProxy's health checks see it: "UP", "DOWN", ..."""
         with socket.socket(socket.AF_UNIX) as s:
@@ -243,12 +241,6 @@ class Load:
 
     def stop(self) -> LoadResult:
         self._stop.set()
-        self._thread.join(timeout=self.max_seconds + 60)
-        return self.result
-
-    def run(self) -> LoadResult:
-        """In the foreground, until a bound is reached."""
-        self.start()
         self._thread.join(timeout=self.max_seconds + 60)
         return self.result
 

@@ -148,12 +148,17 @@ backend replicas
 """
 
 
+def haproxy_binary() -> str:
+    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    assert Path(binary).exists(), "haproxy is not installed: apt-get install haproxy (.ci/run does)"
+    return binary
+
+
 class HAProxy:
     """``haproxy -db`` in the foreground on a loopback port, in front of ``replicas``."""
 
     def __init__(self, replicas: list[Replica], logs: Path) -> None:
-        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        assert Path(binary).exists(), "haproxy is not installed: apt-get install haproxy (.ci/run does)"
+        binary = haproxy_binary()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = logs / "haproxy.cfg"

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from cluster import HAProxy, Load, Replica
+from cluster import HAProxy, Load, Replica, haproxy_binary
 
 from training import export_model
 
@@ -24,6 +24,7 @@ CONCURRENCY = 16
 @pytest.fixture
 def cluster(tiny_classifier, digit_rows, tmp_path):
     """A shared repository holding digits version 1, three replicas polling it, HAProxy in front."""
+    haproxy_binary()  # before spending a minute on replicas
     repository = tmp_path / "models"
     export_model(tiny_classifier.model, repository, "digits", task="classification", class_labels=list("0123456789"))
     replicas = [

@@ -164,24 +164,32 @@ def ours(port: int, model_dir: Path, model: str, workloads: list[Workload], batc
 
 
 def ensure_mlserver_venv(venv: Path = MLSERVER_VENV) -> Path:
-    """The ``mlserver`` executable of ``venv``, creating the environment first if needed (a few minutes)."""
-    executable = venv / "bin" / "mlserver"
-    if executable.exists():
-        return executable
-    print(f"creating {venv} for MLServer: pip install {' '.join(MLSERVER_REQUIREMENTS)}", flush=True)
-    log = venv.parent / "results" / "logs" / "mlserver-install.log"
+    """The ``mlserver`` executable of ``venv``, creating or updating the environment first if needed.
+
+    The first time takes a few minutes (TensorFlow). ``venv/bench-requirements.txt`` records what
+    was installed, so a changed :data:`MLSERVER_REQUIREMENTS` is installed on the next run.
+    """
+    marker = venv / "bench-requirements.txt"
+    wanted = "\n".join(MLSERVER_REQUIREMENTS) + "\n"
+    if marker.exists() and marker.read_text() == wanted:
+        return venv / "bin" / "mlserver"
+    print(f"setting up {venv} for MLServer: pip install {' '.join(MLSERVER_REQUIREMENTS)}", flush=True)
+    log = BENCH / "results" / "logs" / "mlserver-install.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    python = venv / "bin" / "python"
+    steps = [] if python.exists() else [[sys.executable, "-m", "venv", str(venv)]]
+    steps += [
+        [str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
+        [str(python), "-m", "pip", "install", *MLSERVER_REQUIREMENTS],
+    ]
     with log.open("w") as out:
-        steps = [
-            [sys.executable, "-m", "venv", "--clear", str(venv)],
-            [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
-            [str(venv / "bin" / "python"), "-m", "pip", "install", *MLSERVER_REQUIREMENTS],
-        ]
         for step in steps:
             if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
-                shutil.rmtree(venv, ignore_errors=True)  # so the next run tries again
-                raise RuntimeError(f"`{' '.join(step)}` failed: {log.read_text()[-2000:]}")
-    return executable
+                raise RuntimeError(
+                    f"MLServer could not be installed: `{' '.join(step)}` failed: {log.read_text()[-2000:]}"
+                )
+    marker.write_text(wanted)
+    return venv / "bin" / "mlserver"
 
 
 def mlserver_version(executable: Path) -> str:

@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 status["description"] = server.description
                 if name == "mlserver":
                     status["versions"] = servers.mlserver_version(Path(server.command[0]))
-                print(f"\n{name}: {server.description}", flush=True)
+                load = status["load_average_before"][0]
+                print(f"\n{name}: {server.description} (load average {load:.1f})", flush=True)
                 server.start(args.out.parent / f"{args.out.stem}-logs" / f"{name}.log")
                 results["runs"] += measure(server, args, reference)
                 status["status"] = "ok"
@@ -313,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     run = results["run"]
     print(f"\n## Serving benchmark, {run['date']}, commit {run['commit'][:10]}", end="")
     print(" (with uncommitted changes)" if run["uncommitted_changes"] else "")
-    print(f"\n{run['cpus']} CPUs, {run['duration_s']} s per measurement, wrk, one server process at a time")
+    loads = [status["load_average_before"][0] for status in results["servers"].values()]
+    print(
+        f"\n{run['cpus']} CPUs, {run['duration_s']} s per measurement, wrk, one server process at a time;"
+        f" 1-minute load average {min(loads, default=0):.1f}-{max(loads, default=0):.1f} when the servers started"
+    )
     print(tables(results["runs"], sorted({*args.connections, *args.mc_connections})))
     print("\nacceptance figures (issue 9), this server with default settings\n")
     print(ratio_table(results["ratios"]))

@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                 server.start(args.out.parent / f"{args.out.stem}-logs" / f"{name}.log")
                 results["runs"] += measure(server, args, reference)
                 status["status"] = "ok"
-            except (RuntimeError, OSError, subprocess.SubprocessError) as error:
-                status.update(status="failed", reason=str(error))
+            except Exception as error:  # one server's failure must not lose the other servers' numbers
+                status.update(status="failed", reason=f"{type(error).__name__}: {error}")
                 print(f"  {name} FAILED: {error}", flush=True)
             finally:
                 if server is not None:

@@ -8,8 +8,8 @@ last in-flight request, which holds a :meth:`Registry.lease`, ends.
 
 Rules that keep traffic flowing:
 
-- a version folder is loaded only when it holds a SavedModel and has not changed between two
-  scans (a folder still being copied in is left alone until it settles);
+- a version folder is loaded only when it holds a SavedModel and its files have not changed
+  for ``SETTLE_SECONDS`` (a folder still being copied in is left alone until it settles);
 - a version that fails to load keeps its error in :meth:`Registry.status`, is logged once and is
   retried only when its files change; the policy then picks from the versions that do load;
 - the versions that serve are replaced only once a replacement is available (availability
@@ -36,7 +36,7 @@ log = logging.getLogger("dropout_serve")
 
 State = Literal["START", "LOADING", "AVAILABLE", "UNLOADING", "END"]
 SETTLE_SECONDS = 2.0
-"""At start-up, a folder whose newest file is younger than this waits for the next scan."""
+"""A version folder is loaded once its files have not changed for this long."""
 
 
 @dataclass
@@ -68,7 +68,8 @@ class Registry:
         self._lock = threading.RLock()  # reentrant: lease() resolves under it
         self._models: dict[str, dict[int, _Version]] = {}
         self._labels: dict[str, dict[str, int]] = {}
-        self._seen: dict[tuple[str, int], repository.Fingerprint] = {}
+        self._seen: dict[tuple[str, int], tuple[repository.Fingerprint, float]] = {}
+        """Each version folder's contents at the last scan, and since when they have been so."""
         self._unloaded: set[str] = set()
         self._first_scan = True
         self._stop = threading.Event()
@@ -110,16 +111,17 @@ class Registry:
             self._first_scan = False
 
     def _stable(self, name: str, version: int, prints: repository.Fingerprint) -> bool:
-        previous = self._seen.get((name, version))
-        self._seen[(name, version)] = prints
+        """Complete, and unchanged for SETTLE_SECONDS: a folder being copied in changes meanwhile."""
+        now = time.time()
+        previous, since = self._seen.get((name, version), (None, now))
+        if previous != prints:
+            since = now
+            if self._first_scan:  # files already this old when the server started count as settled
+                since = min(now, max((entry[2] for entry in prints), default=0) / 1e9)
+        self._seen[(name, version)] = (prints, since)
         if not repository.looks_complete(prints):
             return False
-        if previous == prints:
-            return True
-        if self._first_scan or self._settings.poll_seconds == 0:
-            newest = max((entry[2] for entry in prints), default=0) / 1e9
-            return self._settings.poll_seconds == 0 or time.time() - newest >= SETTLE_SECONDS
-        return False
+        return self._settings.poll_seconds == 0 or now - since >= SETTLE_SECONDS
 
     def _sync_model(self, found: repository.ScannedModel) -> None:
         name = found.name
@@ -133,10 +135,15 @@ class Registry:
                 self._stable(name, version, prints) and (entry is None or entry.failed_prints != prints)
             ):
                 loadable.append(version)
-        for version in found.policy.select(loadable):
-            entry = versions.get(version)
-            if entry is None or entry.state not in ("AVAILABLE", "LOADING"):
-                self._load(name, version, found.folders[version])
+        pending = True
+        while pending:  # a version that fails to load makes room for the next one the policy picks
+            pending = False
+            for version in found.policy.select(loadable):
+                entry = versions.get(version)
+                idle = entry is None or entry.state not in ("AVAILABLE", "LOADING")
+                if idle and not self._load(name, version, found.folders[version]):
+                    loadable.remove(version)
+                    pending = True
         serving = [v for v, e in versions.items() if e.state == "AVAILABLE"]
         wanted = set(found.policy.select([v for v in loadable if v in serving]))
         if wanted:
@@ -147,7 +154,7 @@ class Registry:
             if version not in found.folders and versions[version].state != "AVAILABLE":
                 self._forget_if_done(name, version)
 
-    def _load(self, name: str, version: int, prints: repository.Fingerprint) -> None:
+    def _load(self, name: str, version: int, prints: repository.Fingerprint) -> bool:
         entry = _Version(version, "LOADING")
         with self._lock:
             self._models[name][version] = entry
@@ -158,10 +165,11 @@ class Registry:
         except Exception as error:  # any failure of a SavedModel load is the version's status, not ours
             entry.state, entry.error, entry.failed_prints = "END", _describe(error), prints
             log.error("could not load %s version %d: %s", name, version, entry.error)
-            return
+            return False
         with self._lock:
             entry.model, entry.state = model, "AVAILABLE"
         log.info("loaded %s version %d in %.1f s", name, version, time.monotonic() - started)
+        return True
 
     def _retire(self, name: str, version: int, why: str) -> None:
         with self._lock:

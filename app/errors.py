@@ -22,8 +22,12 @@ PROTOCOL_PREFIXES = ("/v1/", "/v2/")
 """TF Serving's and the Open Inference Protocol's routes answer errors as ``{"error": ...}``."""
 
 
+def _is_protocol(path: str) -> bool:
+    return path.startswith(PROTOCOL_PREFIXES) or path == "/v2"
+
+
 def error_response(path: str, status: int, message: str) -> JSONResponse:
-    key = "error" if path.startswith(PROTOCOL_PREFIXES) or path == "/v2" else "detail"
+    key = "error" if _is_protocol(path) else "detail"
     return JSONResponse({key: message}, status_code=status)
 
 
@@ -46,7 +50,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         return error_response(
             request.url.path, 400, f"request body is not valid JSON: {reason} (at character {position})"
         )
-    return error_response(request.url.path, 422, "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors))
+    status = 400 if _is_protocol(request.url.path) else 422  # TF Serving and Triton: invalid argument
+    return error_response(request.url.path, status, "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors))
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

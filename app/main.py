@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.errors import BodySizeLimit, install_error_handlers
 from app.inference import Engine
-from app.protocols import native, tfserving
+from app.protocols import native, tfserving, v2
 from app.registry import start_registry
 from app.settings import Settings
 
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = None
     app.include_router(native.router)
     app.include_router(tfserving.router)
+    app.include_router(v2.router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.openapi = lambda: _openapi(app)

@@ -142,3 +142,5 @@ def test_malformed_json_and_unknown_routes(client):
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
     assert client.get("/v1/models/nope").status_code == 404
     assert "error" in client.get("/v1/models/nope").json()
+    not_a_number = client.get("/v1/models/digits/versions/two")
+    assert not_a_number.status_code == 400 and "version" in not_a_number.json()["error"]

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from app import inference
 from app.loading import ServedModel
@@ -91,8 +92,12 @@ async def predict_mc_dropout(request: Request) -> Response:
         batch = inference.to_array(body.instances, model.input_shape, may_hold_booleans(raw))
         seed = secrets.randbits(63) if body.seed is None else body.seed
         draws = await inference.sample(model, batch, samples, seed)
-        predictions = _mc_predictions(model, draws.astype(np.float64), body.return_samples)
-        return json_response(_answer(model, predictions, samples=samples, seed=seed))
+
+        def summarize() -> Response:  # up to 0.2 s for the largest T x N: kept off the event loop
+            predictions = _mc_predictions(model, draws.astype(np.float64), body.return_samples)
+            return json_response(_answer(model, predictions, samples=samples, seed=seed))
+
+        return await run_in_threadpool(summarize)
 
 
 def _answer(model: ServedModel, predictions: list[dict], **extra) -> dict:

@@ -19,8 +19,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from cluster import HAProxy, Replica  # noqa: E402
 
 from app.schemas import DIGIT_ZERO  # noqa: E402
+from bench import wrk  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -41,71 +40,46 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.body = '{body}'
-wrk.headers["Content-Type"] = "application/json"
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("RESULT %d %f %f %d\\n", summary.requests, summary.duration / 1e6,
-    latency:percentile(50) / 1000, e.connect + e.read + e.write + e.status + e.timeout))
-end
-"""
-
-
-def wrk(url: str, body: bytes, connections: int, seconds: float, scratch: Path) -> dict:
-    script = scratch / "post.lua"
-    script.write_text(WRK_SCRIPT.format(body=body.decode()))
-    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script), url]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    line = next(line for line in output.splitlines() if line.startswith("RESULT "))
-    requests, duration, p50, errors = line.split()[1:]
-    assert int(errors) == 0, f"{url}: {errors} failed or non-2xx requests"
-    return {"requests": int(requests), "seconds": float(duration), "p50_ms": float(p50)}
-
-
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(url: str, body: tuple[str, bytes], args, pids: dict[str, int], scratch: Path) -> dict:
+def measure(url: str, body: tuple[str, str], args, pids: dict[str, int]) -> dict:
     path, payload = body
-    wrk(url + path, payload, args.concurrency, 2, scratch)  # warm-up
+    wrk.run(url + path, payload, args.concurrency, 2)  # warm-up
     before = {who: cpu_seconds(pid) for who, pid in pids.items()}
     clients_before = children_cpu()
-    result = wrk(url + path, payload, args.concurrency, args.duration, scratch)
+    result = wrk.run(url + path, payload, args.concurrency, args.duration)
     cpu = {who: cpu_seconds(pid) - before[who] for who, pid in pids.items()}
     cpu["clients"] = children_cpu() - clients_before
-    per_request = {who: round(seconds / result["requests"] * 1000, 2) for who, seconds in cpu.items()}
-    rps = round(result["requests"] / result["seconds"], 1)
-    busy = round(sum(cpu.values()) / result["seconds"], 2)
+    assert result.non_2xx == 0 and result.socket_errors == 0, f"{url + path}: {result}"
+    seconds = result.requests / result.rps
     return {
-        "requests": result["requests"],
-        "rps": rps,
-        "p50_ms": result["p50_ms"],
-        "cpu_ms_per_request": per_request,
-        "cores_busy": busy,
+        "requests": result.requests,
+        "rps": round(result.rps, 1),
+        "p50_ms": result.p50_ms,
+        "cpu_ms_per_request": {who: round(t / result.requests * 1000, 2) for who, t in cpu.items()},
+        "cores_busy": round(sum(cpu.values()) / seconds, 2),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=ROOT / "artifacts")
-    parser.add_argument("--duration", type=float, default=5)
+    parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if not (args.model_dir / "digits").is_dir():
         sys.exit(f"no digits model in {args.model_dir}: run `python -m training` first")
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is not installed: apt-get install wrk")
+    wrk.require_wrk()
 
     workloads = {
-        "predict": ("/predict", json.dumps({"instances": [DIGIT_ZERO]}).encode()),
+        "predict": ("/predict", json.dumps({"instances": [DIGIT_ZERO]})),
         "mc T=100": (
             "/predict/mc-dropout",
-            json.dumps({"instances": [DIGIT_ZERO], "samples": 100, "seed": 1}).encode(),
+            json.dumps({"instances": [DIGIT_ZERO], "samples": 100, "seed": 1}),
         ),
     }
     logs = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
@@ -136,7 +110,7 @@ def main() -> None:
             for setup, (url, watched) in setups.items():
                 for name, body in workloads.items():
                     rows.append(
-                        {"round": round_, "setup": setup, "workload": name, **measure(url, body, args, watched, logs)}
+                        {"round": round_, "setup": setup, "workload": name, **measure(url, body, args, watched)}
                     )
     finally:
         for proxy in proxies.values():

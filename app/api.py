@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import inference
+from app.context import annotate
 from app.errors import ApiError
+from app.limits import check_mc_enabled, check_return_samples
 from app.registry import Registry, ServedModel
 from app.schemas import (
     MCDropoutRequest,
@@ -44,8 +46,10 @@ def _check_batch(body: PredictRequest, settings: Settings) -> None:
 @router.post("/predict", response_model=PredictResponse, tags=["predict"])
 async def predict(body: PredictRequest, request: Request) -> JSONResponse:
     """Inference-mode prediction (dropout off), as Keras' ``model(x, training=False)``."""
+    annotate(request, instances=len(body.instances))
     _check_batch(body, _settings(request))
     model = _registry(request).get(body.model, body.version)
+    annotate(request, model=model.name, version=model.version)
     batch = inference.to_array(body.instances, model.input_shape)
     predictions = await run_in_threadpool(inference.predict, model, batch)
     return JSONResponse(_answer(model, predictions))
@@ -59,8 +63,10 @@ async def predict_mc_dropout(body: MCDropoutRequest, request: Request) -> JSONRe
     returns the identical answer, from any replica, before or after a restart.
     """
     settings = _settings(request)
-    _check_batch(body, settings)
+    check_mc_enabled(settings)
     samples = body.samples or settings.default_samples
+    annotate(request, instances=len(body.instances), samples=samples)
+    _check_batch(body, settings)
     if samples > settings.max_samples:
         raise ApiError(422, f"samples: {samples} asked, at most {settings.max_samples} (DROPOUT_SERVE_MAX_SAMPLES)")
     if samples * len(body.instances) > settings.max_mc_rows:
@@ -76,6 +82,9 @@ async def predict_mc_dropout(body: MCDropoutRequest, request: Request) -> JSONRe
             f"model {model.name!r} version {model.version} has no mc_dropout signature "
             "(it was not exported with dropout layers); use /predict",
         )
+    annotate(request, model=model.name, version=model.version)
+    if body.return_samples:
+        check_return_samples(settings, samples, len(body.instances), model.output_shape)
     batch = inference.to_array(body.instances, model.input_shape)
     seed = secrets.randbits(63) if body.seed is None else body.seed
     predictions = await run_in_threadpool(inference.predict_mc, model, batch, samples, seed, body.return_samples)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from app import metrics
 from app.errors import ApiError
 from app.registry import ServedModel
 from training.uncertainty import summarize_classification, summarize_regression
@@ -57,6 +58,7 @@ def _scalar_or_list(values: np.ndarray) -> float | list:
 
 def predict(model: ServedModel, batch: np.ndarray) -> list[dict[str, Any]]:
     outputs = model.predict(batch).astype(np.float64)
+    metrics.observe_predict(model.name, model.version, model.task, outputs)
     if model.task == "classification":
         labels = model.class_labels
         best = outputs.argmax(axis=-1)
@@ -75,6 +77,7 @@ def predict_mc(
     draws = model.sample(batch, samples, seed).astype(np.float64)  # [T, N, ...]
     if model.task == "classification":
         s = summarize_classification(draws)
+        metrics.observe_mc(model.name, model.version, model.task, s)
         labels = model.class_labels
         answers = [
             {
@@ -91,6 +94,7 @@ def predict_mc(
         ]
     elif model.task == "regression":
         s = summarize_regression(draws, model.tau)
+        metrics.observe_mc(model.name, model.version, model.task, s)
         answers = [
             {
                 "mean": _scalar_or_list(s.mean[i]),

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import router
 from app.errors import BodySizeLimit, install_error_handlers
+from app.operations import install_operations
 from app.registry import Registry
 from app.settings import Settings
 
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    install_operations(app, settings)
     return app
 
 

@@ -7,12 +7,14 @@ takes one tensor serves on ``/predict``; ``mc_dropout`` is used when the artifac
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from app import metrics
 from app.errors import ApiError
 from training import artifact, signatures
 
@@ -107,11 +109,14 @@ class Registry:
         for name in artifact.model_names(repository):
             found = artifact.versions(repository / name)
             for version in found if all_versions else found[-1:]:
+                started = time.perf_counter()
                 try:
                     models.append(load_version(name, repository / name / str(version)))
                     log.info("loaded %s version %d", name, version)
+                    metrics.model_loaded(name, version, time.perf_counter() - started)
                 except Exception:
                     log.exception("could not load %s version %d; skipping it", name, version)
+                    metrics.model_load_failed(name, version)
         return cls(models, default)
 
     def __len__(self) -> int:

@@ -106,7 +106,12 @@ class Registry:
     @classmethod
     def load(cls, repository: Path, default: str | None = None, all_versions: bool = False) -> Registry:
         models = []
-        for name in artifact.model_names(repository):
+        try:
+            names = artifact.model_names(repository)
+        except OSError as error:
+            log.error("cannot read the model repository %s (%s); serving no models", repository, error)
+            names = []
+        for name in names:
             found = artifact.versions(repository / name)
             for version in found if all_versions else found[-1:]:
                 started = time.perf_counter()

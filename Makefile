@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 
 serve: $(VENV)/.installed
 	$(BIN)/python -m training --if-missing
-	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
+	DROPOUT_SERVE_HOST=$(HOST) DROPOUT_SERVE_PORT=$(PORT) $(BIN)/python -m app
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

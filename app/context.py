@@ -10,7 +10,6 @@ counted under model "", so client-chosen names never become metric labels).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -21,6 +20,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs, metrics
+from app.errors import error_response
 
 _SCOPE_KEY = "dropout_serve.record"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -64,19 +64,15 @@ def annotate(
         record.samples = samples
 
 
-def error_body(path: str, message: str) -> bytes:
-    """The error shape of the door the path belongs to: ``{"error": ...}`` under /v1/ and /v2/."""
-    key = "error" if path.startswith(("/v1/", "/v2/")) else "detail"
-    return json.dumps({key: message}).encode()
-
-
 async def reply(scope: Scope, send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    """Answer an error from a middleware, before the app has seen the request."""
-    body = error_body(scope["path"], message)
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    """Answer an error from a middleware, before the app has seen the request, in its door's error shape."""
+    response = error_response(scope["path"], status, message)
+    response.headers.update(headers or {})
+    await response(scope, _nothing_to_receive, send)
+
+
+async def _nothing_to_receive() -> Message:
+    return {"type": "http.disconnect"}
 
 
 class RequestContext:

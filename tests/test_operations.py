@@ -83,10 +83,10 @@ def protected_calls(server: Server) -> list[tuple[str, str, str, dict]]:
             continue
         path = template.replace("{name}", "tiny").replace("{version}", "1").replace("{label}", "stable")
         for method in operations:
-            body = {"json": {**GOOD, "samples": 5}} if method == "post" else {}
+            body = {"json": {**GOOD, "samples": 5} if "mc-dropout" in path else GOOD} if method == "post" else {}
             calls.append((method.upper(), template, path, body))
     assert len(calls) >= 5
-    return calls
+    return sorted(calls, key=lambda call: call[2].endswith("/load"))  # the model is loaded again after /unload
 
 
 def test_every_protected_route_refuses_without_a_key_and_accepts_with_one(keyed):
@@ -167,7 +167,7 @@ def test_metrics_cover_traffic_models_and_uncertainty_and_move_with_requests(key
     assert grew("dropout_serve_mc_predictive_entropy_nats_sum", **tiny) > 0
     assert grew("dropout_serve_predict_top_probability_count", **tiny) == 3
     assert value(after, "dropout_serve_model_loaded", **tiny) == 1
-    assert value(after, "dropout_serve_model_load_seconds_count", model="tiny") == 1
+    assert value(after, "dropout_serve_model_load_seconds_count", model="tiny") >= 1  # reloaded by the auth test
     assert value(after, "dropout_serve_requests_in_flight") == 1  # the scrape itself
     assert value(after, "process_resident_memory_bytes") > 10_000_000
     routes = {dict(labels).get("route") for _, labels in after}

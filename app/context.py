@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from starlette.datastructures import MutableHeaders
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs, metrics
@@ -98,6 +98,8 @@ class RequestContext:
         metrics.request_started()
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log as an error
+            record.status = 499  # nginx's "client closed request"
         except BaseException:
             record.status = record.status or 500
             raise

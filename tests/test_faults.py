@@ -59,9 +59,7 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(repository):
             else:
                 response = httpx.post(f"{server.url}/predict/mc-dropout", json=HEAVY, timeout=60)
             outcomes.append((kind, response.status_code))
-        except httpx.ConnectError:
-            outcomes.append((kind, "refused"))
-        except httpx.TransportError as error:  # a connection cut mid-request
+        except httpx.TransportError as error:
             outcomes.append((kind, repr(error)))
 
     slow = [threading.Thread(target=call, args=("slow",)) for _ in range(4)]
@@ -76,15 +74,20 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(repository):
         thread.start()
     time.sleep(0.3)
     server.process.send_signal(signal.SIGTERM)
+    time.sleep(1.0)  # the slow requests are still coming in
+    with pytest.raises(httpx.ConnectError):  # a new connection while draining: refused at once
+        httpx.get(f"{server.url}/health/live", timeout=5)
     for thread in slow + load:
         thread.join()
     assert server.process.wait(timeout=60) == 0
     server.log.close()
     assert sorted(o for o in outcomes if o[0] == "slow") == [("slow", 200)] * 4  # all in flight at SIGTERM
-    assert all(status in (200, "refused") for _, status in outcomes), outcomes
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{server.url}/health/live", timeout=5)
+    # MC requests racing the signal: answered, or never started (refused, or reset before the server read
+    # them); every request the server started was answered in full.
+    answered = sum(1 for kind, status in outcomes if kind == "mc" and status == 200)
+    assert len(outcomes) == 16
     log = Path(server.log.name).read_text()
+    assert log.count("POST /predict/mc-dropout ") == log.count("POST /predict/mc-dropout 200 ") == answered
     assert "Finished server process" in log and "Traceback" not in log
 
 
@@ -104,18 +107,22 @@ def test_unreadable_repository_logs_clearly_and_serves_not_ready(tiny_classifier
         repository = base / "models"
         shutil.copytree(tiny_classifier_dir, repository / "tiny" / "1")
         repository.chmod(0o000)
-        server = Server(repository, preexec_fn=without_root_file_access if os.geteuid() == 0 else None)
+        server = Server(
+            repository, poll_seconds=0.2, preexec_fn=without_root_file_access if os.geteuid() == 0 else None
+        )
         try:
             assert httpx.get(f"{server.url}/health/live").status_code == 200
             ready = httpx.get(f"{server.url}/health/ready")
             assert ready.status_code == 503 and ready.json()["models"] == 0
             response = httpx.post(f"{server.url}/predict", json=GOOD)
             assert response.status_code == 404 and "no models are loaded" in response.json()["detail"]
+            time.sleep(1)  # a few rescans
             assert server.process.poll() is None
         finally:
             server.stop()
         log = Path(server.log.name).read_text()
         assert f"cannot read the model repository {repository} ([Errno 13] Permission denied" in log
+        assert log.count("cannot read the model repository") == 1  # not at every rescan
         assert "Traceback" not in log
     finally:
         (base / "models").chmod(0o755)
@@ -149,4 +156,6 @@ def test_clients_hanging_up_mid_request_leave_no_work_behind(repository):
         assert server.process.poll() is None
     finally:
         server.stop()
-    assert "Traceback" not in Path(server.log.name).read_text()
+    log = Path(server.log.name).read_text()
+    assert "Traceback" not in log and " 500 " not in log
+    assert log.count("POST /predict/mc-dropout 499 ") == 3  # the bodies cut short: logged, not errors

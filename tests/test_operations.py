@@ -20,6 +20,7 @@ from app.schemas import DIGIT_ZERO
 KEYS = ("first-key-3f9a7c", "second-key-b41e02")
 GOOD = {"instances": [DIGIT_ZERO]}
 ORIGIN = "https://dashboard.example"
+PREDICT_OK = {"route": "/predict", "method": "POST", "version": "1", "status": "200"}
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +278,26 @@ def test_uncertainty_histograms_for_regression_and_batching():
     assert value(samples, "dropout_serve_batch_queue_wait_seconds_bucket", **labels, le="0.0025") == 1
     assert value(samples, "dropout_serve_model_load_failures_total", model="reg") == 1
     assert value(samples, "dropout_serve_model_loaded", model="reg", version="4") == 0
+
+
+def test_metrics_add_up_across_worker_processes(repository, tmp_path_factory):
+    """Two workers (python -m app): whichever answers /metrics reports the requests both served."""
+    root = tmp_path_factory.mktemp("workers") / "models"
+    shutil.copytree(repository, root)
+    server = Server(root, entry="app", workers=2)
+    try:
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{server.url}/health/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        for _ in range(40):  # fresh connections, spread over both workers by the kernel
+            assert httpx.post(f"{server.url}/predict", json=GOOD).status_code == 200
+        for _ in range(4):
+            samples = scrape(server)
+            served = value(samples, "dropout_serve_requests_total", **{**PREDICT_OK, "model": "tiny"})
+            assert served == 40
+            pids = {dict(labels)["pid"] for name, labels in samples if name == "process_resident_memory_bytes"}
+            assert len(pids) == 2
+            assert value(samples, "dropout_serve_predict_top_probability_count", model="tiny", version="1") == 40
+    finally:
+        assert server.stop() == 0

@@ -136,6 +136,20 @@ def test_json_access_log_carries_the_request_id(keyed):
     assert predict["samples"] is None and predict["route"] == "/predict"
 
 
+def test_every_line_written_while_serving_carries_the_request_id(keyed):
+    """Unloading and loading a model logs from the registry (in a worker thread) inside the request."""
+    for action, request_id in (("unload", "unload-1"), ("load", "reload-1")):
+        headers = {"X-API-Key": KEYS[0], "X-Request-ID": request_id, "content-type": "application/json"}
+        response = httpx.post(f"{keyed.url}/v2/repository/models/tiny/{action}", content=b"{}", headers=headers)
+        assert response.status_code == 200, response.text
+    time.sleep(0.2)
+    lines = [json.loads(line) for line in log_text(keyed).splitlines() if line.startswith("{")]
+    by_id = {rid: [line["message"] for line in lines if line["request_id"] == rid] for rid in ("unload-1", "reload-1")}
+    assert any(m.startswith("retiring tiny version 1") for m in by_id["unload-1"]), by_id
+    assert any(m.startswith("loaded tiny version 1") for m in by_id["reload-1"]), by_id
+    assert httpx.post(f"{keyed.url}/predict", json=GOOD, headers={"X-API-Key": KEYS[0]}).status_code == 200
+
+
 def scrape(server: Server, **headers: str) -> dict:
     response = httpx.get(f"{server.url}/metrics", headers=headers)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")

@@ -68,6 +68,9 @@ class Registry:
         self._lock = threading.RLock()  # reentrant: lease() resolves under it
         self._models: dict[str, dict[int, _Version]] = {}
         self._labels: dict[str, dict[str, int]] = {}
+        self._serving: dict[str, dict[int, _Version]] = {}
+        """The AVAILABLE versions by model: what requests resolve against, rebuilt on every change."""
+        self._default: str | None = None
         self._seen: dict[tuple[str, int], tuple[repository.Fingerprint, float]] = {}
         """Each version folder's contents at the last scan, and since when they have been so."""
         self._unloaded: set[str] = set()
@@ -169,6 +172,7 @@ class Registry:
             return False
         with self._lock:
             entry.model, entry.state = model, "AVAILABLE"
+            self._refresh()
         log.info("loaded %s version %d in %.1f s", name, version, time.monotonic() - started)
         metrics.model_loaded(name, version, time.monotonic() - started)
         return True
@@ -177,6 +181,7 @@ class Registry:
         with self._lock:
             entry = self._models[name][version]
             entry.state = "UNLOADING"
+            self._refresh()
             done = entry.leases == 0
             if done:
                 entry.state, entry.model = "END", None
@@ -191,6 +196,13 @@ class Registry:
             if all(e.state == "END" for e in self._models.get(name, {}).values()):
                 self._models.pop(name, None)
                 self._labels.pop(name, None)
+
+    def _refresh(self) -> None:
+        """Rebuild what requests resolve against; called under the lock when a version starts or stops."""
+        serving = {name: {v: e for v, e in vs.items() if e.state == "AVAILABLE"} for name, vs in self._models.items()}
+        self._serving = {name: vs for name, vs in serving.items() if vs}
+        wanted = self._settings.default_model
+        self._default = wanted if wanted in self._serving else min(self._serving, default=None)
 
     def _forget_if_done(self, name: str, version: int) -> None:
         with self._lock:
@@ -219,14 +231,11 @@ class Registry:
 
     @property
     def default(self) -> str | None:
-        names = self.names()
-        wanted = self._settings.default_model
-        return wanted if wanted in names else (names[0] if names else None)
+        return self._default
 
     def names(self) -> list[str]:
         """Models with at least one AVAILABLE version."""
-        with self._lock:
-            return sorted(n for n, vs in self._models.items() if any(e.state == "AVAILABLE" for e in vs.values()))
+        return sorted(self._serving)
 
     def known(self) -> list[str]:
         """Every model the registry tracks, serving or not."""
@@ -242,12 +251,10 @@ class Registry:
 
     def versions(self, name: str) -> dict[int, ServedModel]:
         """The AVAILABLE versions of ``name``; 404 if it has none."""
-        with self._lock:
-            served = {v: e.model for v, e in self._models.get(name, {}).items() if e.state == "AVAILABLE"}
+        served = self._serving.get(name)
         if not served:
-            known = ", ".join(self.names()) or "none"
-            raise ApiError(404, f"unknown model {name!r}; loaded models: {known}")
-        return served
+            raise ApiError(404, f"unknown model {name!r}; loaded models: {', '.join(self.names()) or 'none'}")
+        return {v: e.model for v, e in served.items()}
 
     def status(self, name: str) -> list[VersionStatus]:
         with self._lock:
@@ -263,12 +270,14 @@ class Registry:
     def resolve(self, name: str | None, version: int | None = None, label: str | None = None) -> tuple[str, int]:
         """The (model, version) a request means; 404 with a message naming what is missing."""
         if name is None:
-            name = self.default
+            name = self._default
             if name is None:
                 raise ApiError(404, "no models are loaded")
-        served = self.versions(name)
+        served = self._serving.get(name)
+        if not served:
+            raise ApiError(404, f"unknown model {name!r}; loaded models: {', '.join(self.names()) or 'none'}")
         if label is not None:
-            labels = self.labels(name)
+            labels = self._labels.get(name, {})
             if label not in labels:
                 raise ApiError(404, f"model {name!r} has no version label {label!r}; labels: {sorted(labels)}")
             version = labels[label]
@@ -286,7 +295,7 @@ class Registry:
         """The model a request means, held until the request ends so it is not unloaded under it."""
         with self._lock:  # resolving and counting in one step, so a swap cannot slip in between
             name, version = self.resolve(name, version, label)
-            entry = self._models[name][version]
+            entry = self._serving[name][version]
             entry.leases += 1
             model = entry.model
         try:

@@ -25,4 +25,7 @@ if __name__ == "__main__":
         workers=settings.workers,
         log_level="info",
         timeout_graceful_shutdown=30,
+        # uvicorn's 5 s default races clients and proxies that keep idle connections longer
+        # (httpx 5 s, AWS ALB 60 s): a request sent as the server closes the connection is lost.
+        timeout_keep_alive=settings.keep_alive_seconds,
     )

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     max_return_values: int = Field(
         100_000, ge=1, description="T x instances x outputs returned when return_samples is true"
     )
+    keep_alive_seconds: float = Field(
+        75.0, gt=0, description="idle connections are closed after this (python -m app); above any proxy's idle timeout"
+    )
 
     def api_key_list(self) -> list[str]:
         """The configured keys; empty when access is open."""

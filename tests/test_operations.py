@@ -166,6 +166,7 @@ def test_metrics_cover_traffic_models_and_uncertainty_and_move_with_requests(key
         assert httpx.post(f"{keyed.url}/predict/mc-dropout", json={"instances": rows, "samples": 20}, headers=auth)
     assert httpx.post(f"{keyed.url}/predict", json={"instances": rows}, headers=auth).status_code == 200
     assert httpx.post(f"{keyed.url}/predict", json={**GOOD, "model": "nope"}, headers=auth).status_code == 404
+    assert httpx.get(f"{keyed.url}/models/tiny", headers=auth).status_code == 200
     after = scrape(keyed, **auth)
 
     def grew(name: str, **labels: str) -> float:
@@ -181,6 +182,10 @@ def test_metrics_cover_traffic_models_and_uncertainty_and_move_with_requests(key
     assert grew("dropout_serve_mc_mutual_information_nats_count", **tiny) == 9
     assert grew("dropout_serve_mc_predictive_entropy_nats_sum", **tiny) > 0
     assert grew("dropout_serve_predict_top_probability_count", **tiny) == 3
+    assert (
+        grew("dropout_serve_batch_rows_sum", **tiny) == 3
+        and grew("dropout_serve_batch_queue_wait_seconds_count", **tiny) == 1
+    )
     assert value(after, "dropout_serve_model_loaded", **tiny) == 1
     assert value(after, "dropout_serve_model_load_seconds_count", model="tiny") >= 1  # reloaded by the auth test
     assert value(after, "dropout_serve_requests_in_flight") == 1  # the scrape itself

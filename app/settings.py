@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     metrics_require_key: bool = Field(False, description="/metrics needs an API key too (when keys are set)")
     mc_dropout_enabled: bool = Field(True, description="false answers the MC-dropout endpoint with 403")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS ('*' for any); empty: CORS off")
-    max_in_flight: int = Field(256, ge=1, description="requests in progress at once; beyond it 503 + Retry-After")
+    max_in_flight: int = Field(
+        256, ge=1, description="requests in progress at once per worker; beyond it 503 + Retry-After"
+    )
     request_timeout: float = Field(30.0, ge=0, description="seconds a request may take before a 504; 0: no limit")
     max_return_values: int = Field(
         100_000, ge=1, description="T x instances x outputs returned when return_samples is true"

@@ -231,6 +231,26 @@ def test_mc_dropout_can_be_switched_off(limited):
     assert httpx.post(f"{limited.url}/predict", json=GOOD).status_code == 200
 
 
+TF_MC = {"signature_name": "mc_dropout", "inputs": {"inputs": [DIGIT_ZERO], "samples": 101, "seed": 1}}
+V2_MC = {
+    "inputs": [{"name": "inputs", "shape": [1, 64], "datatype": "FP32", "data": DIGIT_ZERO}],
+    "parameters": {"mc_dropout": True, "samples": 10},
+}
+
+
+def test_the_mc_switch_and_the_return_bound_hold_on_every_door(keyed, limited):
+    tf_serving = httpx.post(f"{limited.url}/v1/models/tiny:predict", json=TF_MC)
+    assert tf_serving.status_code == 403 and "switched off" in tf_serving.json()["error"]
+    v2 = httpx.post(f"{limited.url}/v2/models/tiny/infer", json=V2_MC)
+    assert v2.status_code == 403 and "switched off" in v2.json()["error"]
+    assert httpx.post(f"{limited.url}/v2/models/tiny/infer", json={"inputs": V2_MC["inputs"]}).status_code == 200
+    auth = {"X-API-Key": KEYS[0]}
+    over = httpx.post(f"{keyed.url}/v1/models/tiny:predict", json=TF_MC, headers=auth)  # returns every sample
+    assert over.status_code == 400 and "at most 1000 (DROPOUT_SERVE_MAX_RETURN_VALUES)" in over.json()["error"]
+    within = {**TF_MC, "inputs": {**TF_MC["inputs"], "samples": 100}}
+    assert httpx.post(f"{keyed.url}/v1/models/tiny:predict", json=within, headers=auth).status_code == 200
+
+
 def slow_body(seconds: float):
     """A /predict body that takes ``seconds`` to arrive, so its request stays in progress that long."""
     text = json.dumps(GOOD).encode()

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import APIRouter
@@ -228,7 +228,7 @@ class _WorkerProcesses:
         return families.values()
 
 
-def _registry() -> Any:
+def _registry() -> CollectorRegistry:
     directory = os.environ.get(MULTIPROC_ENV)
     if not directory:
         return REGISTRY

@@ -325,8 +325,8 @@ def test_metrics_add_up_across_worker_processes(repository, tmp_path_factory):
     shutil.copytree(repository, root)
     server = Server(root, entry="app", workers=2)
     try:
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{server.url}/health/ready").status_code != 200:
+        deadline = time.monotonic() + 180
+        while value(scrape(server), "dropout_serve_model_load_seconds_count", model="tiny") < 2:  # both loaded
             assert time.monotonic() < deadline
             time.sleep(0.5)
         for _ in range(40):  # fresh connections, spread over both workers by the kernel

@@ -53,7 +53,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
 
 
-def configure(fmt: Literal["text", "json"]) -> None:
+def configure(fmt: Literal["text", "json"], access_lines: bool = True) -> None:
     """Route our loggers and uvicorn's through one handler in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -64,6 +64,7 @@ def configure(fmt: Literal["text", "json"]) -> None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     logging.getLogger("uvicorn.access").disabled = True  # our access line replaces it
+    access_log.disabled = not access_lines
 
 
 def access(record: RequestRecord) -> None:

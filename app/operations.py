@@ -19,7 +19,7 @@ from app.settings import Settings
 
 def install_operations(app: FastAPI, settings: Settings) -> None:
     """Call last in ``create_app``, after the app's own middleware, so these wrap it."""
-    logs.configure(settings.log_format)
+    logs.configure(settings.log_format, settings.access_log)
     app.include_router(metrics.router)
     app.add_middleware(Overload, max_in_flight=settings.max_in_flight, timeout=settings.request_timeout)
     app.add_middleware(ApiKeyAuth, keys=settings.api_key_list(), metrics_require_key=settings.metrics_require_key)

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     max_return_values: int = Field(
         100_000, ge=1, description="T x instances x outputs returned when return_samples is true"
     )
+    access_log: bool = Field(True, description="one log line per request (off: e.g. benchmarks that compare servers)")
     keep_alive_seconds: float = Field(
         75.0, gt=0, description="idle connections are closed after this (python -m app); above any proxy's idle timeout"
     )

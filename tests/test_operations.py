@@ -323,7 +323,7 @@ def test_metrics_add_up_across_worker_processes(repository, tmp_path_factory):
     """Two workers (python -m app): whichever answers /metrics reports the requests both served."""
     root = tmp_path_factory.mktemp("workers") / "models"
     shutil.copytree(repository, root)
-    server = Server(root, entry="app", workers=2)
+    server = Server(root, entry="app", workers=2, access_log="false")
     try:
         deadline = time.monotonic() + 180
         while value(scrape(server), "dropout_serve_model_load_seconds_count", model="tiny") < 2:  # both loaded
@@ -340,3 +340,5 @@ def test_metrics_add_up_across_worker_processes(repository, tmp_path_factory):
             assert value(samples, "dropout_serve_predict_top_probability_count", model="tiny", version="1") == 40
     finally:
         assert server.stop() == 0
+    log = Path(server.log.name).read_text()
+    assert "Application startup complete" in log and "POST /predict" not in log  # DROPOUT_SERVE_ACCESS_LOG=false

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from app import metrics
 from app.batcher import Batcher
 from app.errors import ApiError
 from app.loading import ServedModel
@@ -104,7 +105,9 @@ def check_mc(model: ServedModel, count: int, samples: int | None, settings: Sett
 
 async def predict(model: ServedModel, batch: np.ndarray) -> np.ndarray:
     """Inference-mode outputs ``[N, ...]`` (dropout off), batched with concurrent callers."""
-    return await model.run_predict(batch)
+    outputs = await model.run_predict(batch)
+    metrics.observe_predict(model.name, model.version, model.task, outputs)
+    return outputs
 
 
 async def sample(model: ServedModel, batch: np.ndarray, samples: int, seed: int) -> np.ndarray:
@@ -128,6 +131,7 @@ class Engine:
                 self._predict_pool,
                 self._settings.max_batch_size,
                 self._settings.batch_timeout_ms / 1000,
+                observe=partial(metrics.observe_batch, model.name, model.version),
             )
         else:
             model.run_predict = partial(self._in_pool, self._predict_pool, model.predict)

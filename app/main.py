@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.errors import BodySizeLimit, install_error_handlers
 from app.inference import Engine
+from app.operations import install_operations
 from app.protocols import native, tfserving, v2
 from app.registry import start_registry
 from app.settings import Settings
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    install_operations(app, settings)
     app.openapi = lambda: _openapi(app)
     return app
 

@@ -20,7 +20,9 @@ from google.protobuf import json_format
 from tensorflow.core.protobuf import saved_model_pb2
 
 from app import inference
+from app.context import annotate
 from app.errors import ApiError
+from app.limits import check_mc_enabled, check_return_samples
 from app.loading import ServedModel
 from app.protocols.body import json_response, may_hold_booleans, read_json
 from app.registry import Registry
@@ -127,6 +129,7 @@ async def _predict(request: Request, name: str, version: int | None = None, labe
             raise ApiError(400, "send exactly one of 'instances' (row format) or 'inputs' (columnar format)")
         signature = data.get("signature_name") or artifact.SERVING_SIGNATURE
         with _registry(request).lease(name, version, label) as model:
+            annotate(request, model=model.name, version=model.version)
             if signature == artifact.SERVING_SIGNATURE:
                 return await _serving_default(request, model, data, may_hold_booleans(raw))
             if signature == artifact.MC_SIGNATURE and model.mc_dropout is not None:
@@ -163,6 +166,7 @@ async def _serving_default(request: Request, model: ServedModel, data: dict[str,
         if not isinstance(columns, list) or not columns:
             raise ApiError(400, "'inputs' must be a non-empty list of instances")
         rows = columns
+    annotate(request, instances=len(rows))
     inference.check_instances(len(rows), request.app.state.settings)
     outputs = await inference.predict(model, inference.to_array(rows, model.input_shape, booleans))
     key = "predictions" if "instances" in data else "outputs"
@@ -170,6 +174,7 @@ async def _serving_default(request: Request, model: ServedModel, data: dict[str,
 
 
 async def _mc_dropout(request: Request, model: ServedModel, data: dict[str, Any], booleans: bool) -> Response:
+    check_mc_enabled(request.app.state.settings)
     names = (artifact.INPUTS_KEY, artifact.SAMPLES_KEY, artifact.SEED_KEY)
     columns = data.get("inputs")
     if not isinstance(columns, dict) or set(columns) != set(names):
@@ -188,6 +193,8 @@ async def _mc_dropout(request: Request, model: ServedModel, data: dict[str, Any]
     settings = request.app.state.settings
     inference.check_instances(len(rows), settings)
     inference.check_mc(model, len(rows), samples, settings)
+    annotate(request, instances=len(rows), samples=samples)
+    check_return_samples(settings, samples, len(rows), model.output_shape)  # every sample is returned
     draws = await inference.sample(model, inference.to_array(rows, model.input_shape, booleans), samples, seed)
     return json_response({"outputs": draws.tolist()})
 

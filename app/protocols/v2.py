@@ -27,8 +27,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app import inference
+from app import inference, metrics
+from app.context import annotate
 from app.errors import ApiError
+from app.limits import check_mc_enabled
 from app.loading import ServedModel
 from app.protocols import v2_codec as codec
 from app.protocols import v2_schemas as docs
@@ -157,8 +159,12 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     body = codec.decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
     parsed = codec.parse_infer_request(body, request.headers.get(codec.HEADER_LENGTH))
     mc = _mc_parameters(parsed.parameters)
+    if mc is not None:
+        check_mc_enabled(settings)
     with _invalid_argument_is_400(), _registry(request).lease(name, number) as model:
+        annotate(request, model=model.name, version=model.version)
         batch = _batch(model, parsed.inputs, settings)
+        annotate(request, instances=len(batch))
         names = [model.output_key] if mc is None else _mc_outputs(model)
         wanted = _requested(parsed, names, mc is not None)
         if mc is None:
@@ -166,6 +172,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
             parameters = {}
         else:
             samples = inference.check_mc(model, len(batch), mc[0], settings)
+            annotate(request, samples=samples)
             seed = secrets.randbits(63) if mc[1] is None else mc[1]
             draws = await inference.sample(model, batch, samples, seed)
             outputs = await run_in_threadpool(_summaries, model, draws)  # ~0.2 s at the largest T x N
@@ -247,6 +254,7 @@ def _summaries(model: ServedModel, draws: np.ndarray) -> dict[str, np.ndarray]:
     draws = draws.astype(np.float64)
     if model.task == "classification":
         s = summarize_classification(draws)
+        metrics.observe_mc(model.name, model.version, model.task, s)
         return {
             "probabilities": s.mean,
             "std": s.std,
@@ -257,6 +265,7 @@ def _summaries(model: ServedModel, draws: np.ndarray) -> dict[str, np.ndarray]:
         }
     if model.task == "regression":
         s = summarize_regression(draws, model.tau)
+        metrics.observe_mc(model.name, model.version, model.task, s)
         shape = draws.shape[1:]
         tensors = {
             "mean": s.mean,

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import tensorflow as tf
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
+from app import openapi
 from app.errors import BodySizeLimit, install_error_handlers
 from app.inference import Engine
 from app.operations import install_operations
@@ -60,19 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     install_operations(app, settings)
-    app.openapi = lambda: _openapi(app)
+    openapi.install(app, settings)
     return app
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, plus the request bodies that routes read themselves (``openapi_extra``)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in native.REQUEST_MODELS:
-            components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 app = create_app()

@@ -21,7 +21,7 @@ for _ in $(seq 600); do
     sleep 0.3
 done
 status=0
-"$(dirname "$PY")/schemathesis" run "http://127.0.0.1:$PORT/openapi.json" --checks all \
+"$(dirname "$PY")/schemathesis" --config-file schemathesis.toml run "http://127.0.0.1:$PORT/openapi.json" --checks all \
     --max-examples "$MAX_EXAMPLES" --seed 1 --workers 2 --request-timeout 60 --suppress-health-check all \
     --exclude-path-regex '/unload$' \
     --report junit,ndjson --report-dir schemathesis-report || status=$?

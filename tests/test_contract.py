@@ -15,6 +15,7 @@ import pytest
 from conftest import Server
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,8 @@ def server(tiny_classifier_dir, tmp_path_factory):
 
 
 def test_generated_requests_meet_the_openapi_contract(server, tmp_path):
-    command = [str(SCHEMATHESIS), "run", f"{server.url}/openapi.json", "--checks", "all", "--max-examples", "50"]
+    command = [str(SCHEMATHESIS), "--config-file", str(ROOT / "schemathesis.toml"), "run", f"{server.url}/openapi.json"]
+    command += ["--checks", "all", "--max-examples", "50"]
     command += ["--seed", "1", "--workers", "1", "--request-timeout", "30", "--suppress-health-check", "all"]
     command += ["--exclude-path-regex", "/unload$"]  # it would unload the model under every later case
     command += ["--report", "junit", "--report-dir", str(tmp_path)]

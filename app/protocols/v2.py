@@ -72,9 +72,7 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _version(text: str | None) -> int | None:
-    if text is None:
-        return None
+def _version(text: str) -> int:
     if not (text.isascii() and text.isdigit() and int(text) > 0):
         raise ApiError(400, f"model version must be a positive integer, got {text!r}")
     return int(text)
@@ -110,10 +108,18 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get("/models/{name}", response_model=docs.ModelMetadata, responses=docs.ERRORS, summary="Model metadata")
+async def model_metadata(request: Request, name: str) -> dict[str, Any]:
+    return _metadata(request, name, None)
+
+
 @router.get("/models/{name}/versions/{version}", response_model=docs.ModelMetadata, responses=docs.ERRORS)
-async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+async def version_metadata(request: Request, name: str, version: str) -> dict[str, Any]:
+    return _metadata(request, name, _version(version))
+
+
+def _metadata(request: Request, name: str, version: int | None) -> dict[str, Any]:
     registry = _registry(request)
-    model = registry.get(name, _version(version))
+    model = registry.get(name, version)
     return {
         "name": model.name,
         "versions": [str(s.version) for s in registry.status(name) if s.state == "AVAILABLE"],
@@ -128,11 +134,23 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     }
 
 
-@router.get("/models/{name}/ready", response_model=docs.ModelReady, responses={**docs.ERRORS, 503: {}})
-@router.get("/models/{name}/versions/{version}/ready", response_model=docs.ModelReady, responses=docs.ERRORS)
-async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
-    """200 if the model (version) serves, 503 if it is known but not (yet or any more) serving."""
-    number = _version(version)
+_NOT_READY = {503: {"model": docs.ModelReady, "description": "known, but not (yet or any more) serving"}}
+
+
+@router.get("/models/{name}/ready", response_model=docs.ModelReady, responses={**docs.ERRORS, **_NOT_READY})
+async def model_ready(request: Request, name: str) -> JSONResponse:
+    """200 if the model serves, 503 if it is known but not (yet or any more) serving."""
+    return _ready(request, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready", response_model=docs.ModelReady, responses={**docs.ERRORS, **_NOT_READY}
+)
+async def version_ready(request: Request, name: str, version: str) -> JSONResponse:
+    return _ready(request, name, _version(version))
+
+
+def _ready(request: Request, name: str, number: int | None) -> JSONResponse:
     states = {s.version: s.state for s in _registry(request).status(name)}  # 404 for an unknown model
     serving = [v for v, state in states.items() if state == "AVAILABLE"]
     is_ready = number in serving if number is not None else bool(serving)
@@ -142,19 +160,26 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 @router.post(
     "/models/{name}/infer",
     response_model=docs.InferResponse,
-    responses=docs.ERRORS,
+    responses=docs.INFER_ERRORS,
     openapi_extra=docs.INFER_OPENAPI,
     summary="Inference, or MC dropout with parameters.mc_dropout",
 )
+async def infer(request: Request, name: str) -> Response:
+    """Typed tensors in JSON or binary (``Inference-Header-Content-Length``), answered the same way."""
+    return await _infer(request, name, None)
+
+
 @router.post(
     "/models/{name}/versions/{version}/infer",
     response_model=docs.InferResponse,
-    responses=docs.ERRORS,
+    responses=docs.INFER_ERRORS,
     openapi_extra=docs.INFER_OPENAPI,
 )
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
-    """Typed tensors in JSON or binary (``Inference-Header-Content-Length``), answered the same way."""
-    number = _version(version)
+async def infer_version(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, _version(version))
+
+
+async def _infer(request: Request, name: str, number: int | None) -> Response:
     settings = _settings(request)
     body = codec.decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
     parsed = codec.parse_infer_request(body, request.headers.get(codec.HEADER_LENGTH))
@@ -327,7 +352,7 @@ async def repository_load(request: Request, name: str) -> Response:
     if not any(s.state == "AVAILABLE" for s in statuses):
         errors = "; ".join(f"version {s.version}: {s.error}" for s in statuses if s.error) or "no loadable version"
         raise ApiError(400, f"failed to load {name!r}: {errors}")
-    return Response(status_code=200)
+    return JSONResponse({})
 
 
 @router.post("/repository/models/{name}/unload", responses=docs.ERRORS, summary="Unload a model")
@@ -338,7 +363,7 @@ async def repository_unload(request: Request, name: str) -> Response:
     if unknown:
         raise ApiError(400, f"parameters.{unknown[0]}: unknown unload parameter; known: unload_dependents")
     _registry(request).unload_model(name)
-    return Response(status_code=200)
+    return JSONResponse({})
 
 
 def _json_body(body: bytes, what: str) -> dict[str, Any]:

@@ -271,6 +271,8 @@ def _input(spec: Any, where: str, rest: memoryview, has_header_length: bool) -> 
 
 
 def _datatype(value: Any, where: str) -> tuple[np.dtype, str]:
+    if not isinstance(value, str):
+        raise bad(f"{where}.datatype: expected one of {', '.join(DATATYPES)}, got {_describe(value)}")
     if value in _REFUSED:
         raise bad(f"{where}.datatype: {_REFUSED[value]}")
     if value not in DATATYPES:

@@ -125,6 +125,17 @@ INFER_REQUEST = {
     },
 }
 INFER_OPENAPI = {
+    "responses": {
+        "200": {
+            "content": {
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "when an output asks for binary_data: the JSON header (its length in the "
+                    "Inference-Header-Content-Length header), then each binary output's bytes",
+                }
+            }
+        }
+    },
     "requestBody": {
         "required": True,
         "content": {
@@ -151,5 +162,5 @@ INFER_OPENAPI = {
                 "Inference-Header-Content-Length header), then each binary input's bytes",
             },
         },
-    }
+    },
 }

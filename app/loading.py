@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -33,7 +34,7 @@ class ServedModel:
     saved_model: object = field(repr=False)
     """The loaded SavedModel; the signatures' variables live as long as it does."""
     run_predict: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = field(default=None, repr=False)
-    run_sample: Callable[[np.ndarray, int, int], Awaitable[np.ndarray]] | None = field(default=None, repr=False)
+    run_sample: Callable[..., Awaitable[Any]] | None = field(default=None, repr=False)
     """Both set by ``app.inference.Engine.prepare``: how this version runs off the event loop."""
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:

@@ -262,8 +262,8 @@ async def _mc_dropout(request: Request, model: ServedModel, data: dict[str, Any]
     inference.check_mc(model, len(rows), samples, settings)
     annotate(request, instances=len(rows), samples=samples)
     check_return_samples(settings, samples, len(rows), model.output_shape)  # every sample is returned
-    draws = await inference.sample(model, inference.to_array(rows, model.input_shape, booleans), samples, seed)
-    return json_response({"outputs": draws.tolist()})
+    batch = inference.to_array(rows, model.input_shape, booleans)
+    return await inference.sample(model, batch, samples, seed, lambda draws: json_response({"outputs": draws.tolist()}))
 
 
 _PREDICT_ROUTE: dict[str, Any] = {

@@ -145,7 +145,12 @@ def minimal(port: int, version_dir: Path, workloads: list[Workload]) -> Server:
 
 def ours(port: int, model_dir: Path, model: str, workloads: list[Workload], batched: bool) -> Server:
     """``uvicorn app.main:app``, one process; unbatched is ``DROPOUT_SERVE_MAX_BATCH_SIZE=1``, batched the default."""
-    settings = {"DROPOUT_SERVE_MODEL_DIR": str(model_dir), "DROPOUT_SERVE_DEFAULT_MODEL": model}
+    # No per-request log line, like every other server here (uvicorn --no-access-log, MLServer without debug).
+    settings = {
+        "DROPOUT_SERVE_MODEL_DIR": str(model_dir),
+        "DROPOUT_SERVE_DEFAULT_MODEL": model,
+        "DROPOUT_SERVE_ACCESS_LOG": "false",
+    }
     if not batched:
         settings["DROPOUT_SERVE_MAX_BATCH_SIZE"] = "1"
 

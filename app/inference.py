@@ -72,7 +72,8 @@ def predict(model: ServedModel, batch: np.ndarray) -> list[dict[str, Any]]:
 def predict_mc(
     model: ServedModel, batch: np.ndarray, samples: int, seed: int, return_samples: bool
 ) -> list[dict[str, Any]]:
-    draws = model.sample(batch, samples, seed).astype(np.float64)  # [T, N, ...]
+    draws, variance = model.sample(batch, samples, seed)  # [T, N, ...]; variance: heteroscedastic models
+    draws = draws.astype(np.float64)
     if model.task == "classification":
         s = summarize_classification(draws)
         labels = model.class_labels
@@ -90,17 +91,8 @@ def predict_mc(
             for i in range(len(batch))
         ]
     elif model.task == "regression":
-        s = summarize_regression(draws, model.tau)
-        answers = [
-            {
-                "mean": _scalar_or_list(s.mean[i]),
-                "epistemic_std": _scalar_or_list(s.epistemic_std[i]),
-                "aleatoric_std": s.aleatoric_std,
-                "total_std": _scalar_or_list(s.total_std[i]),
-                "interval_95": [_scalar_or_list(s.lower[i]), _scalar_or_list(s.upper[i])],
-            }
-            for i in range(len(batch))
-        ]
+        s = summarize_regression(draws, model.tau, variance)
+        answers = [s.answer(i) for i in range(len(batch))]
     else:
         mean, std = draws.mean(axis=0), draws.std(axis=0)
         answers = [{"mean": mean[i].tolist(), "std": std[i].tolist()} for i in range(len(batch))]

@@ -39,8 +39,8 @@ class ServedModel:
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         return signatures.infer(self.serving, inputs, self.input_key, self.output_key)
 
-    def sample(self, inputs: np.ndarray, samples: int, seed: int) -> np.ndarray:
-        return signatures.mc_samples(self.mc_dropout, inputs, samples, seed)
+    def sample(self, inputs: np.ndarray, samples: int, seed: int) -> signatures.Samples:
+        return signatures.mc_draws(self.mc_dropout, inputs, samples, seed)
 
     @property
     def tau(self) -> float | None:

@@ -136,7 +136,15 @@ def _uci_parser(sub) -> None:
     p = sub.add_parser("uci", help="Gal & Ghahramani's UCI regression benchmark through our export path")
     p.add_argument("--data-dir", type=Path, nargs="+", required=True, help="data set folder(s), or folders of them")
     p.add_argument("--splits", type=int, nargs="+", help="split numbers (default: all)")
-    p.add_argument("--epochs-multiplier", type=int, default=10, help="epochs = n_epochs.txt x this (default: 10)")
+    p.add_argument(
+        "--epochs-multiplier", type=int, default=100, help="epochs = n_epochs.txt x this (default: 100, as published)"
+    )
+    p.add_argument(
+        "--likelihood",
+        choices=["homoscedastic", "heteroscedastic"],
+        default="homoscedastic",
+        help="one noise level tau (the paper's; grid p x tau) or a predicted variance per instance (grid p)",
+    )
     p.add_argument("--samples", type=int, default=10_000, help="MC samples T, validation and test (default: 10000)")
     p.add_argument("--out", type=Path, default=Path("bench/results/uci"), help="<out>/<data set>.json and .md")
     p.add_argument("--repository", type=Path, help="where the split models are published (default: <out>/models)")
@@ -153,6 +161,7 @@ def _run_uci(args: argparse.Namespace) -> None:
         epochs_multiplier=args.epochs_multiplier,
         samples=args.samples,
         seed=args.seed,
+        likelihood=args.likelihood,
         out=args.out,
         repository=args.repository,
     )

@@ -70,6 +70,19 @@ def mc_log_likelihood(targets: np.ndarray, samples: np.ndarray, tau: float) -> f
     return float(np.mean(per_dim.reshape(len(targets), -1).sum(axis=-1)))
 
 
+def gaussian_mixture_log_likelihood(targets: np.ndarray, means: np.ndarray, variances: np.ndarray) -> float:
+    """Test log-likelihood of a heteroscedastic model's T MC samples: each sample a Gaussian of its own.
+
+    ``mean_n [logsumexp_t log N(y_n; μ_nt, σ²_nt) - log T]``, targets ``[N, D]``, means and variances
+    ``[T, N, D]`` in original units; dimensions are summed per sample (independent given the sample).
+    """
+    means = np.asarray(means, dtype=np.float64).reshape((means.shape[0], *targets.shape))
+    variances = np.asarray(variances, dtype=np.float64).reshape(means.shape)
+    log_density = -0.5 * (np.log(2 * np.pi * variances) + (targets[None] - means) ** 2 / variances)
+    per_sample = log_density.reshape(means.shape[0], len(targets), -1).sum(axis=-1)
+    return float(np.mean(logsumexp(per_sample, axis=0) - np.log(means.shape[0])))
+
+
 def fit_tau(targets: np.ndarray, samples: np.ndarray) -> float:
     """The precision tau that maximizes ``mc_log_likelihood`` on held-out data (log-spaced search)."""
     variance = float(np.mean((samples.mean(axis=0).reshape(targets.shape) - targets) ** 2)) + _EPS

@@ -27,12 +27,24 @@ def _train_parser(sub) -> None:
     p.add_argument("--spatial-dropout", type=float, default=0.25, help="SpatialDropout2D rate (conv)")
     p.add_argument("--weight-decay", type=float, help="L2 factor on every kernel (regression: from tau)")
     p.add_argument("--tau", type=float, help="regression model precision (default: fitted on validation rows)")
+    p.add_argument(
+        "--likelihood",
+        choices=["homoscedastic", "heteroscedastic"],
+        default="homoscedastic",
+        help="regression: one noise level tau, or a predicted variance per instance (Kendall & Gal 2017)",
+    )
     p.add_argument("--epochs", type=int, help="training epochs (classification 300, regression 400)")
     p.add_argument("--batch-size", type=int, help="(classification 32, regression 128)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--validation-split", type=float, default=0.1)
     p.add_argument("--test-split", type=float, default=0.2)
     p.add_argument("--mc-samples", type=int, default=100, help="MC samples for the held-out scores")
+    p.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="classifiers: fit temperatures on the validation rows and apply them in the signatures (default: on)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_train)
 
@@ -74,6 +86,8 @@ def _run_train(args: argparse.Namespace) -> None:
         seed=args.seed,
         tau=args.tau,
         mc_samples=args.mc_samples,
+        calibrate=args.calibrate,
+        likelihood=args.likelihood,
     )
     print(f"{name}: {dataset.task}, {len(dataset.y)} rows, inputs {list(dataset.x.shape[1:])}", flush=True)
     trained = train(dataset, config, settings)
@@ -86,6 +100,9 @@ def _run_train(args: argparse.Namespace) -> None:
         feature_names=dataset.feature_names,
         target_names=dataset.target_names,
         tau=trained.tau,
+        likelihood=args.likelihood if regression else "homoscedastic",
+        temperature=trained.temperature,
+        mc_temperature=trained.mc_temperature,
         preprocessing=trained.preprocessing,
         metrics=trained.metrics,
         training={
@@ -96,16 +113,21 @@ def _run_train(args: argparse.Namespace) -> None:
         },
         history=trained.history,
     )
-    _print_summary(trained.metrics, trained.tau)
+    _print_summary(trained.metrics, trained.tau, trained.temperature, trained.mc_temperature)
     print(f"published {path}")
 
 
-def _print_summary(scores: dict[str, dict[str, float]], tau: float | None) -> None:
+def _print_summary(
+    scores: dict[str, dict[str, float]], tau: float | None, temperature: float | None, mc_temperature: float | None
+) -> None:
     names = list(next(iter(scores.values())))
-    print("\nheld-out test set" + (f" (tau = {tau:.4g})" if tau else ""))
-    print(f"{'':22}" + "".join(f"{n:>16}" for n in names))
+    note = f" (tau = {tau:.4g})" if tau else ""
+    if temperature is not None:
+        note = f" (temperature {temperature:.3f}, MC temperature {mc_temperature:.3f}, fitted on validation rows)"
+    print("\nheld-out test set" + note)
+    print(f"{'':32}" + "".join(f"{n:>16}" for n in names))
     for kind, values in scores.items():
-        print(f"{kind:22}" + "".join(f"{values[n]:>16.4f}" for n in names))
+        print(f"{kind:32}" + "".join(f"{values[n]:>16.4f}" for n in names))
 
 
 def _evaluate_parser(sub) -> None:

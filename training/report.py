@@ -4,6 +4,10 @@
 predictions on the held-out test rows (accuracy, NLL, Brier, ECE), checks how well MC mutual
 information and predictive entropy tell test digits from out-of-distribution inputs (AUROC),
 and draws a reliability diagram, uncertainty histograms and the training curves.
+
+A calibrated model (temperatures in its metadata) is scored as served and before calibration:
+the raw probabilities are recovered from the served ones as ``softmax(temperature * log q)``
+(exact up to float32 rounding of tiny probabilities, which are clipped at 1e-30 anyway).
 """
 
 from __future__ import annotations
@@ -58,14 +62,20 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
 
     train, test = held_out_rows(meta)
     det_probs = deterministic(test.x)
-    mc_summary = summarize_classification(mc(test.x))
-    scores = {
-        "deterministic": metrics.classification_scores(det_probs, test.y),
-        "mc": metrics.classification_scores(mc_summary.mean, test.y),
-    }
+    mc_draws = mc(test.x)
+    mc_summary = summarize_classification(mc_draws)
+    calibrated = meta.temperature is not None or meta.mc_temperature is not None
+    scores = {}
+    if calibrated:
+        raw_det = metrics.temper(det_probs, 1.0 / meta.temperature)
+        raw_mc = metrics.temper(mc_draws, 1.0 / meta.mc_temperature).mean(axis=0)
+        scores["deterministic (uncalibrated)"] = metrics.classification_scores(raw_det, test.y)
+        scores["mc (uncalibrated)"] = metrics.classification_scores(raw_mc, test.y)
+    scores["deterministic"] = metrics.classification_scores(det_probs, test.y)
+    scores["mc"] = metrics.classification_scores(mc_summary.mean, test.y)
 
     uncertainty = {"in-distribution": _uncertainties(det_probs, mc_summary)}
-    for name, x in out_of_distribution(train, test.x, seed).items():
+    for name, x in out_of_distribution(train, test.x, seed).items():  # as served (calibrated if it is)
         uncertainty[name] = _uncertainties(deterministic(x), summarize_classification(mc(x)))
     auroc = {
         name: {
@@ -87,6 +97,8 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
         "test_rows": len(test.y),
         "samples": samples,
         "seed": seed,
+        "temperature": meta.temperature,
+        "mc_temperature": meta.mc_temperature,
         "scores": scores,
         "ood_auroc": auroc,
     }
@@ -114,6 +126,12 @@ def markdown(report: dict) -> str:
         f"# {report['model']} version {report['version']}: deterministic vs MC dropout",
         "",
         f"{report['test_rows']} held-out test rows, T = {report['samples']} MC samples, seed {report['seed']}.",
+        "",
+        f"Temperatures fitted on the validation rows by NLL and applied inside the signatures: "
+        f"{report['temperature']:.3f} (deterministic), {report['mc_temperature']:.3f} (each MC sample). "
+        "The rows marked uncalibrated are the same predictions before calibration."
+        if report.get("temperature") is not None
+        else "Not calibrated (trained with --no-calibrate).",
         "",
         "| predictions | accuracy | NLL | Brier | ECE |",
         "|---|---|---|---|---|",

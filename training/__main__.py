@@ -33,6 +33,7 @@ def _train_parser(sub) -> None:
         default="homoscedastic",
         help="regression: one noise level tau, or a predicted variance per instance (Kendall & Gal 2017)",
     )
+    p.add_argument("--beta", type=float, default=0.5, help="heteroscedastic: β of the β-NLL (0 = plain NLL; 0.5)")
     p.add_argument("--epochs", type=int, help="training epochs (classification 300, regression 400)")
     p.add_argument("--batch-size", type=int, help="(classification 32, regression 128)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -88,6 +89,7 @@ def _run_train(args: argparse.Namespace) -> None:
         mc_samples=args.mc_samples,
         calibrate=args.calibrate,
         likelihood=args.likelihood,
+        beta=args.beta,
     )
     print(f"{name}: {dataset.task}, {len(dataset.y)} rows, inputs {list(dataset.x.shape[1:])}", flush=True)
     trained = train(dataset, config, settings)
@@ -167,6 +169,7 @@ def _uci_parser(sub) -> None:
         default="homoscedastic",
         help="one noise level tau (the paper's; grid p x tau) or a predicted variance per instance (grid p)",
     )
+    p.add_argument("--beta", type=float, default=0.5, help="heteroscedastic: β of the β-NLL (0 = plain NLL; 0.5)")
     p.add_argument("--samples", type=int, default=10_000, help="MC samples T, validation and test (default: 10000)")
     p.add_argument("--out", type=Path, default=Path("bench/results/uci"), help="<out>/<data set>.json and .md")
     p.add_argument("--repository", type=Path, help="where the split models are published (default: <out>/models)")
@@ -184,6 +187,7 @@ def _run_uci(args: argparse.Namespace) -> None:
         samples=args.samples,
         seed=args.seed,
         likelihood=args.likelihood,
+        beta=args.beta,
         out=args.out,
         repository=args.repository,
     )

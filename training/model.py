@@ -36,18 +36,32 @@ def mc_weight_decay(config: ModelConfig, rows: int, tau: float, length_scale: fl
     return tuple(length_scale**2 * (1 - p) / (2 * rows * tau) for p in rates)
 
 
-def gaussian_nll(y, mean, log_variance):
+DEFAULT_BETA = 0.5
+"""β of the β-NLL for heteroscedastic networks (Seitzer et al. 2022's recommendation; 0 = plain NLL)."""
+
+
+def gaussian_nll(y, mean, log_variance, beta: float = 0.0):
     """Per-instance Gaussian negative log-likelihood without the constant ½ log 2π (Kendall & Gal 2017).
 
     ``½ exp(-s) (y - mean)² + ½ s`` with ``s`` the predicted log-variance, averaged over the last axis.
+    ``beta > 0`` weights each term by ``stop_gradient(variance^β)`` (β-NLL, Seitzer et al., ICLR 2022): the
+    same optimum per instance, but instances the network calls noisy no longer stop the mean from
+    learning (plain NLL scales the mean's gradient by 1 / variance, which leaves the mean underfit).
     """
-    return keras.ops.mean(0.5 * keras.ops.exp(-log_variance) * keras.ops.square(y - mean) + 0.5 * log_variance, -1)
+    nll = 0.5 * keras.ops.exp(-log_variance) * keras.ops.square(y - mean) + 0.5 * log_variance
+    if beta:
+        nll = nll * keras.ops.stop_gradient(keras.ops.exp(beta * log_variance))
+    return keras.ops.mean(nll, -1)
 
 
-def heteroscedastic_loss(y_true, y_pred):
+def heteroscedastic_loss(beta: float = DEFAULT_BETA):
     """Keras loss of a heteroscedastic network: ``y_pred`` is ``[mean (D), log-variance (D)]``."""
-    mean, log_variance = keras.ops.split(y_pred, 2, axis=-1)
-    return gaussian_nll(keras.ops.cast(y_true, y_pred.dtype), mean, log_variance)
+
+    def loss(y_true, y_pred):
+        mean, log_variance = keras.ops.split(y_pred, 2, axis=-1)
+        return gaussian_nll(keras.ops.cast(y_true, y_pred.dtype), mean, log_variance, beta)
+
+    return loss
 
 
 def build_network(
@@ -56,6 +70,7 @@ def build_network(
     outputs: int,
     task: Task,
     likelihood: Likelihood = "homoscedastic",
+    beta: float = DEFAULT_BETA,
 ) -> keras.Model:
     """The trainable network; it expects preprocessed inputs (see ``with_preprocessing``).
 
@@ -92,7 +107,7 @@ def build_network(
     if task == "classification":
         loss = "sparse_categorical_crossentropy"
     else:
-        loss = heteroscedastic_loss if heteroscedastic else "mean_squared_error"
+        loss = heteroscedastic_loss(beta) if heteroscedastic else "mean_squared_error"
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss=loss,

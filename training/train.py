@@ -29,6 +29,8 @@ class TrainConfig:
     """MC samples for the held-out scores (and for fitting the MC temperature)."""
     likelihood: Likelihood = "homoscedastic"
     """Regression: one noise level tau, or a predicted variance per instance (heteroscedastic, no tau)."""
+    beta: float = 0.5
+    """Heteroscedastic: β of the β-NLL (``training.model.gaussian_nll``; 0 = Kendall & Gal's plain NLL)."""
     calibrate: bool = True
     """Classifiers: fit a temperature for the deterministic and one for the MC predictive on the validation rows."""
 
@@ -85,7 +87,7 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
             prior_tau = 1.0 if heteroscedastic else settings.tau or float(1.0 / np.mean(y_scale**2))
             config = replace(config, weight_decay=mc_weight_decay(config, len(y_fit), prior_tau))
 
-    network = build_network(config, data.x.shape[1:], outputs, data.task, settings.likelihood)
+    network = build_network(config, data.x.shape[1:], outputs, data.task, settings.likelihood, settings.beta)
     history = network.fit(
         x_fit,
         y_fit,

@@ -9,13 +9,15 @@ log-likelihood come from T MC samples of the exported SavedModel's ``mc_dropout`
 
 Likelihoods: ``homoscedastic`` (the paper's: MSE, grid p x tau, one noise level tau) and
 ``heteroscedastic`` (Kendall & Gal 2017: the net predicts mean and log-variance, Gaussian NLL, grid
-p only, λ = l² (1 - p) / (2 N)).
+p only, λ = l² (1 - p) / (2 N)), trained with the β-NLL (``beta``, 0.5 by default; 0 = plain NLL).
 
 Randomness: each network has its own key, derived from the run seed, the phase, the split and the
-grid point. Its initial weights, shuffles, training masks and validation MC masks come from that key
-alone, so a split's results do not depend on which other splits run or how networks are chunked (up
-to float rounding: batched matmuls of other batch sizes may round differently). A run is
-deterministic for its seed and splits.
+dropout rate. Its initial weights, shuffles, training masks and validation MC masks come from that
+key alone, so a split's results do not depend on which other splits run or how networks are chunked
+(up to float rounding: batched matmuls of other batch sizes may round differently). A run is
+deterministic for its seed and splits. Grid networks that differ only in tau share their key (common
+random numbers): each is still trained exactly as alone, the tau comparison is not blurred by
+different draws, and the trainer draws the shared noise once, which is most of an epoch's cost.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import tensorflow as tf
 
 from training import artifact, metrics, signatures
 from training.artifact import Likelihood
+from training.model import DEFAULT_BETA
 from training.uci.data import (
     LENGTH_SCALE,
     VALIDATION_FRACTION,
@@ -71,7 +74,7 @@ class _Job:
     key: np.ndarray
 
 
-def _train_jobs(jobs: list[_Job], epochs: int, hidden: int, outputs: int, label: str, log: Log) -> Weights:
+def _train_jobs(jobs: list[_Job], epochs: int, hidden: int, outputs: int, beta: float, label: str, log: Log) -> Weights:
     """Train every job, grouped by row count (networks of a group are stacked); returns weights in job order."""
     result: list[Weights | None] = [None] * len(jobs)
     for n in sorted({len(job.y) for job in jobs}):
@@ -93,6 +96,7 @@ def _train_jobs(jobs: list[_Job], epochs: int, hidden: int, outputs: int, label:
             epochs,
             hidden=hidden,
             outputs=outputs,
+            beta=beta,
             progress=progress,
         )
         for place, i in enumerate(members):
@@ -193,6 +197,7 @@ def run(
     samples: int = 10_000,
     seed: int = 0,
     likelihood: Likelihood = "homoscedastic",
+    beta: float = DEFAULT_BETA,
     repository: str | Path,
     log: Log = _print,
 ) -> dict:
@@ -209,7 +214,7 @@ def run(
     grid = [(p, tau) for p in data.dropout_rates for tau in taus]
     hidden, outputs = data.n_hidden, 2 if heteroscedastic else 1
     timings: dict[str, float] = {}
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     log(
         f"{data.name}: {len(data.y)} rows, {data.x.shape[1]} features, splits {splits}, "
         f"{likelihood}, grid {len(grid)} ({'p' if heteroscedastic else 'p x tau'}), {epochs} epochs, T = {samples}"
@@ -222,14 +227,14 @@ def run(
         n_fit = int(len(train) * (1 - VALIDATION_FRACTION))
         fit, val = train[:n_fit], train[n_fit:]
         scaling = Standardization.fit(data.x[fit], data.y[fit])
-        for point, (p, tau) in enumerate(grid):
+        for p, tau in grid:
             decay = weight_decay(p, 1.0 if tau is None else tau, n_fit, hidden)
-            key = network_key(seed, _GRID, k, point)
+            key = network_key(seed, _GRID, k, data.dropout_rates.index(p))  # shared by the split's taus, see above
             jobs.append(_Job(k, p, tau, scaling.inputs(data.x[fit]), scaling.target(data.y[fit]), scaling, decay, key))
             x_val.append(data.x[val])
             y_val.append(data.y[val])
     t0 = time.perf_counter()
-    weights = _train_jobs(jobs, epochs, hidden, outputs, "grid search", log)
+    weights = _train_jobs(jobs, epochs, hidden, outputs, beta, "grid search", log)
     timings["grid_search_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     val_ll, val_rmse = _score_jobs(jobs, weights, x_val, y_val, samples)
@@ -257,7 +262,7 @@ def run(
             _Job(k, p, tau, scaling.inputs(data.x[train]), scaling.target(data.y[train]), scaling, decay, key)
         )
     t0 = time.perf_counter()
-    final_weights = _train_jobs(finals, epochs, hidden, outputs, "retrain", log)
+    final_weights = _train_jobs(finals, epochs, hidden, outputs, beta, "retrain", log)
     timings["retrain_s"] = time.perf_counter() - t0
 
     # Test scores from the exported SavedModels.
@@ -277,6 +282,7 @@ def run(
         )
     timings["export_and_test_mc_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
+    timings["cpu_s"] = time.process_time() - cpu_started
 
     summary = {
         key: dict(zip(("mean", "standard_error"), mean_and_standard_error([r[key] for r in rows]), strict=True))
@@ -296,6 +302,7 @@ def run(
             "samples": samples,
             "seed": seed,
             "likelihood": likelihood,
+            "beta": beta if heteroscedastic else None,
             "hidden": hidden,
             "batch_size": BATCH_SIZE,
             "length_scale": LENGTH_SCALE,
@@ -323,6 +330,7 @@ def main(
     samples: int,
     seed: int,
     likelihood: Likelihood = "homoscedastic",
+    beta: float = DEFAULT_BETA,
     out: str | Path,
     repository: str | Path | None,
     log: Log = _print,
@@ -338,6 +346,7 @@ def main(
             samples=samples,
             seed=seed,
             likelihood=likelihood,
+            beta=beta,
             repository=repository or Path(out) / "models",
             log=log,
         )

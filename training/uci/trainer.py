@@ -68,11 +68,11 @@ class Weights:
         )
 
 
-def training_loss(params, x, y, noise, rates, decays) -> tf.Tensor:
+def training_loss(params, x, y, noise, rates, decays, beta: float = 0.0) -> tf.Tensor:
     """Per-network Keras loss of one batch: MSE + Σ λ ΣW² (kernels only), inverted dropout from ``noise``.
 
     With two outputs per network (``w2 [G, H, 2]``) the data term is the Gaussian NLL of
-    ``y`` under (mean, log-variance) instead of the MSE.
+    ``y`` under (mean, log-variance) instead of the MSE (β-NLL with ``beta > 0``).
 
     ``x [G, B, d]``, ``y [G, B, 1]``, ``noise [G, B, d + H]`` uniform in [0, 1) (an element is kept
     when its noise is >= p, as in ``tf.nn.dropout``), ``rates [G]``, ``decays [G, 2]``; returns ``[G]``.
@@ -86,7 +86,7 @@ def training_loss(params, x, y, noise, rates, decays) -> tf.Tensor:
     h = h * scale * tf.cast(noise[..., d:] >= rate, h.dtype)
     out = tf.matmul(h, w2) + b2[:, None, :]
     if out.shape[-1] == 2:
-        data = tf.reduce_mean(gaussian_nll(y, out[..., :1], out[..., 1:]), axis=1)
+        data = tf.reduce_mean(gaussian_nll(y, out[..., :1], out[..., 1:], beta), axis=1)
     else:
         data = tf.reduce_mean(tf.square(out - y), axis=[1, 2])
     decay = decays[:, 0] * tf.reduce_sum(tf.square(w1), [1, 2]) + decays[:, 1] * tf.reduce_sum(tf.square(w2), [1, 2])
@@ -101,27 +101,26 @@ def stream_seed(key: tf.Tensor, *data) -> tf.Tensor:
 
 
 def epoch_draw(keys: tf.Tensor, epoch: tf.Tensor, rows: int, width: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Each network's row order ``[G, rows]`` and dropout noise ``[G, rows, width]`` for one epoch.
+    """Each key's row order ``[K, rows]`` and dropout noise ``[K, rows, width]`` for one epoch.
 
-    Both come from the network's own key (``keys [G, 2]``) and the epoch alone.
+    Both come from the key (``keys [K, 2]``) and the epoch alone. Drawing the noise is most of an
+    epoch's cost (Philox, one float per row and unit), so the sort runs once for all keys, outside the loop.
     """
 
     def one(key):
-        order = tf.argsort(
-            tf.random.stateless_uniform([rows], stream_seed(key, TRAIN_STREAM, epoch, 0), None, None, tf.int64)
-        )
+        sort_keys = tf.random.stateless_uniform([rows], stream_seed(key, TRAIN_STREAM, epoch, 0), None, None, tf.int64)
         noise = tf.random.stateless_uniform([rows, width], stream_seed(key, TRAIN_STREAM, epoch, 1))
-        return order, noise
+        return sort_keys, noise
 
-    signature = (tf.TensorSpec([rows], tf.int32), tf.TensorSpec([rows, width], tf.float32))
-    return tf.map_fn(one, keys, fn_output_signature=signature, parallel_iterations=16)
+    signature = (tf.TensorSpec([rows], tf.int64), tf.TensorSpec([rows, width], tf.float32))
+    sort_keys, noise = tf.map_fn(one, keys, fn_output_signature=signature, parallel_iterations=16)
+    return tf.argsort(sort_keys, axis=-1), noise
 
 
-@tf.function(jit_compile=True)  # XLA fuses the many small ops of a step: ~1.5x faster on CPU
-def _adam_step(params, m, v, iterations, x, y, noise, rates, decays) -> None:
+def _adam_step(params, m, v, iterations, x, y, noise, rates, decays, beta: float) -> None:
     """One Keras Adam step on G stacked networks; moments are elementwise, so each network has its own."""
     with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(training_loss(params, x, y, noise, rates, decays))  # Σ_g: no cross-network terms
+        loss = tf.reduce_sum(training_loss(params, x, y, noise, rates, decays, beta))  # Σ_g: no cross-network terms
     grads = tape.gradient(loss, params)
     iterations.assign_add(1)
     t = tf.cast(iterations, tf.float32)
@@ -133,24 +132,32 @@ def _adam_step(params, m, v, iterations, x, y, noise, rates, decays) -> None:
 
 
 @tf.function
-def _run_epochs(params, m, v, iterations, x, y, rates, decays, keys, first, count, batch_size: int) -> None:
-    """Epochs ``first .. first + count - 1``: shuffle each network's rows, then its batches in order."""
-    g, n, d = x.shape
-    full, rest = divmod(n, batch_size)
+def _run_epochs(
+    params, m, v, iterations, x, y, rates, decays, keys, stream, first, count, batch_size: int, beta: float
+) -> None:
+    """Epochs ``first .. first + count - 1``: shuffle each network's rows, then its batches in order.
+
+    ``keys [K, 2]`` are the distinct keys, ``stream [G]`` each network's place in them.
+    """
+    n, d = x.shape[1], x.shape[2]
     for epoch in tf.range(first, first + count):
         order, noise = epoch_draw(keys, epoch, n, d + params[0].shape[2])
-        xs = tf.gather(x, order, batch_dims=1)
-        ys = tf.gather(y, order, batch_dims=1)
-        if full:
-            xb = tf.reshape(xs[:, : full * batch_size], [g, full, batch_size, d])
-            yb = tf.reshape(ys[:, : full * batch_size], [g, full, batch_size, 1])
-            nb = tf.reshape(noise[:, : full * batch_size], [g, full, batch_size, noise.shape[2]])
-            for b in tf.range(full):
-                batch = (tf.gather(xb, b, axis=1), tf.gather(yb, b, axis=1), tf.gather(nb, b, axis=1))
-                _adam_step(params, m, v, iterations, *batch, rates, decays)
-        if rest:  # Keras' last, smaller batch
-            batch = (xs[:, full * batch_size :], ys[:, full * batch_size :], noise[:, full * batch_size :])
-            _adam_step(params, m, v, iterations, *batch, rates, decays)
+        _epoch_steps(params, m, v, iterations, x, y, order, noise, stream, rates, decays, batch_size, beta)
+
+
+@tf.function(jit_compile=True)  # XLA fuses the many small ops of an epoch's steps: faster on CPU
+def _epoch_steps(
+    params, m, v, iterations, x, y, order, noise, stream, rates, decays, batch_size: int, beta: float
+) -> None:
+    """One epoch's Adam steps: each network's rows in its shuffled order, batches in order, the last one smaller."""
+    n = x.shape[1]
+    order, noise = tf.gather(order, stream), tf.gather(noise, stream)
+    xs = tf.gather(x, order, batch_dims=1)
+    ys = tf.gather(y, order, batch_dims=1)
+    for start in range(0, n, batch_size):  # unrolled: a handful of batches per epoch
+        end = min(n, start + batch_size)
+        batch = (xs[:, start:end], ys[:, start:end], noise[:, start:end])
+        _adam_step(params, m, v, iterations, *batch, rates, decays, beta)
 
 
 def train_networks(
@@ -164,6 +171,7 @@ def train_networks(
     init: Weights | None = None,
     hidden: int = 50,
     outputs: int = 1,
+    beta: float = 0.0,
     batch_size: int = BATCH_SIZE,
     progress: Callable[[int, int, int, int], None] | None = None,
 ) -> Weights:
@@ -171,8 +179,9 @@ def train_networks(
 
     ``x [G, n, d]`` and ``y [G, n]`` are each network's (standardized) training rows, ``rates [G]``
     its dropout rate on the input and hidden layer, ``decays [G, 2]`` its L2 factors of the two
-    kernels, ``keys [G, 2]`` its random key (init, shuffles, masks); ``outputs`` 2 makes
-    heteroscedastic networks (mean, log-variance). ``init`` overrides the
+    kernels, ``keys [G, 2]`` its random key (init, shuffles, masks; networks given the same key share
+    them, and each key's draws are made once per epoch); ``outputs`` 2 makes
+    heteroscedastic networks (mean, log-variance; ``beta`` of their β-NLL). ``init`` overrides the
     glorot-uniform start. Networks are trained in chunks that bound memory; ``progress(chunk, chunks,
     epochs_done, epochs)`` is called after each block of epochs.
     """
@@ -189,11 +198,12 @@ def train_networks(
         m, v = ([tf.Variable(tf.zeros_like(w)) for w in params] for _ in "mv")
         iterations = tf.Variable(0, dtype=tf.int64)
         data = [tf.constant(a, tf.float32) for a in (x[rows], y[rows][..., None], rates[rows], decays[rows])]
-        data.append(tf.constant(keys[rows], tf.int64))
+        distinct, stream = np.unique(keys[rows], axis=0, return_inverse=True)
+        data += [tf.constant(distinct, tf.int64), tf.constant(stream.reshape(-1), tf.int32)]
         for first in range(0, epochs, block):
             count = min(block, epochs - first)
             epochs_range = (tf.constant(first, tf.int64), tf.constant(count, tf.int64))
-            _run_epochs(params, m, v, iterations, *data, *epochs_range, batch_size)
+            _run_epochs(params, m, v, iterations, *data, *epochs_range, batch_size, beta)
             if progress:
                 progress(start // chunk + 1, chunks, first + count, epochs)
         parts.append(Weights(*(w.numpy() for w in params)))

@@ -59,18 +59,28 @@ def temper(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     return np.exp(log_softmax(log_p / temperature, axis=-1))
 
 
+TEMPERATURE_PRIOR_STD = 1.0
+"""Standard deviation of the normal prior on log temperature (centred on 1: no change)."""
+
+
 def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature that minimizes the NLL of ``labels`` (Guo et al. 2017), on held-out rows.
+    """The temperature that best explains ``labels`` on held-out rows (Guo et al. 2017), MAP.
 
     ``probabilities [N, K]`` are one prediction per row; ``[T, N, K]`` are MC samples, each tempered
-    and then averaged, so the fitted value calibrates the MC predictive. Searched over
-    ``log temperature`` in [-4, 4] (temperatures 0.018 to 55).
+    and then averaged, so the fitted value calibrates the MC predictive. Minimizes
+    ``N · NLL + (log T)² / (2 · 1²)``: plain NLL fitting on a small validation set of a 97–99 %
+    accurate classifier has a nearly flat optimum (a handful of errors) and can run off to extreme
+    sharpening (T = 0.05: the MC predictive becomes vote fractions, which give a test digit that no
+    sample votes for probability ~0); the prior keeps T near 1 unless the rows clearly say otherwise.
+    Searched over ``log T`` in [-4, 4].
     """
     probabilities = np.asarray(probabilities, dtype=np.float64)
+    rows = len(labels)
 
     def loss(log_temperature: float) -> float:
         tempered = temper(probabilities, float(np.exp(log_temperature)))
-        return nll(tempered.mean(axis=0) if tempered.ndim == 3 else tempered, labels)
+        fit = nll(tempered.mean(axis=0) if tempered.ndim == 3 else tempered, labels)
+        return fit + log_temperature**2 / (2 * TEMPERATURE_PRIOR_STD**2 * rows)
 
     best = minimize_scalar(loss, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(best.x))

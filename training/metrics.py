@@ -68,7 +68,7 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
     ``probabilities [N, K]`` are one prediction per row; ``[T, N, K]`` are MC samples, each tempered
     and then averaged, so the fitted value calibrates the MC predictive. Minimizes
-    ``N · NLL + (log T)² / (2 · 1²)``: plain NLL fitting on a small validation set of a 97–99 %
+    ``N · NLL + (log T)² / (2 · 1²)``: plain NLL fitting on a small validation set of a 97 to 99 %
     accurate classifier has a nearly flat optimum (a handful of errors) and can run off to extreme
     sharpening (T = 0.05: the MC predictive becomes vote fractions, which give a test digit that no
     sample votes for probability ~0); the prior keeps T near 1 unless the rows clearly say otherwise.

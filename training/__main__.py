@@ -12,7 +12,7 @@ from training.data import DIGITS, DataError
 COMMANDS = ("train", "evaluate", "uci")
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model and publish it as the next version (the default)")
     p.add_argument("--data", type=Path, help="CSV or .npz file (default: scikit-learn's digits, embedded)")
     p.add_argument("--target", help="CSV label column")
@@ -48,6 +48,7 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_train)
+    return p
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -199,9 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "train")
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    train_parser = _train_parser(sub)
     _uci_parser(sub)
     _evaluate_parser(sub)
+    if argv[0] in ("-h", "--help"):  # the default command's options belong on the first help page too
+        parser.print_help()
+        print("\ntrain (the default command, so `python -m training [options]`):\n")
+        print(train_parser.format_help())
+        print("`python -m training evaluate --help` and `python -m training uci --help` list theirs.")
+        return 0
     args = parser.parse_args(argv)
     try:
         args.run(args)

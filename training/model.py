@@ -59,7 +59,8 @@ def heteroscedastic_loss(beta: float = DEFAULT_BETA):
 
     def loss(y_true, y_pred):
         mean, log_variance = keras.ops.split(y_pred, 2, axis=-1)
-        return gaussian_nll(keras.ops.cast(y_true, y_pred.dtype), mean, log_variance, beta)
+        y_true = keras.ops.reshape(keras.ops.cast(y_true, y_pred.dtype), keras.ops.shape(mean))  # [N] -> [N, 1]
+        return gaussian_nll(y_true, mean, log_variance, beta)
 
     return loss
 

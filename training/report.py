@@ -74,17 +74,18 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
     scores["deterministic"] = metrics.classification_scores(det_probs, test.y)
     scores["mc"] = metrics.classification_scores(mc_summary.mean, test.y)
 
-    uncertainty = {"in-distribution": _uncertainties(det_probs, mc_summary)}
-    for name, x in out_of_distribution(train, test.x, seed).items():  # as served (calibrated if it is)
-        uncertainty[name] = _uncertainties(deterministic(x), summarize_classification(mc(x)))
-    auroc = {
-        name: {
-            measure: _auroc(uncertainty["in-distribution"][measure], values[measure])
-            for measure in uncertainty["in-distribution"]
-        }
-        for name, values in uncertainty.items()
-        if name != "in-distribution"
-    }
+    def raw(det: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return metrics.temper(det, 1.0 / meta.temperature), metrics.temper(draws, 1.0 / meta.mc_temperature)
+
+    inputs = {"in-distribution": test.x, **out_of_distribution(train, test.x, seed)}
+    uncertainty, uncalibrated = {}, {}
+    for name, x in inputs.items():
+        det, draws = (det_probs, mc_draws) if name == "in-distribution" else (deterministic(x), mc(x))
+        uncertainty[name] = _uncertainties(det, summarize_classification(draws))  # as served
+        if calibrated:
+            raw_det, raw_draws = raw(det, draws)
+            uncalibrated[name] = _uncertainties(raw_det, summarize_classification(raw_draws))
+    auroc = _aurocs(uncertainty)
 
     out.mkdir(parents=True, exist_ok=True)
     _plot_reliability(det_probs, mc_summary.mean, test.y, out / "reliability.png")
@@ -102,6 +103,8 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
         "scores": scores,
         "ood_auroc": auroc,
     }
+    if calibrated:
+        report["ood_auroc_uncalibrated"] = _aurocs(uncalibrated)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     return report
@@ -112,6 +115,15 @@ def _uncertainties(det_probs: np.ndarray, summary) -> dict[str, np.ndarray]:
         "mc mutual information": summary.mutual_information,
         "mc predictive entropy": summary.predictive_entropy,
         "deterministic entropy": entropy(det_probs.astype(np.float64)),
+    }
+
+
+def _aurocs(uncertainty: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+    inside = uncertainty["in-distribution"]
+    return {
+        name: {measure: _auroc(inside[measure], values[measure]) for measure in inside}
+        for name, values in uncertainty.items()
+        if name != "in-distribution"
     }
 
 
@@ -143,6 +155,8 @@ def markdown(report: dict) -> str:
     lines += ["| inputs | " + " | ".join(measures) + " |", "|---" * (len(measures) + 1) + "|"]
     for name, values in report["ood_auroc"].items():
         lines.append(f"| {name} | " + " | ".join(f"{values[m]:.3f}" for m in measures) + " |")
+    for name, values in report.get("ood_auroc_uncalibrated", {}).items():
+        lines.append(f"| {name}, uncalibrated | " + " | ".join(f"{values[m]:.3f}" for m in measures) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,8 +7,10 @@ Builds the grid-search networks of every split of one data set (p x tau, 240 for
 
 1. the draws alone (``epoch_draw``: shuffle keys and dropout noise) for one key per network, and for
    one key per (split, p) as the protocol now uses;
-2. ``train_networks`` for ``--epochs`` epochs with one key per network (before) and with the shared
-   keys (now), wall and CPU time (the machine may be shared; CPU time is steadier).
+2. ``train_networks`` for ``--epochs`` epochs: the trainer as it was before this change (read from
+   git, commit ``9d1df28``: per-network draws with the sort inside the loop, one XLA cluster per
+   step), today's trainer with one key per network, and today's with the shared keys; wall and CPU
+   time (the machine may be shared; CPU time is steadier).
 
 Prints a table and ratios; the full protocol's phases are timed by ``python -m training uci`` itself
 (``timings`` in its JSON).
@@ -17,7 +19,10 @@ Prints a table and ratios; the full protocol's phases are timed by ``python -m t
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,6 +55,24 @@ def grid_networks(data: uci.UciDataset):
     return arrays, np.stack(own), np.stack(shared)
 
 
+BEFORE = "9d1df28"
+"""The last commit with the previous trainer (``training/uci.py``)."""
+
+
+def previous_trainer():
+    """``training/uci.py`` as of ``BEFORE``, imported as a module of its own."""
+    source = subprocess.run(
+        ["git", "show", f"{BEFORE}:training/uci.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "uci_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("uci_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["uci_before"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def timed(fn) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
@@ -74,22 +97,27 @@ def main() -> None:
         fn(keys, tf.constant(0, tf.int64))  # trace
         return lambda: [fn(keys, tf.constant(e, tf.int64)) for e in range(args.epochs)]
 
-    def train(keys: np.ndarray, epochs: int):
-        return lambda: uci.train_networks(x, y, rates, decays, keys, epochs, hidden=data.n_hidden)
+    def train(keys: np.ndarray, epochs: int, module=uci):
+        return lambda: module.train_networks(x, y, rates, decays, keys, epochs, hidden=data.n_hidden)
 
-    train(own, 1)()  # trace both (the number of distinct keys is part of the traced shapes)
+    before = previous_trainer()
+    train(own, 1, before)()  # trace all three (the number of distinct keys is part of the traced shapes)
+    train(own, 1)()
     train(shared, 1)()
     rows = {
         "draws, one key per network": timed(draws(own)),
         "draws, one key per (split, p)": timed(draws(shared)),
-        "training, one key per network (before)": timed(train(own, args.epochs)),
+        "training, previous trainer": timed(train(own, args.epochs, before)),
+        "training, one key per network": timed(train(own, args.epochs)),
         "training, shared keys (now)": timed(train(shared, args.epochs)),
     }
     print(f"{'':42}{'wall s':>10}{'CPU s':>10}{'CPU ms/epoch':>14}")
     for name, (wall, cpu) in rows.items():
         print(f"{name:42}{wall:>10.2f}{cpu:>10.2f}{1000 * cpu / args.epochs:>14.1f}")
-    before, now = rows["training, one key per network (before)"], rows["training, shared keys (now)"]
-    print(f"speed-up of training: wall {before[0] / now[0]:.2f}x, CPU {before[1] / now[1]:.2f}x")
+    now = rows["training, shared keys (now)"]
+    for name in ("training, previous trainer", "training, one key per network"):
+        then, label = rows[name], name.removeprefix("training, ")
+        print(f"now against {label}: wall {then[0] / now[0]:.2f}x, CPU {then[1] / now[1]:.2f}x")
 
 
 if __name__ == "__main__":

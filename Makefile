@@ -3,13 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 HOST ?= 0.0.0.0
 PORT ?= 8000
+BENCH_ARGS ?=
 BIN := $(VENV)/bin
 
 .PHONY: serve test lint bench clean
 
 serve: $(VENV)/.installed
 	$(BIN)/python -m training --if-missing
-	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
+	DROPOUT_SERVE_HOST=$(HOST) DROPOUT_SERVE_PORT=$(PORT) $(BIN)/python -m app
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -24,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m training --if-missing
-	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/serving.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

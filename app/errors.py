@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -17,8 +18,17 @@ class ApiError(Exception):
         self.message = message
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status)
+PROTOCOL_PREFIXES = ("/v1/", "/v2/")
+"""TF Serving's and the Open Inference Protocol's routes answer errors as ``{"error": ...}``."""
+
+
+def _is_protocol(path: str) -> bool:
+    return path.startswith(PROTOCOL_PREFIXES) or path == "/v2"
+
+
+def error_response(path: str, status: int, message: str) -> JSONResponse:
+    key = "error" if _is_protocol(path) else "detail"
+    return JSONResponse({key: message}, status_code=status)
 
 
 def _location(loc: tuple) -> str:
@@ -30,22 +40,35 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     errors = exc.errors()
     content_type = request.headers.get("content-type", "")
     if "json" not in content_type and any(e["loc"] == ("body",) for e in errors):
-        return _error(415, f"send the body as JSON with 'Content-Type: application/json' (got {content_type!r})")
+        return error_response(
+            request.url.path, 415, f"send the body as JSON with 'Content-Type: application/json' (got {content_type!r})"
+        )
     broken = next((e for e in errors if e["type"] == "json_invalid"), None)
     if broken is not None:
         reason = broken.get("ctx", {}).get("error", "unparsable")
         position = broken["loc"][-1] if isinstance(broken["loc"][-1], int) else "?"
-        return _error(400, f"request body is not valid JSON: {reason} (at character {position})")
-    return _error(422, "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors))
+        return error_response(
+            request.url.path, 400, f"request body is not valid JSON: {reason} (at character {position})"
+        )
+    status = 400 if _is_protocol(request.url.path) else 422  # TF Serving and Triton: invalid argument
+    return error_response(request.url.path, status, "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors))
 
 
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.message)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(request.url.path, exc.status, exc.message)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods, in the error shape of the door that was knocked on."""
+    response = error_response(request.url.path, exc.status_code, str(exc.detail))
+    response.headers.update(exc.headers or {})
+    return response
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
 
 class BodySizeLimit:
@@ -82,7 +105,7 @@ class BodySizeLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"request body is larger than {self.limit} bytes (DROPOUT_SERVE_MAX_BODY_BYTES)"
-        await _error(413, message)(scope, receive, send)
+        await error_response(scope["path"], 413, message)(scope, receive, send)
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

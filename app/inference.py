@@ -1,31 +1,58 @@
-"""From a request's instances to per-instance answers: validate, run a signature, summarize.
+"""The one place that runs models: request rows in, signature outputs back, off the event loop.
 
-These functions block on TensorFlow; the API runs them in a worker thread.
+Every protocol door goes through here. Inference-mode calls of one model version are batched
+(``app.batcher``); MC-dropout calls run in their own small pool, so a long MC call never
+holds up another model's predictions. Rows are checked before they run, so a bad request
+fails alone, with a message that names the spot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
 
+from app.batcher import Batcher
 from app.errors import ApiError
-from app.registry import ServedModel
-from training.uncertainty import summarize_classification, summarize_regression
+from app.loading import ServedModel
+from app.settings import Settings
+from training import signatures
 
 _NUMBER_TYPES = (int, float)
 
 
-def to_array(instances: list[Any], shape: tuple[int, ...]) -> np.ndarray:
-    """Check every instance against the model's input shape; a float32 batch, or a 422 naming the spot."""
+def to_array(instances: list[Any], shape: tuple[int, ...], may_hold_booleans: bool = True) -> np.ndarray:
+    """A float32 batch ``[N, *shape]``, or a 422 naming the first bad spot.
+
+    Well-formed numbers convert in one vectorised step. NumPy reads ``true`` as 1, so a caller
+    whose raw body has no ``true``/``false`` says so with ``may_hold_booleans=False``; otherwise
+    (and for anything NumPy does not turn into a numeric array of the right shape) every value
+    is checked one by one, which also builds the error message.
+    """
+    if not may_hold_booleans:
+        try:
+            batch = np.array(instances)
+        except ValueError:  # ragged
+            batch = None
+        if batch is not None and batch.dtype.kind in "iuf" and batch.shape[1:] == shape and len(instances):
+            return _finite_float32(batch)
     for index, instance in enumerate(instances):
         _check(instance, shape, f"instances[{index}]")
-    batch = np.asarray(instances, dtype=np.float32)
-    if not np.isfinite(batch).all():  # finite doubles beyond float32's range
+    return _finite_float32(np.asarray(instances, dtype=np.float64))
+
+
+def _finite_float32(values: np.ndarray) -> np.ndarray:
+    batch = values.astype(np.float32)
+    if not np.isfinite(batch).all():
         where = np.argwhere(~np.isfinite(batch))[0]
         position = "".join(f"[{i}]" for i in where)
-        raise ApiError(422, f"instances{position}: value is outside the float32 range")
+        if np.isfinite(values[tuple(where)]):
+            raise ApiError(422, f"instances{position}: value is outside the float32 range")
+        raise ApiError(422, f"instances{position}: NaN and infinity are not allowed")
     return batch
 
 
@@ -39,9 +66,6 @@ def _check(value: Any, shape: tuple[int, ...], where: str) -> None:
     if not isinstance(value, list) or len(value) != shape[0]:
         got = f"a list of {len(value)}" if isinstance(value, list) else _describe(value)
         raise ApiError(422, f"{where}: expected a list of {shape[0]} (instance shape {list(shape)}), got {got}")
-    leaves_are_numbers = len(shape) == 1 and all(type(v) is float or type(v) is int for v in value)
-    if leaves_are_numbers and all(math.isfinite(v) for v in value):
-        return
     for index, item in enumerate(value):
         _check(item, shape[1:], f"{where}[{index}]")
 
@@ -51,52 +75,69 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
-def _scalar_or_list(values: np.ndarray) -> float | list:
-    return float(values[0]) if values.shape == (1,) else values.tolist()
+def check_instances(count: int, settings: Settings) -> None:
+    if count > settings.max_instances:
+        raise ApiError(
+            422,
+            f"instances: {count} given, at most {settings.max_instances} per request (DROPOUT_SERVE_MAX_INSTANCES)",
+        )
 
 
-def predict(model: ServedModel, batch: np.ndarray) -> list[dict[str, Any]]:
-    outputs = model.predict(batch).astype(np.float64)
-    if model.task == "classification":
-        labels = model.class_labels
-        best = outputs.argmax(axis=-1)
-        return [
-            {"label": labels[k], "probability": float(p[k]), "probabilities": p.tolist()}
-            for k, p in zip(best, outputs, strict=True)
-        ]
-    if model.task == "regression":
-        return [{"value": _scalar_or_list(row.reshape(-1))} for row in outputs]
-    return [{"outputs": row.tolist()} for row in outputs]
+def check_mc(model: ServedModel, count: int, samples: int | None, settings: Settings) -> int:
+    """T for an MC request of ``count`` instances, or a 422 saying which limit it breaks."""
+    samples = samples or settings.default_samples
+    if samples > settings.max_samples:
+        raise ApiError(422, f"samples: {samples} asked, at most {settings.max_samples} (DROPOUT_SERVE_MAX_SAMPLES)")
+    if samples * count > settings.max_mc_rows:
+        raise ApiError(
+            422,
+            f"samples x instances = {samples * count}, at most {settings.max_mc_rows} per request "
+            "(DROPOUT_SERVE_MAX_MC_ROWS); send fewer instances or samples",
+        )
+    if model.mc_dropout is None:
+        raise ApiError(
+            422,
+            f"model {model.name!r} version {model.version} has no mc_dropout signature "
+            "(it was not exported with dropout layers); use inference-mode prediction",
+        )
+    return samples
 
 
-def predict_mc(
-    model: ServedModel, batch: np.ndarray, samples: int, seed: int, return_samples: bool
-) -> list[dict[str, Any]]:
-    draws, variance = model.sample(batch, samples, seed)  # [T, N, ...]; variance: heteroscedastic models
-    draws = draws.astype(np.float64)
-    if model.task == "classification":
-        s = summarize_classification(draws)
-        labels = model.class_labels
-        answers = [
-            {
-                "label": labels[s.label[i]],
-                "probability": float(s.probability[i]),
-                "probabilities": s.mean[i].tolist(),
-                "std": s.std[i].tolist(),
-                "predictive_entropy": float(s.predictive_entropy[i]),
-                "expected_entropy": float(s.expected_entropy[i]),
-                "mutual_information": float(s.mutual_information[i]),
-                "variation_ratio": float(s.variation_ratio[i]),
-            }
-            for i in range(len(batch))
-        ]
-    elif model.task == "regression":
-        s = summarize_regression(draws, model.tau, variance)
-        answers = [s.answer(i) for i in range(len(batch))]
-    else:
-        mean, std = draws.mean(axis=0), draws.std(axis=0)
-        answers = [{"mean": mean[i].tolist(), "std": std[i].tolist()} for i in range(len(batch))]
-    if return_samples:
-        for i, answer in enumerate(answers):
-            answer["samples"] = draws[:, i].tolist()
-    return answers
+async def predict(model: ServedModel, batch: np.ndarray) -> np.ndarray:
+    """Inference-mode outputs ``[N, ...]`` (dropout off), batched with concurrent callers."""
+    return await model.run_predict(batch)
+
+
+async def sample(model: ServedModel, batch: np.ndarray, samples: int, seed: int) -> signatures.Samples:
+    """``samples`` MC-dropout outputs ``[T, N, ...]`` (and, heteroscedastic, their variances); seed-reproducible."""
+    return await model.run_sample(batch, samples, seed)
+
+
+class Engine:
+    """The thread pools models run in, and how each loaded version is wired to them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._predict_pool = ThreadPoolExecutor(4, thread_name_prefix="predict")  # unbatched calls overlap
+        self._mc_pool = ThreadPoolExecutor(settings.mc_threads, thread_name_prefix="mc-dropout")
+
+    def prepare(self, model: ServedModel) -> None:
+        """Give a freshly loaded version its batcher (or a plain call, with batching off)."""
+        if self._settings.max_batch_size > 1:
+            model.run_predict = Batcher(
+                model.predict,
+                self._predict_pool,
+                self._settings.max_batch_size,
+                self._settings.batch_timeout_ms / 1000,
+            )
+        else:
+            model.run_predict = partial(self._in_pool, self._predict_pool, model.predict)
+        model.run_sample = partial(self._in_pool, self._mc_pool, model.sample)
+
+    @staticmethod
+    async def _in_pool(pool: ThreadPoolExecutor, function, *args) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+
+    def close(self) -> None:
+        self._predict_pool.shutdown(wait=False, cancel_futures=True)
+        self._mc_pool.shutdown(wait=False, cancel_futures=True)

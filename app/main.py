@@ -5,16 +5,30 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import tensorflow as tf
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
-from app.api import router
 from app.errors import BodySizeLimit, install_error_handlers
-from app.registry import Registry
+from app.inference import Engine
+from app.protocols import native, tfserving, v2
+from app.registry import start_registry
 from app.settings import Settings
 
 log = logging.getLogger("dropout_serve")
+
+
+def _limit_tf_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already started in this process (tests that share it)
+        log.warning("TensorFlow is already initialized; DROPOUT_SERVE_TF_THREADS=%d not applied", threads)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -22,12 +36,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.registry = await run_in_threadpool(
-            Registry.load, settings.model_dir, settings.default_model, settings.load_all_versions
-        )
-        if not len(app.state.registry):
-            log.warning("no loadable model in %s; /health/ready answers 503", settings.model_dir.resolve())
-        yield
+        _limit_tf_threads(settings.tf_threads)
+        engine = Engine(settings)
+        app.state.registry = await run_in_threadpool(start_registry, settings, engine.prepare)
+        try:
+            yield
+        finally:
+            app.state.registry.stop()
+            engine.close()
 
     app = FastAPI(
         title="dropout-serve",
@@ -36,10 +52,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.include_router(router)
+    app.state.registry = None
+    app.include_router(native.router)
+    app.include_router(tfserving.router)
+    app.include_router(v2.router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, plus the request bodies that routes read themselves (``openapi_extra``)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in native.REQUEST_MODELS:
+            components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 app = create_app()

@@ -1,140 +1,324 @@
-"""Loaded models: every model in the repository, read through the artifact contract.
+"""The live model registry: memory made to match the repository, one version at a time.
 
-Only ``tf.saved_model.load`` is used, never Keras: any SavedModel whose ``serving_default``
-takes one tensor serves on ``/predict``; ``mc_dropout`` is used when the artifact has it.
+TF Serving's servable lifecycle is the model. A background thread rescans the repository
+(``app.repository``) every ``poll_seconds``; a new version is loaded and warmed up while the
+old ones keep serving, then swapped in under a lock. A version that leaves the version policy
+is retired: new requests stop reaching it at once, and it is unloaded (state ``END``) when its
+last in-flight request, which holds a :meth:`Registry.lease`, ends.
+
+Rules that keep traffic flowing:
+
+- a version folder is loaded only when it holds a SavedModel and its files have not changed
+  for ``SETTLE_SECONDS`` (a folder still being copied in is left alone until it settles);
+- a version that fails to load keeps its error in :meth:`Registry.status`, is logged once and is
+  retried only when its files change; the policy then picks from the versions that do load;
+- the versions that serve are replaced only once a replacement is available (availability
+  first), except when the model's folder is gone, which stops the model.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
-import tensorflow as tf
-
+from app import repository
 from app.errors import ApiError
-from training import artifact, signatures
+from app.loading import ServedModel, load_version
+from app.settings import Settings
 
 log = logging.getLogger("dropout_serve")
 
+State = Literal["START", "LOADING", "AVAILABLE", "UNLOADING", "END"]
+SETTLE_SECONDS = 2.0
+"""A version folder is loaded once its files have not changed for this long."""
 
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
+
+@dataclass
+class VersionStatus:
     version: int
-    path: Path
-    task: artifact.Task | None
-    """None for a SavedModel without metadata: outputs are returned as they are."""
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-    metadata: artifact.ModelMetadata | None
-    serving: tf.types.experimental.ConcreteFunction
-    mc_dropout: tf.types.experimental.ConcreteFunction | None
-    input_key: str
-    output_key: str
-    saved_model: object = field(repr=False)
-    """The loaded SavedModel; the signatures' variables live as long as it does."""
-
-    def predict(self, inputs: np.ndarray) -> np.ndarray:
-        return signatures.infer(self.serving, inputs, self.input_key, self.output_key)
-
-    def sample(self, inputs: np.ndarray, samples: int, seed: int) -> signatures.Samples:
-        return signatures.mc_draws(self.mc_dropout, inputs, samples, seed)
-
-    @property
-    def tau(self) -> float | None:
-        return self.metadata.tau if self.metadata else None
-
-    @property
-    def class_labels(self) -> list[str] | None:
-        if self.metadata and self.metadata.class_labels:
-            return self.metadata.class_labels
-        if self.task == "classification":
-            return [str(i) for i in range(self.output_shape[-1])]
-        return None
+    state: State
+    error: str | None = None
 
 
-def load_version(name: str, path: Path) -> ServedModel:
-    """Load one version folder and run each signature once, so the first request is not slow."""
-    loaded = tf.saved_model.load(str(path))
-    if artifact.SERVING_SIGNATURE not in loaded.signatures:
-        raise ValueError(f"{path} has no {artifact.SERVING_SIGNATURE!r} signature")
-    serving = loaded.signatures[artifact.SERVING_SIGNATURE]
-    inputs = serving.structured_input_signature[1]
-    if len(inputs) != 1:
-        raise ValueError(f"{path}: serving_default takes {len(inputs)} inputs; only one is supported")
-    input_key, spec = next(iter(inputs.items()))
-    outputs = serving.structured_outputs
-    output_key = artifact.OUTPUTS_KEY if artifact.OUTPUTS_KEY in outputs else next(iter(outputs))
-    if spec.shape.rank is None or not spec.shape[1:].is_fully_defined() or spec.dtype != tf.float32:
-        raise ValueError(f"{path}: input must be float32 [batch, fixed dims...], got {spec}")
-    metadata = artifact.read_metadata(path)
-    mc = loaded.signatures.get(artifact.MC_SIGNATURE)
-    model = ServedModel(
-        name=name,
-        version=int(path.name),
-        path=path,
-        task=metadata.task if metadata else None,
-        input_shape=tuple(spec.shape[1:].as_list()),
-        output_shape=tuple(outputs[output_key].shape[1:].as_list()),
-        metadata=metadata,
-        serving=serving,
-        mc_dropout=mc,
-        input_key=input_key,
-        output_key=output_key,
-        saved_model=loaded,
-    )
-    warm = np.zeros((1, *model.input_shape), np.float32)
-    model.predict(warm)
-    if mc is not None:
-        model.sample(warm, 2, 0)
-    return model
+@dataclass(eq=False)
+class _Version:
+    version: int
+    state: State
+    model: ServedModel | None = None
+    error: str | None = None
+    failed_prints: repository.Fingerprint | None = None
+    leases: int = 0
 
 
 class Registry:
-    """Models by name and version; the latest version answers requests that name none."""
+    """Models by name and version; answers requests from the versions that are AVAILABLE."""
 
-    def __init__(self, models: list[ServedModel], default: str | None) -> None:
-        self._models: dict[str, dict[int, ServedModel]] = {}
-        for model in models:
-            self._models.setdefault(model.name, {})[model.version] = model
-        self.default = default if default in self._models else (min(self._models) if self._models else None)
+    def __init__(self, settings: Settings, prepare: Callable[[ServedModel], None] = lambda model: None) -> None:
+        self._settings = settings
+        self._prepare = prepare
+        self._default_policy = repository.VersionPolicy(
+            **({"all": True} if settings.load_all_versions else {"latest": settings.latest_versions})
+        )
+        self._lock = threading.RLock()  # reentrant: lease() resolves under it
+        self._models: dict[str, dict[int, _Version]] = {}
+        self._labels: dict[str, dict[str, int]] = {}
+        self._serving: dict[str, dict[int, _Version]] = {}
+        """The AVAILABLE versions by model: what requests resolve against, rebuilt on every change."""
+        self._default: str | None = None
+        self._seen: dict[tuple[str, int], tuple[repository.Fingerprint, float]] = {}
+        """Each version folder's contents at the last scan, and since when they have been so."""
+        self._unloaded: set[str] = set()
+        self._first_scan = True
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sync_lock = threading.Lock()
 
-    @classmethod
-    def load(cls, repository: Path, default: str | None = None, all_versions: bool = False) -> Registry:
-        models = []
-        for name in artifact.model_names(repository):
-            found = artifact.versions(repository / name)
-            for version in found if all_versions else found[-1:]:
-                try:
-                    models.append(load_version(name, repository / name / str(version)))
-                    log.info("loaded %s version %d", name, version)
-                except Exception:
-                    log.exception("could not load %s version %d; skipping it", name, version)
-        return cls(models, default)
+    # -- lifecycle ---------------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._models.values())
+    def start(self) -> None:
+        """Load what the repository holds now, then keep watching it in the background."""
+        self.sync()
+        if self._settings.poll_seconds > 0:
+            self._thread = threading.Thread(target=self._watch, name="model-repository", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._settings.poll_seconds):
+            try:
+                self.sync()
+            except Exception:  # the watcher must outlive any surprise in one scan
+                log.exception("model repository scan failed; retrying at the next poll")
+
+    def sync(self) -> None:
+        """One pass: scan the repository, load what the policy wants, retire what it no longer does."""
+        with self._sync_lock:
+            config = repository.read_config(self._settings.models_config)
+            scanned = repository.scan(self._settings.model_dir, config, self._default_policy)
+            for name in set(self._models) - set(scanned):
+                self._retire_model(name, "its folder is gone")
+            for name, found in sorted(scanned.items()):
+                if name in self._unloaded:
+                    continue
+                self._sync_model(found)
+            self._first_scan = False
+
+    def _stable(self, name: str, version: int, prints: repository.Fingerprint) -> bool:
+        """Complete, and unchanged for SETTLE_SECONDS: a folder being copied in changes meanwhile."""
+        now = time.time()
+        previous, since = self._seen.get((name, version), (None, now))
+        if previous != prints:
+            since = now
+            if self._first_scan:  # files already this old when the server started count as settled
+                since = min(now, max((entry[2] for entry in prints), default=0) / 1e9)
+        self._seen[(name, version)] = (prints, since)
+        if not repository.looks_complete(prints):
+            return False
+        return self._settings.poll_seconds == 0 or now - since >= SETTLE_SECONDS
+
+    def _sync_model(self, found: repository.ScannedModel) -> None:
+        name = found.name
+        with self._lock:
+            versions = self._models.setdefault(name, {})
+            self._labels[name] = found.labels
+        loadable = []
+        for version, prints in sorted(found.folders.items()):
+            entry = versions.get(version)
+            if (entry is not None and entry.state == "AVAILABLE") or (
+                self._stable(name, version, prints) and (entry is None or entry.failed_prints != prints)
+            ):
+                loadable.append(version)
+        pending = True
+        while pending:  # a version that fails to load makes room for the next one the policy picks
+            pending = False
+            for version in found.policy.select(loadable):
+                entry = versions.get(version)
+                idle = entry is None or entry.state not in ("AVAILABLE", "LOADING")
+                if idle and not self._load(name, version, found.folders[version]):
+                    loadable.remove(version)
+                    pending = True
+        serving = [v for v, e in versions.items() if e.state == "AVAILABLE"]
+        wanted = set(found.policy.select([v for v in loadable if v in serving]))
+        if wanted:
+            for version in serving:
+                if version not in wanted:
+                    self._retire(name, version, "left the version policy")
+        for version in list(versions):
+            if version not in found.folders and versions[version].state != "AVAILABLE":
+                self._forget_if_done(name, version)
+
+    def _load(self, name: str, version: int, prints: repository.Fingerprint) -> bool:
+        entry = _Version(version, "LOADING")
+        with self._lock:
+            self._models[name][version] = entry
+        started = time.monotonic()
+        try:
+            model = load_version(name, self._settings.model_dir / name / str(version))
+            self._prepare(model)
+        except Exception as error:  # any failure of a SavedModel load is the version's status, not ours
+            entry.state, entry.error, entry.failed_prints = "END", _describe(error), prints
+            log.error("could not load %s version %d: %s", name, version, entry.error)
+            return False
+        with self._lock:
+            entry.model, entry.state = model, "AVAILABLE"
+            self._refresh()
+        log.info("loaded %s version %d in %.1f s", name, version, time.monotonic() - started)
+        return True
+
+    def _retire(self, name: str, version: int, why: str) -> None:
+        with self._lock:
+            entry = self._models[name][version]
+            entry.state = "UNLOADING"
+            self._refresh()
+            done = entry.leases == 0
+            if done:
+                entry.state, entry.model = "END", None
+        log.info("retiring %s version %d (%s)%s", name, version, why, "" if done else "; draining")
+
+    def _retire_model(self, name: str, why: str) -> None:
+        for version, entry in list(self._models.get(name, {}).items()):
+            if entry.state == "AVAILABLE":
+                self._retire(name, version, why)
+        with self._lock:
+            if all(e.state == "END" for e in self._models.get(name, {}).values()):
+                self._models.pop(name, None)
+                self._labels.pop(name, None)
+
+    def _refresh(self) -> None:
+        """Rebuild what requests resolve against; called under the lock when a version starts or stops."""
+        serving = {name: {v: e for v, e in vs.items() if e.state == "AVAILABLE"} for name, vs in self._models.items()}
+        self._serving = {name: vs for name, vs in serving.items() if vs}
+        wanted = self._settings.default_model
+        self._default = wanted if wanted in self._serving else min(self._serving, default=None)
+
+    def _forget_if_done(self, name: str, version: int) -> None:
+        with self._lock:
+            entry = self._models[name].get(version)
+            if entry is not None and entry.state == "END" and entry.leases == 0:
+                del self._models[name][version]
+                self._seen.pop((name, version), None)
+
+    # -- repository extension (explicit load / unload of a whole model) -------------------------
+
+    def unload_model(self, name: str) -> None:
+        self.versions(name)
+        with self._sync_lock:
+            self._unloaded.add(name)
+            self._retire_model(name, "unloaded on request")
+
+    def load_model(self, name: str) -> None:
+        """Serve ``name`` again (after :meth:`unload_model`) and load it now."""
+        if name not in repository.scan(self._settings.model_dir, repository.ModelsConfig(), self._default_policy):
+            raise ApiError(404, f"no model {name!r} in the repository")
+        with self._sync_lock:
+            self._unloaded.discard(name)
+        self.sync()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def default(self) -> str | None:
+        return self._default
 
     def names(self) -> list[str]:
-        return sorted(self._models)
+        """Models with at least one AVAILABLE version."""
+        return sorted(self._serving)
+
+    def known(self) -> list[str]:
+        """Every model the registry tracks, serving or not."""
+        with self._lock:
+            return sorted(self._models)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(e.state == "AVAILABLE" for vs in self._models.values() for e in vs.values())
+
+    def ready(self) -> bool:
+        return self.default is not None
 
     def versions(self, name: str) -> dict[int, ServedModel]:
-        if name not in self._models:
-            known = ", ".join(self.names()) or "none"
-            raise ApiError(404, f"unknown model {name!r}; loaded models: {known}")
-        return self._models[name]
+        """The AVAILABLE versions of ``name``; 404 if it has none."""
+        served = self._serving.get(name)
+        if not served:
+            raise ApiError(404, f"unknown model {name!r}; loaded models: {', '.join(self.names()) or 'none'}")
+        return {v: e.model for v, e in served.items()}
+
+    def status(self, name: str) -> list[VersionStatus]:
+        with self._lock:
+            entries = list(self._models.get(name, {}).values())
+        if not entries:
+            raise ApiError(404, f"unknown model {name!r}; loaded models: {', '.join(self.names()) or 'none'}")
+        return [VersionStatus(e.version, e.state, e.error) for e in sorted(entries, key=lambda e: e.version)]
+
+    def labels(self, name: str) -> dict[str, int]:
+        with self._lock:
+            return dict(self._labels.get(name, {}))
+
+    def resolve(self, name: str | None, version: int | None = None, label: str | None = None) -> tuple[str, int]:
+        """The (model, version) a request means; 404 with a message naming what is missing."""
+        if name is None:
+            name = self._default
+            if name is None:
+                raise ApiError(404, "no models are loaded")
+        served = self._serving.get(name)
+        if not served:
+            raise ApiError(404, f"unknown model {name!r}; loaded models: {', '.join(self.names()) or 'none'}")
+        if label is not None:
+            labels = self._labels.get(name, {})
+            if label not in labels:
+                raise ApiError(404, f"model {name!r} has no version label {label!r}; labels: {sorted(labels)}")
+            version = labels[label]
+            if version not in served:
+                raise ApiError(404, f"label {label!r} of model {name!r} names version {version}, which is not loaded")
+        if version is None:
+            return name, max(served)
+        if version not in served:
+            loaded = ", ".join(str(v) for v in sorted(served))
+            raise ApiError(404, f"model {name!r} has no loaded version {version}; loaded: {loaded}")
+        return name, version
+
+    @contextmanager
+    def lease(self, name: str | None, version: int | None = None, label: str | None = None) -> Iterator[ServedModel]:
+        """The model a request means, held until the request ends so it is not unloaded under it."""
+        with self._lock:  # resolving and counting in one step, so a swap cannot slip in between
+            name, version = self.resolve(name, version, label)
+            entry = self._serving[name][version]
+            entry.leases += 1
+            model = entry.model
+        try:
+            yield model
+        finally:
+            with self._lock:
+                entry.leases -= 1
+                if entry.state == "UNLOADING" and entry.leases == 0:
+                    entry.state, entry.model = "END", None
+                    log.info("unloaded %s version %d", name, version)
 
     def get(self, name: str | None, version: int | None = None) -> ServedModel:
-        if name is None:
-            if self.default is None:
-                raise ApiError(404, "no models are loaded")
-            name = self.default
-        versions = self.versions(name)
-        if version is None:
-            return versions[max(versions)]
-        if version not in versions:
-            loaded = ", ".join(str(v) for v in sorted(versions))
-            raise ApiError(404, f"model {name!r} has no loaded version {version}; loaded: {loaded}")
-        return versions[version]
+        """The model without a lease: for reading metadata, not for running it."""
+        name, version = self.resolve(name, version)
+        return self.versions(name)[version]
+
+
+def _describe(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    first = next((line for line in text if line.strip()), type(error).__name__)
+    return f"{type(error).__name__}: {first[:500]}"
+
+
+def start_registry(settings: Settings, prepare: Callable[[ServedModel], None]) -> Registry:
+    registry = Registry(settings, prepare)
+    registry.start()
+    if not len(registry):
+        log.warning("no loadable model in %s; /health/ready answers 503", Path(settings.model_dir).resolve())
+    return registry

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 DIGIT_ZERO = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0]
 DIGIT_ZERO += [0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
@@ -13,14 +13,29 @@ DIGIT_ZERO += [0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10
 SEED_MAX = 2**63 - 1
 
 
+def _nested_numbers(depth: int) -> dict[str, Any]:
+    """A number, or arrays of numbers nested up to ``depth`` deep."""
+    if depth == 0:
+        return {"type": "number"}
+    return {"anyOf": [{"type": "number"}, {"type": "array", "items": _nested_numbers(depth - 1)}]}
+
+
+Instances = Annotated[
+    list[Any],
+    WithJsonSchema({"type": "array", "minItems": 1, "items": _nested_numbers(4)}),
+]
+"""Checked against the model's input shape by ``app.inference.to_array``, not here: that check
+knows the shape and names the bad element, and costs one NumPy conversion when all is well."""
+
+
 class PredictRequest(BaseModel):
-    instances: list[Any] = Field(
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"instances": [DIGIT_ZERO]}]})
+
+    instances: Instances = Field(
         min_length=1, description="one entry per input, each shaped like the model's input (64 numbers for digits)"
     )
     model: str | None = Field(None, description="model name; default: the service's default model")
     version: int | None = Field(None, ge=1, description="model version; default: the latest loaded")
-
-    model_config = {"json_schema_extra": {"examples": [{"instances": [DIGIT_ZERO]}]}}
 
 
 class MCDropoutRequest(PredictRequest):
@@ -30,7 +45,9 @@ class MCDropoutRequest(PredictRequest):
     )
     return_samples: bool = Field(False, description="include every sample's output")
 
-    model_config = {"json_schema_extra": {"examples": [{"instances": [DIGIT_ZERO], "samples": 100, "seed": 42}]}}
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"instances": [DIGIT_ZERO], "samples": 100, "seed": 42}]}
+    )
 
 
 class ClassPrediction(BaseModel):
@@ -107,3 +124,10 @@ class ModelInfo(BaseModel):
     default: bool
     latest: int
     versions: list[ModelVersion]
+    labels: dict[str, int] = Field(default_factory=dict, description="version labels, e.g. stable -> 3")
+
+
+class ErrorResponse(BaseModel):
+    """Every native error: one message that names the problem."""
+
+    detail: str = Field(description="what is wrong, e.g. \"instances[0][5]: expected a number, got str '7'\"")

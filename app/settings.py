@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -13,9 +13,23 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(Path("artifacts"), description="model repository (training/artifact.py layout)")
     default_model: str | None = Field(None, description="model used when a request names none")
-    load_all_versions: bool = Field(False, description="serve every version, not only the latest")
+    load_all_versions: bool = Field(False, description="serve every version (version policy 'all' for every model)")
+    latest_versions: int = Field(1, ge=1, description="default version policy: serve the latest N versions")
+    models_config: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("DROPOUT_SERVE_MODEL_CONFIG", "models_config"),
+        description="optional JSON or YAML file: per-model version policy and labels (app/repository.py)",
+    )
+    poll_seconds: float = Field(2.0, ge=0, description="how often the repository is rescanned; 0 = never")
     host: str = "0.0.0.0"
     port: int = 8000
+    workers: int = Field(1, ge=1, description="server processes on one port (python -m app)")
+    tf_threads: int | None = Field(
+        None, ge=1, description="TensorFlow intra-op threads per process; default: TensorFlow's (all cores)"
+    )
+    max_batch_size: int = Field(32, ge=1, description="rows per batched inference call; 1 = no batching")
+    batch_timeout_ms: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0 = adaptive only")
+    mc_threads: int = Field(2, ge=1, description="concurrent MC-dropout signature calls per process")
     max_instances: int = Field(1024, ge=1, description="instances per request")
     max_samples: int = Field(10_000, ge=1, description="MC samples T per request")
     default_samples: int = Field(100, ge=1)

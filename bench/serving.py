@@ -1,13 +1,28 @@
-"""Serving latency and throughput, side by side with the floors they should be judged against.
+"""Serving throughput and latency against a floor and two peers, side by side in one run.
 
-    python bench/serving.py [--model-dir artifacts] [--duration 10] [--connections 1 8]
+    python bench/serving.py            # the full run: 10 s per measurement, 1/8/32/64 connections (~10 min)
+    python bench/serving.py --quick    # 2 s per measurement, 1/8/32 connections (~3 min)
+    python bench/serving.py --servers floor ours-batched --connections 1 32 --duration 5
 
-Part 1, in-process: one SavedModel signature call vs Keras ``predict`` on the same model, and
-one ``mc_dropout`` call (T = 100) vs 100 inference passes in a Python loop.
-Part 2, over HTTP with ``wrk`` (``apt-get install wrk``) against a real uvicorn process:
-``GET /health/live`` (a bare FastAPI endpoint: the floor), ``POST /predict`` and
-``POST /predict/mc-dropout`` (T = 100), one instance each, at each connection count.
-Everything runs in one go, so the ratios compare numbers taken under the same machine load.
+Needs wrk (``apt-get update && apt-get install -y wrk``) and a trained model
+(``python -m training --if-missing``). Each server runs alone while it is measured: start, check
+its answers, warm up, measure every workload at every connection count with wrk, stop; then the
+next. So the ratios below compare numbers taken in one invocation, under the same conditions.
+
+Servers (one process each, loopback only, no access logs):
+  floor           bare FastAPI app, one POST route returning a constant (bench/floor_app.py)
+  minimal         minimal FastAPI route calling the SavedModel's serving_default (bench/minimal_app.py)
+  mlserver        MLServer 1.7, adaptive batching (max_batch_size 32, max_batch_time 2 ms), the same
+                  SavedModel through bench/mlserver_runtime.py, in its own virtual environment
+                  bench/.venv-mlserver (created on first use, a few minutes; not a project dependency)
+  ours-unbatched  uvicorn app.main:app with DROPOUT_SERVE_MAX_BATCH_SIZE=1
+  ours-batched    uvicorn app.main:app with default settings
+Workloads: predict-1 and predict-32 (1 and 32 digit instances per request), mc-100
+(/predict/mc-dropout, 1 instance, T = 100; this server only; at the --mc-connections counts).
+
+Prints markdown tables and the ratios issue 9's acceptance names, and writes all numbers to
+bench/results/serving-<UTC time>.json. The full run also times the in-process costs
+(bench/in_process.py). Exits 1 if a server failed or any answer was not 2xx.
 """
 
 from __future__ import annotations
@@ -15,65 +30,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import platform
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.schemas import DIGIT_ZERO  # noqa: E402
+from bench import in_process, servers, wrk  # noqa: E402
+from bench.servers import Workload  # noqa: E402
 
-WRK_SCRIPT = """
-wrk.method = "{method}"
-wrk.body = '{body}'
-wrk.headers["Content-Type"] = "application/json"
-done = function(summary, latency, requests)
-  io.write(string.format("RESULT %f %f %f %d %d\\n", latency:percentile(50) / 1000, latency:percentile(99) / 1000,
-    summary.requests / (summary.duration / 1e6), summary.errors.status, summary.errors.timeout))
-end
-"""
+SERVERS = ["floor", "minimal", "mlserver", "ours-unbatched", "ours-batched"]
+OURS = "ours-batched"  # the acceptance ratios are about the default configuration
 
 
-def best_of(fn, repeat: int = 7, number: int = 50) -> float:
-    """Milliseconds per call: the best of several timed batches (the least disturbed)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - start) / number)
-    return min(times) * 1000
+def digit_rows(count: int) -> list[list[int]]:
+    from sklearn.datasets import load_digits
+
+    return load_digits().data[:count].astype(int).tolist()
 
 
-def in_process(version_dir: Path) -> None:
-    import keras
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(version_dir))
-    serving, mc = loaded.signatures["serving_default"], loaded.signatures["mc_dropout"]
-    x = tf.constant([DIGIT_ZERO], tf.float32)
-    keras_model = keras.Sequential(
-        [keras.Input((64,)), keras.layers.TFSMLayer(str(version_dir), call_endpoint="serving_default")]
-    )
-    samples, seed = tf.constant(100), tf.constant(1, tf.int64)
-
-    signature = best_of(lambda: serving(inputs=x))
-    predict = best_of(lambda: keras_model.predict(x.numpy(), verbose=0), repeat=3, number=10)
-    one_call = best_of(lambda: mc(inputs=x, samples=samples, seed=seed))
-    loop = best_of(lambda: [serving(inputs=x) for _ in range(100)], repeat=3, number=3)
-    print("\nin-process, one instance (ms per call, best of several batches)")
-    print(f"  serving_default signature       {signature:8.3f}")
-    print(f"  keras model.predict             {predict:8.3f}   {predict / signature:6.1f}x the signature")
-    print(f"  mc_dropout, T=100, one call     {one_call:8.3f}")
-    print(f"  100 inference passes in a loop  {loop:8.3f}   {loop / one_call:6.1f}x the one MC call")
+WORKLOADS = [
+    Workload("predict-1", [DIGIT_ZERO]),
+    Workload("predict-32", digit_rows(32)),
+    Workload("mc-100", [DIGIT_ZERO], samples=100),
+]
 
 
 def free_port() -> int:
@@ -82,81 +71,268 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "DROPOUT_SERVE_MODEL_DIR": str(model_dir), "DROPOUT_SERVE_HOST": "127.0.0.1"}
-    env["DROPOUT_SERVE_PORT"] = str(port)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def build(name: str, args: argparse.Namespace, version_dir: Path, scratch: Path) -> servers.Server:
+    if name == "floor":
+        return servers.floor(free_port(), WORKLOADS)
+    if name == "minimal":
+        return servers.minimal(free_port(), version_dir, WORKLOADS)
+    if name == "mlserver":
+        ports = (free_port(), free_port(), free_port())
+        return servers.mlserver(ports, version_dir, args.model, WORKLOADS, scratch / args.model)
+    return servers.ours(free_port(), args.model_dir, args.model, WORKLOADS, batched=name == "ours-batched")
+
+
+def measure(server: servers.Server, args: argparse.Namespace, reference: dict) -> list[dict]:
+    """Check the server's answers, then warm up and time each of its workloads; one dict per wrk run."""
+    for workload in server.requests:
+        rows = len(next(w for w in WORKLOADS if w.name == workload).rows)
+        probabilities = server.answer(workload)
+        if probabilities is None:
+            continue
+        if probabilities.shape[0] != rows:
+            raise RuntimeError(f"{server.name} {workload}: {probabilities.shape[0]} answers for {rows} rows")
+        if workload.startswith("predict"):  # the same model everywhere: inference-mode answers agree
+            expected = reference.setdefault(workload, probabilities)
+            if (difference := float(np.max(np.abs(probabilities - expected)))) > 1e-4:
+                raise RuntimeError(f"{server.name} {workload}: answers differ from the others' by {difference:.2g}")
+    runs = []
+    for workload, (path, body) in server.requests.items():
+        counts = args.mc_connections if workload.startswith("mc") else args.connections
+        wrk.run(server.url + path, body, max(counts), args.warmup)
+        for connections in counts:
+            result = wrk.run(server.url + path, body, connections, args.duration)
+            runs.append({"server": server.name, "workload": workload, "connections": connections, **result.as_dict()})
+            print(
+                f"  {server.name:15}{workload:11}{connections:3} conn {result.rps:8.0f} req/s"
+                f"  p50 {result.p50_ms:7.2f}  p99 {result.p99_ms:7.2f} ms"
+                f"  non-2xx {result.non_2xx}  socket errors {result.socket_errors}",
+                flush=True,
+            )
+    return runs
+
+
+# Issue 9's acceptance figures: (figure, cell a, cell b, "/" for a / b or "-" for a - b, target).
+# A cell is (server, workload, connections, number); targets are ">= x" for ratios, "<= ms" for differences.
+FIGURES = [
+    (
+        "/predict 1 instance, 32 conn: req/s vs floor",
+        (OURS, "predict-1", 32, "rps"),
+        ("floor", "predict-1", 32, "rps"),
+        "/",
+        0.8,
+    ),
+    (
+        "/predict 1 instance, 32 conn: req/s vs minimal route",
+        (OURS, "predict-1", 32, "rps"),
+        ("minimal", "predict-1", 32, "rps"),
+        "/",
+        2,
+    ),
+    (
+        "/predict 1 instance, 32 conn: req/s vs MLServer",
+        (OURS, "predict-1", 32, "rps"),
+        ("mlserver", "predict-1", 32, "rps"),
+        "/",
+        1.5,
+    ),
+    (
+        "/predict 1 instance, 64 conn: batched vs unbatched req/s",
+        (OURS, "predict-1", 64, "rps"),
+        ("ours-unbatched", "predict-1", 64, "rps"),
+        "/",
+        3,
+    ),
+    (
+        "/predict 1 instance, 1 conn: p50 minus floor p50",
+        (OURS, "predict-1", 1, "p50_ms"),
+        ("floor", "predict-1", 1, "p50_ms"),
+        "-",
+        1,
+    ),
+    (
+        "MC T=100 1 instance, 1 conn: p50 minus floor p50",
+        (OURS, "mc-100", 1, "p50_ms"),
+        ("floor", "predict-1", 1, "p50_ms"),
+        "-",
+        2,
+    ),
+    (
+        "MC T=100 1 instance, 8 conn: req/s vs /predict's",
+        (OURS, "mc-100", 8, "rps"),
+        (OURS, "predict-1", 8, "rps"),
+        "/",
+        None,
+    ),
+]
+
+
+def ratios(runs: list[dict]) -> list[dict]:
+    """The acceptance figures from one run's numbers; ``value`` is None where a number is missing."""
+    cells = {(r["server"], r["workload"], r["connections"]): r for r in runs}
+    entries = []
+    for name, (*a_cell, a_key), (*b_cell, b_key), op, target in FIGURES:
+        a, b = (cells[tuple(c)][k] if tuple(c) in cells else None for c, k in [(a_cell, a_key), (b_cell, b_key)])
+        value = None if a is None or b is None else (a / b if op == "/" else a - b)
+        met = None if value is None or target is None else (value >= target if op == "/" else value <= target)
+        unit = "req/s" if a_key == "rps" else "ms"
+        entries.append(
+            {
+                "name": name,
+                "value": value,
+                "target": None if target is None else (f">= {target}x" if op == "/" else f"<= {target} ms"),
+                "met": met,
+                "from": "—" if value is None else f"{a:,.2f} {op} {b:,.2f} {unit}",
+            }
+        )
+    errors = sum(r["non_2xx"] + r["socket_errors"] for r in runs)
+    entries.append(
+        {"name": "non-2xx answers and socket errors, all runs", "value": errors, "target": "0", "met": errors == 0}
+        | {"from": f"{len(runs)} runs"}
     )
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit("the server did not become ready")
+    return entries
 
 
-def wrk(url: str, method: str, body: dict | None, connections: int, duration: int, scratch: Path) -> dict:
-    script = scratch / f"{method}-{connections}.lua"
-    script.write_text(WRK_SCRIPT.format(method=method, body=json.dumps(body) if body else ""))
-    threads = min(connections, 2)
-    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "-s", str(script), url]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    result = next(line for line in output.splitlines() if line.startswith("RESULT "))
-    p50, p99, rate, bad_status, timeouts = result.removeprefix("RESULT ").split()
-    if int(bad_status) or int(timeouts):
-        raise SystemExit(f"{url}: {bad_status} non-2xx answers, {timeouts} timeouts")
-    return {"p50": float(p50), "p99": float(p99), "rps": float(rate)}
+def tables(runs: list[dict], connections: list[int]) -> str:
+    """Markdown: req/s, then p50 / p99 latency, one row per server and workload, one column per connection count."""
+    cells = {(r["server"], r["workload"], r["connections"]): r for r in runs}
+    rows = list(dict.fromkeys((r["server"], r["workload"]) for r in runs))
+    header = "| server | request | " + " | ".join(f"{c} conn" for c in connections) + " |"
+    rule = "|---|---|" + "---:|" * len(connections)
+    out = []
+
+    def throughput(r: dict) -> str:
+        errors = r["non_2xx"] + r["socket_errors"]
+        return f"{r['rps']:,.0f}" + (f" ({errors} errors)" if errors else "")
+
+    for title, show in [
+        ("req/s", throughput),
+        ("latency p50 / p99, ms", lambda r: f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}"),
+    ]:
+        out += [f"\n{title}\n", header, rule]
+        for server, workload in rows:
+            values = [show(cells[server, workload, c]) if (server, workload, c) in cells else "" for c in connections]
+            out.append(f"| {server} | {workload} | " + " | ".join(values) + " |")
+    return "\n".join(out)
 
 
-def over_http(model_dir: Path, connections: list[int], duration: int) -> None:
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install wrk")
-    port = free_port()
-    server = start_server(model_dir, port)
-    base = f"http://127.0.0.1:{port}"
-    endpoints = [
-        ("GET /health/live (floor)", "GET", "/health/live", None),
-        ("POST /predict", "POST", "/predict", {"instances": [DIGIT_ZERO]}),
-        ("POST /predict/mc-dropout T=100", "POST", "/predict/mc-dropout", {"instances": [DIGIT_ZERO], "samples": 100}),
-    ]
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            for count in connections:
-                print(f"\nHTTP, one instance per request, {count} connection(s), {duration} s each (wrk)")
-                print(f"  {'endpoint':34}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'p50 - floor':>13}")
-                floor = None
-                for label, method, path, body in endpoints:
-                    r = wrk(base + path, method, body, count, duration, Path(scratch))
-                    floor = floor or r
-                    extra = f"{r['p50'] - floor['p50']:+10.2f} ms" if r is not floor else ""
-                    print(f"  {label:34}{r['p50']:9.2f}{r['p99']:9.2f}{r['rps']:9.0f}{extra:>13}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def ratio_table(entries: list[dict]) -> str:
+    mark = {True: "yes", False: "**no**", None: "—"}
+    lines = ["| figure | value | from | target | met |", "|---|---:|---|---|---|"]
+    for e in entries:
+        value = "—" if e["value"] is None else f"{e['value']:.2f}" if isinstance(e["value"], float) else str(e["value"])
+        lines.append(f"| {e['name']} | {value} | {e['from']} | {e['target'] or '—'} | {mark[e['met']]} |")
+    return "\n".join(lines)
 
 
-def main() -> None:
+def describe_run(args: argparse.Namespace, version_dir: Path) -> dict:
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": git("rev-parse", "HEAD"),
+        "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "model": str(version_dir),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "wrk": wrk_version.strip(),
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "mc_connections": args.mc_connections,
+        "load_average_start": os.getloadavg(),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=ROOT / "artifacts")
-    parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--connections", type=int, nargs="+", default=[1, 8])
-    args = parser.parse_args()
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "artifacts", help="model repository")
+    parser.add_argument("--model", default="digits", help="model name (its latest version is served)")
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
+    parser.add_argument("--connections", type=int, nargs="+", help="for predict-* (default 1 8 32 64; quick 1 8 32)")
+    parser.add_argument("--mc-connections", type=int, nargs="+", help="for mc-100 (default 1 8)")
+    parser.add_argument("--duration", type=int, help="seconds per measurement (default 10; quick 2)")
+    parser.add_argument("--warmup", type=int, help="seconds of warm-up per workload (default 3; quick 1)")
+    parser.add_argument("--quick", action="store_true", help="short measurements, fewer connection counts")
+    parser.add_argument("--no-in-process", action="store_true", help="skip the in-process timings (quick skips them)")
+    parser.add_argument("--out", type=Path, help="JSON results (default bench/results/serving-<UTC time>.json)")
+    args = parser.parse_args(argv)
+    args.connections = args.connections or ([1, 8, 32] if args.quick else [1, 8, 32, 64])
+    args.mc_connections = args.mc_connections or [1, 8]
+    args.duration = args.duration or (2 if args.quick else 10)
+    args.warmup = args.warmup or (1 if args.quick else 3)
+    args.in_process = not (args.quick or args.no_in_process)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    args.out = args.out or ROOT / "bench" / "results" / f"serving-{stamp}.json"
+    args.model_dir = args.model_dir.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    wrk.require_wrk()
     from training import artifact
 
-    versions = artifact.versions(args.model_dir / "digits")
+    versions = artifact.versions(args.model_dir / args.model)
     if not versions:
-        raise SystemExit(f"no digits model in {args.model_dir}: run `python -m training` first")
-    print(f"model: {args.model_dir / 'digits' / str(versions[-1])}, {os.cpu_count()} CPUs")
-    in_process(args.model_dir / "digits" / str(versions[-1]))
-    over_http(args.model_dir, args.connections, args.duration)
+        raise SystemExit(f"no {args.model} model in {args.model_dir}: run `python -m training --if-missing` first")
+    version_dir = args.model_dir / args.model / str(versions[-1])
+    results: dict = {"run": describe_run(args, version_dir), "servers": {}, "runs": []}
+    print(f"model {version_dir}, {os.cpu_count()} CPUs, commit {results['run']['commit'][:10]}", flush=True)
+    reference: dict = {}  # the first server's inference-mode answers, which every other must match
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.servers:
+            status: dict = {"load_average_before": os.getloadavg()}
+            server = None
+            started = time.monotonic()
+            try:
+                server = build(name, args, version_dir, Path(scratch))
+                status["description"] = server.description
+                if name == "mlserver":
+                    status["versions"] = servers.mlserver_version(Path(server.command[0]))
+                load = status["load_average_before"][0]
+                print(f"\n{name}: {server.description} (load average {load:.1f})", flush=True)
+                server.start(args.out.parent / f"{args.out.stem}-logs" / f"{name}.log")
+                results["runs"] += measure(server, args, reference)
+                status["status"] = "ok"
+            except Exception as error:  # one server's failure must not lose the other servers' numbers
+                status.update(status="failed", reason=f"{type(error).__name__}: {error}")
+                print(f"  {name} FAILED: {error}", flush=True)
+            finally:
+                if server is not None:
+                    server.stop()
+            status["seconds"] = round(time.monotonic() - started, 1)
+            results["servers"][name] = status
+    if args.in_process:
+        results["in_process"] = in_process.measure(version_dir, DIGIT_ZERO)
+    results["run"]["load_average_end"] = os.getloadavg()
+    results["ratios"] = ratios(results["runs"])
+
+    run = results["run"]
+    print(f"\n## Serving benchmark, {run['date']}, commit {run['commit'][:10]}", end="")
+    print(" (with uncommitted changes)" if run["uncommitted_changes"] else "")
+    loads = [status["load_average_before"][0] for status in results["servers"].values()]
+    print(
+        f"\n{run['cpus']} CPUs, {run['duration_s']} s per measurement, wrk, one server process at a time;"
+        f" 1-minute load average {min(loads, default=0):.1f}-{max(loads, default=0):.1f} when the servers started"
+    )
+    print(tables(results["runs"], sorted({*args.connections, *args.mc_connections})))
+    print("\nacceptance figures (issue 9), this server with default settings\n")
+    print(ratio_table(results["ratios"]))
+    for name, status in results["servers"].items():
+        if status["status"] != "ok":
+            print(f"\n{name} was not measured: {status['reason']}")
+    if args.in_process:
+        print("\n" + in_process.report(results["in_process"]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nresults: {args.out}")
+    failed = any(s["status"] != "ok" for s in results["servers"].values())
+    return 1 if failed or any(r["non_2xx"] or r["socket_errors"] for r in results["runs"]) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

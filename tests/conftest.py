@@ -102,3 +102,26 @@ class Server:
         code = self.process.wait(timeout=30)
         self.log.close()
         return code
+
+
+def versioned_model(value: float):
+    """A tiny regression model whose every answer is ``value``, with a dropout layer for MC.
+
+    Publishing ``versioned_model(v)`` as version ``v`` lets a test tell from any answer which
+    version produced it.
+    """
+    import keras
+
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dropout(0.2)(inputs)
+    outputs = keras.layers.Dense(1, kernel_initializer="zeros", bias_initializer=keras.initializers.Constant(value))(
+        hidden
+    )
+    return keras.Model(inputs, outputs)
+
+
+def publish_versions(repository: Path, name: str, count: int) -> list[Path]:
+    """Versions 1..count of ``name``, each answering its own number, exported through the real path."""
+    from training import export_model
+
+    return [export_model(versioned_model(v), repository, name, task="regression") for v in range(1, count + 1)]

@@ -116,6 +116,22 @@ check "$answer" 'r["model"] == "digits-mounted" and r["predictions"][0]["label"]
     "/predict on the mounted model: wrong answer"
 echo "serves digits-mounted from the mounted folder"
 
+# A new version published into the mounted repository (staged, then renamed, as the artifact
+# contract does) is picked up without a restart.
+cp -r "$models/digits-mounted/1" "$models/digits-mounted/.staging-2"
+chmod -R a+rX "$models"
+mv "$models/digits-mounted/.staging-2" "$models/digits-mounted/2"
+deadline=$((SECONDS + 60))
+until curl -fsS "http://127.0.0.1:$port2/v1/models/digits-mounted" 2>/dev/null | grep -q '"version":"2","state":"AVAILABLE"'; do
+    ((SECONDS < deadline)) || { podman logs "$MOUNTED" | tail -20 >&2; fail "version 2 not loaded within 60 s"; }
+    sleep 0.5
+done
+answer=$(post "$port2" /predict "{\"model\": \"digits-mounted\", \"instances\": [$ZERO]}")
+check "$answer" 'r["version"] == 2 and r["predictions"][0]["label"] == "0"' "version 2 does not serve"
+answer=$(post "$port2" /v1/models/digits-mounted:predict "{\"instances\": [$ZERO]}")
+check "$answer" 'max(r["predictions"][0]) == r["predictions"][0][0]' "TF Serving REST :predict: not a zero"
+echo "hot reload: version 2 published into the mount serves without a restart; TF Serving REST answers"
+
 echo "== stop"
 t0=$(now)
 podman stop -t 10 "$SERVED" >"$WORK/stop.log" 2>&1 || { cat "$WORK/stop.log" >&2; fail "podman stop"; }

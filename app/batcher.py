@@ -1,0 +1,100 @@
+"""Adaptive batching: concurrent inference-mode requests for one model version share a call.
+
+A request that finds the batcher idle runs at once, alone. Requests that arrive while a call
+is running queue up and go together as the next call, up to ``max_rows`` rows (a request
+larger than that runs on its own, never split). ``timeout`` may hold a call back to let more
+rows arrive; by default nothing waits. Each caller gets its own rows of the outputs back.
+
+Callers have validated their rows before they queue, so one call fails only for a reason its
+whole batch shares. A caller that goes away (client disconnect) leaves its slot unused; its
+batch-mates are not affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(eq=False)
+class _Job:
+    rows: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    queued_at: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        executor: Executor,
+        max_rows: int,
+        timeout: float = 0.0,
+        observe: Callable[[int, float], None] = lambda rows, waited: None,
+    ) -> None:
+        self._run = run
+        self._executor = executor
+        self._max_rows = max_rows
+        self._timeout = timeout
+        self._observe = observe
+        self._pending: deque[_Job] = deque()
+        self._draining: asyncio.Task | None = None
+
+    async def __call__(self, rows: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        job = _Job(rows, loop.create_future(), loop.time())
+        self._pending.append(job)
+        if self._draining is None:
+            self._draining = loop.create_task(self._drain())
+        return await job.future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                if self._timeout and self._queued_rows() < self._max_rows:
+                    await asyncio.sleep(self._timeout)
+                batch = self._take()
+                if not batch:
+                    continue
+                started = loop.time()
+                self._observe(sum(len(job.rows) for job in batch), started - batch[0].queued_at)
+                inputs = batch[0].rows if len(batch) == 1 else np.concatenate([job.rows for job in batch])
+                try:
+                    outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+                except Exception as error:  # delivered to every caller of this batch
+                    for job in batch:
+                        if not job.future.done():
+                            job.future.set_exception(error)
+                    continue
+                start = 0
+                for job in batch:
+                    stop = start + len(job.rows)
+                    if not job.future.done():
+                        job.future.set_result(outputs[start:stop])
+                    start = stop
+        finally:
+            self._draining = None
+
+    def _queued_rows(self) -> int:
+        return sum(len(job.rows) for job in self._pending if not job.future.done())
+
+    def _take(self) -> list[_Job]:
+        """The oldest live jobs that fit in one call (at least one, whatever its size)."""
+        batch: list[_Job] = []
+        rows = 0
+        while self._pending:
+            job = self._pending[0]
+            if job.future.done():  # its caller went away
+                self._pending.popleft()
+                continue
+            if batch and rows + len(job.rows) > self._max_rows:
+                break
+            batch.append(self._pending.popleft())
+            rows += len(job.rows)
+        return batch

@@ -1,0 +1,95 @@
+"""One loaded model version: a SavedModel read through the artifact contract and warmed up.
+
+Only ``tf.saved_model.load`` is used, never Keras: any SavedModel whose ``serving_default``
+takes one float32 tensor serves; ``mc_dropout`` is used when the artifact has it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from training import artifact, signatures
+
+
+@dataclass(eq=False)
+class ServedModel:
+    name: str
+    version: int
+    path: Path
+    task: artifact.Task | None
+    """None for a SavedModel without metadata: outputs are returned as they are."""
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    metadata: artifact.ModelMetadata | None
+    serving: tf.types.experimental.ConcreteFunction
+    mc_dropout: tf.types.experimental.ConcreteFunction | None
+    input_key: str
+    output_key: str
+    saved_model: object = field(repr=False)
+    """The loaded SavedModel; the signatures' variables live as long as it does."""
+    run_predict: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = field(default=None, repr=False)
+    run_sample: Callable[[np.ndarray, int, int], Awaitable[signatures.Samples]] | None = field(default=None, repr=False)
+    """Both set by ``app.inference.Engine.prepare``: how this version runs off the event loop."""
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        return signatures.infer(self.serving, inputs, self.input_key, self.output_key)
+
+    def sample(self, inputs: np.ndarray, samples: int, seed: int) -> signatures.Samples:
+        return signatures.mc_draws(self.mc_dropout, inputs, samples, seed)
+
+    @property
+    def tau(self) -> float | None:
+        return self.metadata.tau if self.metadata else None
+
+    @property
+    def class_labels(self) -> list[str] | None:
+        if self.metadata and self.metadata.class_labels:
+            return self.metadata.class_labels
+        if self.task == "classification":
+            return [str(i) for i in range(self.output_shape[-1])]
+        return None
+
+
+def load_version(name: str, path: Path) -> ServedModel:
+    """Load one version folder and run each signature once, so the first request is not slow.
+
+    Raises ValueError (or TensorFlow's error) with a message that says what is wrong.
+    """
+    loaded = tf.saved_model.load(str(path))
+    if artifact.SERVING_SIGNATURE not in loaded.signatures:
+        raise ValueError(f"{path} has no {artifact.SERVING_SIGNATURE!r} signature")
+    serving = loaded.signatures[artifact.SERVING_SIGNATURE]
+    inputs = serving.structured_input_signature[1]
+    if len(inputs) != 1:
+        raise ValueError(f"{path}: serving_default takes {len(inputs)} inputs; only one is supported")
+    input_key, spec = next(iter(inputs.items()))
+    outputs = serving.structured_outputs
+    output_key = artifact.OUTPUTS_KEY if artifact.OUTPUTS_KEY in outputs else next(iter(outputs))
+    if spec.shape.rank is None or not spec.shape[1:].is_fully_defined() or spec.dtype != tf.float32:
+        raise ValueError(f"{path}: input must be float32 [batch, fixed dims...], got {spec}")
+    metadata = artifact.read_metadata(path)
+    mc = loaded.signatures.get(artifact.MC_SIGNATURE)
+    model = ServedModel(
+        name=name,
+        version=int(path.name),
+        path=path,
+        task=metadata.task if metadata else None,
+        input_shape=tuple(spec.shape[1:].as_list()),
+        output_shape=tuple(outputs[output_key].shape[1:].as_list()),
+        metadata=metadata,
+        serving=serving,
+        mc_dropout=mc,
+        input_key=input_key,
+        output_key=output_key,
+        saved_model=loaded,
+    )
+    warm = np.zeros((1, *model.input_shape), np.float32)
+    model.predict(warm)
+    if mc is not None:
+        model.sample(warm, 2, 0)
+    return model

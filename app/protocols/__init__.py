@@ -1,0 +1,5 @@
+"""The protocol doors: thin adapters from each HTTP API to the one core (registry + inference).
+
+``native`` is dropout-serve's own API, ``tfserving`` TensorFlow Serving's REST API, ``v2`` the
+Open Inference Protocol (KServe, Triton, MLServer).
+"""

@@ -1,0 +1,57 @@
+"""In-process costs behind the HTTP numbers: why the service calls signatures, and MC in one call.
+
+One ``serving_default`` signature call against Keras ``model.predict`` on the same model, and one
+``mc_dropout`` call with T = 100 against 100 inference passes in a Python loop, one instance each.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def best_of(fn: Callable[[], object], repeat: int = 7, number: int = 50) -> float:
+    """Milliseconds per call: the best of several timed batches (the least disturbed)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - start) / number)
+    return min(times) * 1000
+
+
+def measure(version_dir: Path, instance: list[float]) -> dict[str, float]:
+    """Milliseconds per call of each way, for one instance."""
+    import keras
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(version_dir))
+    serving, mc = loaded.signatures["serving_default"], loaded.signatures["mc_dropout"]
+    x = tf.constant([instance], tf.float32)
+    keras_model = keras.Sequential(
+        [keras.Input((len(instance),)), keras.layers.TFSMLayer(str(version_dir), call_endpoint="serving_default")]
+    )
+    samples, seed = tf.constant(100), tf.constant(1, tf.int64)
+    return {
+        "signature_ms": best_of(lambda: serving(inputs=x)),
+        "keras_predict_ms": best_of(lambda: keras_model.predict(x.numpy(), verbose=0), repeat=3, number=10),
+        "mc_dropout_t100_ms": best_of(lambda: mc(inputs=x, samples=samples, seed=seed)),
+        "loop_100_passes_ms": best_of(lambda: [serving(inputs=x) for _ in range(100)], repeat=3, number=3),
+    }
+
+
+def report(ms: dict[str, float]) -> str:
+    signature, predict = ms["signature_ms"], ms["keras_predict_ms"]
+    one_call, loop = ms["mc_dropout_t100_ms"], ms["loop_100_passes_ms"]
+    return "\n".join(
+        [
+            "in-process, one instance (ms per call, best of several batches)",
+            f"  serving_default signature       {signature:8.3f}",
+            f"  keras model.predict             {predict:8.3f}   {predict / signature:6.1f}x the signature",
+            f"  mc_dropout, T=100, one call     {one_call:8.3f}",
+            f"  100 inference passes in a loop  {loop:8.3f}   {loop / one_call:6.1f}x the one MC call",
+        ]
+    )

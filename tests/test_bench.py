@@ -1,0 +1,83 @@
+"""bench/serving.py: its pieces run against a tiny model and produce complete, error-free results.
+
+No timing is asserted: numbers from a shared machine mean nothing in a test. What is checked is
+that every server starts, answers like the others, is measured for every workload and
+connection count asked for, and that no answer was an error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import serving, wrk
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(repository: Path, out: Path, *args: str) -> dict:
+    command = [sys.executable, "bench/serving.py", "--quick", "--duration", "1", "--warmup", "1"]
+    command += ["--model-dir", str(repository), "--model", "tiny", "--out", str(out), *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "| server | request |" in result.stdout  # the markdown tables
+    return json.loads(out.read_text())
+
+
+def assert_complete(results: dict, expected: set[tuple[str, str, int]]) -> None:
+    assert all(status["status"] == "ok" for status in results["servers"].values()), results["servers"]
+    cells = {(r["server"], r["workload"], r["connections"]) for r in results["runs"]}
+    assert cells == expected
+    for run in results["runs"]:
+        assert run["requests"] > 0 and run["rps"] > 0 and 0 < run["p50_ms"] <= run["p99_ms"], run
+        assert run["non_2xx"] == 0 and run["socket_errors"] == 0, run
+
+
+def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_path):
+    assert shutil.which("wrk"), wrk.INSTALL_HINT
+    repository = tiny_classifier_dir.parents[1]
+    servers = ["floor", "minimal", "ours-unbatched", "ours-batched"]
+    results = run_bench(repository, tmp_path / "r.json", "--servers", *servers, "--connections", "1", "8")
+    predict = [("predict-1", c) for c in (1, 8)] + [("predict-32", c) for c in (1, 8)]
+    expected = {("floor", "predict-1", c) for c in (1, 8)} | {("minimal", w, c) for w, c in predict}
+    for ours in servers[2:]:
+        expected |= {(ours, w, c) for w, c in [*predict, ("mc-100", 1), ("mc-100", 8)]}
+    assert_complete(results, expected)
+    assert results["run"]["model"] == str(tiny_classifier_dir)
+    figures = {f["name"]: f for f in results["ratios"]}
+    assert figures["MC T=100 1 instance, 8 conn: req/s vs /predict's"]["value"] > 0
+    assert figures["non-2xx answers and socket errors, all runs"]["met"] is True
+
+
+def test_wrk_result_line_is_read():
+    result = wrk.parse("Running 1s test\nRESULT 1.500000 9.250000 2.000000 3000 1500000 2 1 0 0 3\n")
+    assert (result.p50_ms, result.p99_ms, result.mean_ms, result.requests) == (1.5, 9.25, 2.0, 3000)
+    assert result.rps == 2000 and result.non_2xx == 2 and result.socket_errors == 4
+
+
+def test_ratios_follow_the_acceptance_figures():
+    def run(server, workload, connections, rps, p50=1.0):
+        return dict(server=server, workload=workload, connections=connections, rps=rps, p50_ms=p50)
+
+    runs = [
+        run("floor", "predict-1", 32, 1000),
+        run("ours-batched", "predict-1", 32, 900),
+        run("floor", "predict-1", 1, 500, p50=0.5),
+        run("ours-batched", "predict-1", 1, 400, p50=2.0),
+    ]
+    runs = [{**r, "non_2xx": 0, "socket_errors": 0} for r in runs]
+    runs[0]["non_2xx"] = 3
+    figures = {f["name"]: f for f in serving.ratios(runs)}
+    assert figures["/predict 1 instance, 32 conn: req/s vs floor"]["value"] == pytest.approx(0.9)
+    assert figures["/predict 1 instance, 32 conn: req/s vs floor"]["met"] is True
+    assert figures["/predict 1 instance, 1 conn: p50 minus floor p50"]["value"] == pytest.approx(1.5)
+    assert figures["/predict 1 instance, 1 conn: p50 minus floor p50"]["met"] is False
+    missing = figures["/predict 1 instance, 32 conn: req/s vs MLServer"]
+    assert missing["value"] is None and missing["met"] is None
+    assert figures["non-2xx answers and socket errors, all runs"]["value"] == 3
+    assert figures["non-2xx answers and socket errors, all runs"]["met"] is False

@@ -54,6 +54,8 @@ def test_signatures_apply_the_stored_temperatures(tiny_classifier, digit_rows, t
     raw = model(digit_rows, training=False).numpy()
     np.testing.assert_allclose(served, metrics.temper(raw, 2.5), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(metrics.temper(served, 1 / 2.5), raw, rtol=1e-3, atol=1e-6)  # the report's inverse
+    alone = np.concatenate([signatures.infer(loaded.signatures["serving_default"], row[None]) for row in digit_rows])
+    np.testing.assert_array_equal(alone, served)  # the same bits alone as in a batch (the tempering is row-wise)
     draws = signatures.mc_samples(loaded.signatures[artifact.MC_SIGNATURE], digit_rows, 30, 9)
     np.testing.assert_allclose(draws, metrics.temper(sample(model, digit_rows, 30, 9), 0.5), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="temperature"):

@@ -41,9 +41,19 @@ def _widest_row(graph: tf.Graph) -> int:
 
 
 def temper(probabilities: tf.Tensor, temperature: float) -> tf.Tensor:
-    """``softmax(log p / temperature)``: temperature scaling of probabilities (logits up to a constant)."""
+    """``softmax(log p / temperature)``: temperature scaling of probabilities (logits up to a constant).
+
+    Each row's classes are padded to a multiple of 16 before the ``log``: CPU kernels compute
+    elementwise ops in vector packets and finish a ragged tail with scalar code that rounds
+    differently, so without the padding a row's result would depend on the batch it came in
+    (and ``serving_default`` would no longer give an instance the same bits alone as in a batch).
+    """
+    classes = probabilities.shape[-1]
+    pad = [[0, 0]] * (probabilities.shape.rank - 1) + [[0, -classes % 16]]
+    padded = tf.pad(probabilities, pad, constant_values=1.0)
     tiny = tf.constant(1e-30, probabilities.dtype)  # log 0 = -inf would give NaN for an all-zero row
-    return tf.nn.softmax(tf.math.log(tf.maximum(probabilities, tiny)) / temperature, axis=-1)
+    log_p = tf.math.log(tf.maximum(padded, tiny))[..., :classes]
+    return tf.nn.softmax(log_p / temperature, axis=-1)
 
 
 def _outputs(values: tf.Tensor, likelihood: artifact.Likelihood, temperature: float | None) -> dict[str, tf.Tensor]:

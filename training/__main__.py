@@ -22,7 +22,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--if-missing", action="store_true", help="do nothing if the model already has a version")
     p.add_argument("--architecture", choices=["dense", "conv"], default="dense")
     p.add_argument("--hidden", type=int, nargs="+", help="hidden layer sizes (classification 128 64, regression 50)")
-    p.add_argument("--dropout", type=float, help="dropout rate after each hidden layer (0.5; regression 0.05)")
+    p.add_argument(
+        "--dropout",
+        type=_rate,
+        help="dropout rate after each hidden layer (0.5; regression 0.05), or 'concrete': learned rates (start 0.1)",
+    )
     p.add_argument("--input-dropout", type=float, help="dropout rate on the inputs (0; regression: --dropout)")
     p.add_argument("--spatial-dropout", type=float, default=0.25, help="SpatialDropout2D rate (conv)")
     p.add_argument("--weight-decay", type=float, help="L2 factor on every kernel (regression: from tau)")
@@ -51,6 +55,15 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _rate(text: str) -> float | str:
+    if text == "concrete":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate or 'concrete', got {text!r}") from None
+
+
 def _run_train(args: argparse.Namespace) -> None:
     from training import data as datasets
 
@@ -70,7 +83,8 @@ def _run_train(args: argparse.Namespace) -> None:
     from training.train import TrainConfig, train
 
     regression = dataset.task == "regression"
-    dropout = args.dropout if args.dropout is not None else (0.05 if regression else 0.5)
+    concrete = args.dropout == "concrete"
+    dropout = 0.1 if concrete else args.dropout if args.dropout is not None else (0.05 if regression else 0.5)
     config = ModelConfig(
         architecture=args.architecture,
         hidden=tuple(args.hidden or ((50,) if regression else (128, 64))),
@@ -79,6 +93,7 @@ def _run_train(args: argparse.Namespace) -> None:
         spatial_dropout=args.spatial_dropout,
         weight_decay=args.weight_decay or 0.0,
         learning_rate=args.learning_rate,
+        concrete=concrete,
     )
     settings = TrainConfig(
         epochs=args.epochs or (400 if regression else 300),

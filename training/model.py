@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from training.artifact import Likelihood, Task
+from training.concrete import ConcreteDropout, ConcreteL2
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class ModelConfig:
     weight_decay: float | tuple[float, ...] = 0.0
     """L2 factor on every Dense/Conv kernel, or one per kernel in order (see ``mc_weight_decay``)."""
     learning_rate: float = 1e-3
+    concrete: bool = False
+    """Learn the dense layers' dropout rates (Concrete Dropout); ``dropout``/``input_dropout`` are the start."""
+    concrete_rows: int = 1000
+    """Training rows N, for the concrete regularizers ``l² / N`` (weights) and ``2 / N`` (rates)."""
 
 
 def mc_weight_decay(config: ModelConfig, rows: int, tau: float, length_scale: float = 1e-2) -> tuple[float, ...]:
@@ -96,14 +101,30 @@ def build_network(
             if min(x.shape[1:3]) >= 4:
                 x = keras.layers.MaxPooling2D()(x)
         x = keras.layers.Flatten()(x)
+    feeding: ConcreteDropout | None = None  # the concrete dropout layer in front of the next kernel
+
+    def dropout(rate: float):
+        nonlocal feeding
+        if config.concrete:
+            feeding = ConcreteDropout(rate, dropout_regularizer=2.0 / config.concrete_rows)
+            return feeding
+        return keras.layers.Dropout(rate)
+
+    def kernel_regularizer():
+        nonlocal feeding
+        if feeding is None:
+            return regularizer()
+        fed, feeding = feeding, None
+        return ConcreteL2(1e-4 / config.concrete_rows, fed)  # l² / N with the prior length-scale l = 1e-2
+
     if config.input_dropout:
-        x = keras.layers.Dropout(config.input_dropout)(x)
+        x = dropout(config.input_dropout)(x)
     for units in config.hidden:
-        x = keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer())(x)
-        x = keras.layers.Dropout(config.dropout)(x)
+        x = keras.layers.Dense(units, activation="relu", kernel_regularizer=kernel_regularizer())(x)
+        x = dropout(config.dropout)(x)
     activation = "softmax" if task == "classification" else None
     width = 2 * outputs if heteroscedastic else outputs
-    outputs = keras.layers.Dense(width, activation=activation, kernel_regularizer=regularizer())(x)
+    outputs = keras.layers.Dense(width, activation=activation, kernel_regularizer=kernel_regularizer())(x)
     model = keras.Model(inputs, outputs, name=f"{config.architecture}_dropout_net")
     if task == "classification":
         loss = "sparse_categorical_crossentropy"

@@ -87,6 +87,8 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
             prior_tau = 1.0 if heteroscedastic else settings.tau or float(1.0 / np.mean(y_scale**2))
             config = replace(config, weight_decay=mc_weight_decay(config, len(y_fit), prior_tau))
 
+    if config.concrete:
+        config = replace(config, concrete_rows=len(fit_rows.y))
     network = build_network(config, data.x.shape[1:], outputs, data.task, settings.likelihood, settings.beta)
     history = network.fit(
         x_fit,

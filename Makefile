@@ -6,16 +6,28 @@ PORT ?= 8000
 BENCH_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench clean
+# Debian tools the tests drive: haproxy (tests/test_replicas.py) and wrk (tests/test_bench.py).
+TEST_TOOLS := haproxy wrk
+
+.PHONY: serve test test-tools lint bench bench-replicas clean
 
 serve: $(VENV)/.installed
 	$(BIN)/python -m training --if-missing
 	DROPOUT_SERVE_HOST=$(HOST) DROPOUT_SERVE_PORT=$(PORT) $(BIN)/python -m app
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed test-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+test-tools:
+	@missing=$$(for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || echo $$tool; done); \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo "installing" $$missing; apt-get update -qq && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	    else echo "the tests need:" $$missing "(Debian: sudo apt-get install" $$missing")"; exit 1; fi; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +38,11 @@ $(VENV)/.installed: pyproject.toml
 bench: $(VENV)/.installed
 	$(BIN)/python -m training --if-missing
 	$(BIN)/python bench/serving.py $(BENCH_ARGS)
+
+# Throughput with 1, 2 and 3 replicas behind HAProxy (apt-get install haproxy).
+bench-replicas: $(VENV)/.installed
+	$(BIN)/python -m training --if-missing
+	$(BIN)/python bench/replicas.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -22,12 +22,12 @@ PROTOCOL_PREFIXES = ("/v1/", "/v2/")
 """TF Serving's and the Open Inference Protocol's routes answer errors as ``{"error": ...}``."""
 
 
-def _is_protocol(path: str) -> bool:
+def is_protocol(path: str) -> bool:
     return path.startswith(PROTOCOL_PREFIXES) or path == "/v2"
 
 
 def error_response(path: str, status: int, message: str) -> JSONResponse:
-    key = "error" if _is_protocol(path) else "detail"
+    key = "error" if is_protocol(path) else "detail"
     return JSONResponse({key: message}, status_code=status)
 
 
@@ -50,7 +50,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         return error_response(
             request.url.path, 400, f"request body is not valid JSON: {reason} (at character {position})"
         )
-    status = 400 if _is_protocol(request.url.path) else 422  # TF Serving and Triton: invalid argument
+    status = 400 if is_protocol(request.url.path) else 422  # TF Serving and Triton: invalid argument
     return error_response(request.url.path, status, "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors))
 
 

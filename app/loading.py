@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -33,13 +34,14 @@ class ServedModel:
     saved_model: object = field(repr=False)
     """The loaded SavedModel; the signatures' variables live as long as it does."""
     run_predict: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = field(default=None, repr=False)
-    run_sample: Callable[[np.ndarray, int, int], Awaitable[signatures.Samples]] | None = field(default=None, repr=False)
+    run_sample: Callable[..., Awaitable[Any]] | None = field(default=None, repr=False)
     """Both set by ``app.inference.Engine.prepare``: how this version runs off the event loop."""
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         return signatures.infer(self.serving, inputs, self.input_key, self.output_key)
 
     def sample(self, inputs: np.ndarray, samples: int, seed: int) -> signatures.Samples:
+        """``outputs [T, N, ...]``, and ``variance`` (same shape) for a heteroscedastic model, else None."""
         return signatures.mc_draws(self.mc_dropout, inputs, samples, seed)
 
     @property

@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import tensorflow as tf
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
+from app import openapi
 from app.errors import BodySizeLimit, install_error_handlers
 from app.inference import Engine
+from app.operations import install_operations
 from app.protocols import native, tfserving, v2
 from app.registry import start_registry
 from app.settings import Settings
@@ -58,19 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    app.openapi = lambda: _openapi(app)
+    install_operations(app, settings)
+    openapi.install(app, settings)
     return app
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, plus the request bodies that routes read themselves (``openapi_extra``)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in native.REQUEST_MODELS:
-            components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 app = create_app()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from app import repository
+from app import metrics, repository
 from app.errors import ApiError
 from app.loading import ServedModel, load_version
 from app.settings import Settings
@@ -168,11 +168,13 @@ class Registry:
         except Exception as error:  # any failure of a SavedModel load is the version's status, not ours
             entry.state, entry.error, entry.failed_prints = "END", _describe(error), prints
             log.error("could not load %s version %d: %s", name, version, entry.error)
+            metrics.model_load_failed(name, version)
             return False
         with self._lock:
             entry.model, entry.state = model, "AVAILABLE"
             self._refresh()
         log.info("loaded %s version %d in %.1f s", name, version, time.monotonic() - started)
+        metrics.model_loaded(name, version, time.monotonic() - started)
         return True
 
     def _retire(self, name: str, version: int, why: str) -> None:
@@ -184,6 +186,7 @@ class Registry:
             if done:
                 entry.state, entry.model = "END", None
         log.info("retiring %s version %d (%s)%s", name, version, why, "" if done else "; draining")
+        metrics.model_unloaded(name, version)
 
     def _retire_model(self, name: str, why: str) -> None:
         for version, entry in list(self._models.get(name, {}).items()):

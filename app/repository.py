@@ -16,14 +16,18 @@ The model config file (``DROPOUT_SERVE_MODEL_CONFIG``, JSON or YAML) follows TF 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from training import artifact
+
+log = logging.getLogger("dropout_serve")
 
 REQUIRED_FILES = ("saved_model.pb", "variables/variables.index")
 """A SavedModel folder without these is still being written (or is not a SavedModel)."""
@@ -119,7 +123,8 @@ def scan(repository: Path, config: ModelsConfig, default_policy: VersionPolicy) 
     found: dict[str, ScannedModel] = {}
     try:
         names = artifact.model_names(repository)
-    except OSError:
+    except OSError as error:
+        _unreadable(str(repository), str(error))
         return found
     for name in names:
         policy = config.models.get(name, ModelPolicy())
@@ -130,6 +135,12 @@ def scan(repository: Path, config: ModelsConfig, default_policy: VersionPolicy) 
                 model.folders[version] = prints
         found[name] = model
     return found
+
+
+@cache
+def _unreadable(repository: str, error: str) -> None:
+    """Said once per repository and error, not at every rescan."""
+    log.error("cannot read the model repository %s (%s); serving what is loaded, rescanning", repository, error)
 
 
 def _versions(model_dir: Path) -> list[int]:

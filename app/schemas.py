@@ -29,7 +29,10 @@ knows the shape and names the bad element, and costs one NumPy conversion when a
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"instances": [DIGIT_ZERO]}]})
+    # Strict: the documented types only (no "5" for 5, no 0 for false), and no unknown fields.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"instances": [DIGIT_ZERO]}]}
+    )
 
     instances: Instances = Field(
         min_length=1, description="one entry per input, each shaped like the model's input (64 numbers for digits)"
@@ -46,7 +49,9 @@ class MCDropoutRequest(PredictRequest):
     return_samples: bool = Field(False, description="include every sample's output")
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"instances": [DIGIT_ZERO], "samples": 100, "seed": 42}]}
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"instances": [DIGIT_ZERO], "samples": 100, "seed": 42}]},
     )
 
 
@@ -125,6 +130,12 @@ class ModelInfo(BaseModel):
     latest: int
     versions: list[ModelVersion]
     labels: dict[str, int] = Field(default_factory=dict, description="version labels, e.g. stable -> 3")
+
+
+class ProtocolError(BaseModel):
+    """Every TF Serving and Open Inference Protocol error, as those servers write theirs."""
+
+    error: str = Field(description="what is wrong")
 
 
 class ErrorResponse(BaseModel):

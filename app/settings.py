@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,3 +36,29 @@ class Settings(BaseSettings):
     default_samples: int = Field(100, ge=1)
     max_mc_rows: int = Field(200_000, ge=1, description="T x instances per MC request")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request body size")
+    log_format: Literal["text", "json"] = Field("text", description="one line per request, as text or JSON")
+    api_keys: SecretStr | None = Field(
+        None, description="comma-separated API keys; when set, every route but health (and docs) needs one"
+    )
+    metrics_require_key: bool = Field(False, description="/metrics needs an API key too (when keys are set)")
+    mc_dropout_enabled: bool = Field(True, description="false answers the MC-dropout endpoint with 403")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS ('*' for any); empty: CORS off")
+    max_in_flight: int = Field(
+        256, ge=1, description="requests in progress at once per worker; beyond it 503 + Retry-After"
+    )
+    request_timeout: float = Field(30.0, ge=0, description="seconds a request may take before a 504; 0: no limit")
+    max_return_values: int = Field(
+        100_000, ge=1, description="T x instances x outputs returned when return_samples is true"
+    )
+    access_log: bool = Field(True, description="one log line per request (off: e.g. benchmarks that compare servers)")
+    keep_alive_seconds: float = Field(
+        75.0, gt=0, description="idle connections are closed after this (python -m app); above any proxy's idle timeout"
+    )
+
+    def api_key_list(self) -> list[str]:
+        """The configured keys; empty when access is open."""
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return [key.strip() for key in raw.split(",") if key.strip()]
+
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]

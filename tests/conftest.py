@@ -60,9 +60,11 @@ def digit_rows() -> np.ndarray:
 
 
 class Server:
-    """A real ``uvicorn app.main:app`` process on a free loopback port."""
+    """A real service process on a free loopback port: ``uvicorn app.main:app``, or with
+    ``entry="app"`` the production entry ``python -m app`` (host and port from the settings);
+    ``preexec_fn`` runs in the child before the exec (to drop privileges)."""
 
-    def __init__(self, model_dir: Path, **settings: object) -> None:
+    def __init__(self, model_dir: Path, *, preexec_fn=None, entry: str = "uvicorn", **settings: object) -> None:
         import os
         import socket
 
@@ -72,13 +74,13 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DROPOUT_SERVE_MODEL_DIR": str(model_dir)}
         env.update({f"DROPOUT_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
+        command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        if entry == "app":
+            command = [sys.executable, "-m", "app"]
+            env.update(DROPOUT_SERVE_HOST="127.0.0.1", DROPOUT_SERVE_PORT=str(self.port))
         self.log = open(model_dir.parent / f"uvicorn-{self.port}.log", "w")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
+            command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
         )
         self.wait_until_up()
 

@@ -44,6 +44,21 @@ def repository(digits_repository, tmp_path_factory):
     plain = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(inputs))
     export_model(plain, root, "plain", task="classification")
 
+    data = digits()
+    normalized = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(32),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    normalized.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    normalized.fit(data.x[:256], data.y[:256].ravel(), epochs=2, batch_size=64, verbose=0)  # moving stats != init
+    export_model(normalized, root, "batchnorm", task="classification")
+
     class Foreign(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
         def double(self, x):
@@ -123,20 +138,32 @@ def test_seeded_requests_repeat_exactly_and_unseeded_ones_differ(client):
 
 
 def test_seeded_answer_survives_a_restart(repository):
-    request = {"instances": [DIGIT_ZERO], "samples": 30, "seed": 99, "return_samples": True}
+    request = {"model": "digits", "instances": [DIGIT_ZERO], "samples": 30, "seed": 99, "return_samples": True}
     answers = []
     for _ in range(2):
         server = Server(repository)
-        answers.append(httpx.post(f"{server.url}/predict/mc-dropout", json=request, timeout=30).content)
+        response = httpx.post(f"{server.url}/predict/mc-dropout", json=request, timeout=30)
         server.stop()
+        assert response.status_code == 200, response.text
+        answers.append(response.content)
+    assert len(json.loads(answers[0])["predictions"][0]["samples"]) == 30
     assert answers[0] == answers[1]
 
 
-def test_predict_is_unchanged_after_many_mc_requests(client):
-    before = client.post("/predict", json={"instances": [DIGIT_ZERO]}).content
+def test_predict_is_unchanged_after_many_mc_requests_on_a_batchnorm_model(client, repository):
+    """BatchNormalization is the layer ``training=True`` would corrupt (batch statistics, moving averages)."""
+    rows = digits().x[:8].tolist()
+    request = {"model": "batchnorm", "instances": rows}
+    before = client.post("/predict", json=request)
+    assert before.status_code == 200
+    loaded = tf.saved_model.load(str(repository / "batchnorm" / "1")).signatures["serving_default"]
+    expected = loaded(inputs=tf.constant(rows, tf.float32))["outputs"].numpy()
+    got = np.array([p["probabilities"] for p in before.json()["predictions"]], dtype=np.float32)
+    np.testing.assert_array_equal(got, expected)
     for seed in range(40):
-        assert client.post("/predict/mc-dropout", json={"instances": [DIGIT_ZERO], "seed": seed}).status_code == 200
-    assert client.post("/predict", json={"instances": [DIGIT_ZERO]}).content == before
+        mc = client.post("/predict/mc-dropout", json={**request, "samples": 20, "seed": seed})
+        assert mc.status_code == 200
+    assert client.post("/predict", json=request).content == before.content
 
 
 def test_regression_reports_epistemic_aleatoric_and_interval(client, repository):
@@ -163,7 +190,7 @@ def test_foreign_saved_model_serves_raw_outputs(client):
 
 def test_model_listing_and_details(client):
     models = {m["name"]: m for m in client.get("/models").json()}
-    assert set(models) == {"digits", "diabetes", "plain", "foreign"}
+    assert set(models) == {"digits", "diabetes", "plain", "foreign", "batchnorm"}
     assert models["digits"]["default"] and not models["plain"]["default"]
     digits_info = client.get("/models/digits").json()
     version = digits_info["versions"][0]
@@ -176,7 +203,7 @@ def test_model_listing_and_details(client):
 
 def test_health_and_docs(client):
     assert client.get("/health/live").json() == {"status": "alive"}
-    assert client.get("/health/ready").json() == {"status": "ready", "models": 4}
+    assert client.get("/health/ready").json() == {"status": "ready", "models": 5}
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     assert schema["MCDropoutRequest"]["examples"][0]["instances"] == [DIGIT_ZERO]

@@ -106,6 +106,12 @@ BAD = {
         "exactly one",
     ),
     "no input": ("/v1/models/digits:predict", {"signature_name": "serving_default"}, 400, "exactly one"),
+    "signature not a string": (
+        "/v1/models/digits:predict",
+        {"signature_name": {}, "instances": [DIGIT_ZERO]},
+        400,
+        "'signature_name' must be a string",
+    ),
     "unknown signature": ("/v1/models/digits:predict", {"signature_name": "x", "instances": [DIGIT_ZERO]}, 400, "'x'"),
     "mc in rows": (
         "/v1/models/digits:predict",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +129,48 @@ def test_help_lists_the_training_options(capsys):
     for option in ("{train,uci,evaluate}", "--epochs", "--dropout", "--hidden", "--seed", "--likelihood"):
         assert option in shown
     assert "--calibrate" in shown
+
+
+def _disk_full(monkeypatch):
+    """The SavedModel is half written when the disk fills up."""
+
+    def save(obj, export_dir, signatures=None):
+        (Path(export_dir) / "variables").mkdir(parents=True)
+        (Path(export_dir) / "saved_model.pb").write_bytes(b"\x08\x01partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tf.saved_model, "save", save)
+    return {}
+
+
+def _interrupted(monkeypatch):
+    """Ctrl-C after the SavedModel is written, while the metadata is being written."""
+    real_save = tf.saved_model.save
+
+    def save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tf.saved_model, "save", save)
+    return {}
+
+
+EXPORT_FAILURES = {
+    "disk full while writing the SavedModel": _disk_full,
+    "interrupted after the SavedModel": _interrupted,
+    "metadata that cannot be written": lambda monkeypatch: {"training": {"callback": object()}},
+}
+
+
+@pytest.mark.parametrize("case", EXPORT_FAILURES)
+def test_a_failed_export_leaves_no_version_and_no_staging_folder(case, tiny_classifier, tiny_classifier_dir, tmp_path):
+    from training import export_model
+
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_classifier_dir, repository / "tiny" / "1")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        extra = EXPORT_FAILURES[case](monkeypatch)
+        with pytest.raises((OSError, KeyboardInterrupt, ValueError, TypeError)):
+            export_model(tiny_classifier.model, repository, "tiny", task="classification", **extra)
+    assert sorted(p.name for p in (repository / "tiny").iterdir()) == ["1"]  # no version 2, no .staging-*
+    assert export_model(tiny_classifier.model, repository, "tiny", task="classification").name == "2"

@@ -279,6 +279,8 @@ BAD = {
     "unknown model": ("/v2/models/mnist/infer", json_request(), 404, "unknown model 'mnist'"),
     "unknown version": ("/v2/models/digits/versions/7/infer", json_request(), 404, "7"),
     "version not a number": ("/v2/models/digits/versions/latest/infer", json_request(), 400, "positive integer"),
+    "datatype an object": (INFER, json_request(datatype={}), 400, "datatype: expected one of"),
+    "outputs null": (INFER, json_request(outputs=None), 400, "outputs: null is not allowed"),
     "wrong input name": (INFER, json_request(name="INPUT0"), 400, "takes one input, 'inputs'; got 'INPUT0'"),
     "wrong shape": (INFER, json_request(rows=[DIGIT_ZERO[:63]], shape=(1, 63)), 400, "shape [1, 63] does not match"),
     "flat shape": (INFER, json_request(rows=DIGIT_ZERO, shape=(64,)), 400, "shape [64] does not match [-1, 64]"),

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from app import inference
+from app import inference, metrics
+from app.context import annotate
+from app.limits import check_mc_enabled, check_return_samples
 from app.loading import ServedModel
 from app.protocols.body import json_body_schema, json_response, may_hold_booleans, read_json, validate
 from app.registry import Registry
@@ -28,6 +29,7 @@ from app.schemas import (
     PredictResponse,
 )
 from app.settings import Settings
+from training import signatures
 from training.uncertainty import summarize_classification, summarize_regression
 
 router = APIRouter()
@@ -63,8 +65,10 @@ async def predict(request: Request) -> Response:
     """Inference-mode prediction (dropout off), as Keras' ``model(x, training=False)``."""
     data, raw = await read_json(request)
     body = validate(PredictRequest, data)
+    annotate(request, instances=len(body.instances))
     inference.check_instances(len(body.instances), _settings(request))
     with _registry(request).lease(body.model, body.version) as model:
+        annotate(request, model=model.name, version=model.version)
         batch = inference.to_array(body.instances, model.input_shape, may_hold_booleans(raw))
         outputs = await inference.predict(model, batch)
         return json_response(_answer(model, _predictions(model, outputs)))
@@ -83,21 +87,27 @@ async def predict_mc_dropout(request: Request) -> Response:
     The response states T and the seed; sending the same instances, T and seed again
     returns the identical answer, from any replica, before or after a restart.
     """
+    settings = _settings(request)
+    check_mc_enabled(settings)
     data, raw = await read_json(request)
     body = validate(MCDropoutRequest, data)
-    settings = _settings(request)
+    annotate(request, instances=len(body.instances))
     inference.check_instances(len(body.instances), settings)
     with _registry(request).lease(body.model, body.version) as model:
+        annotate(request, model=model.name, version=model.version)
         samples = inference.check_mc(model, len(body.instances), body.samples, settings)
+        annotate(request, samples=samples)
+        if body.return_samples:
+            check_return_samples(settings, samples, len(body.instances), model.output_shape)
         batch = inference.to_array(body.instances, model.input_shape, may_hold_booleans(raw))
         seed = secrets.randbits(63) if body.seed is None else body.seed
-        draws, variance = await inference.sample(model, batch, samples, seed)
 
-        def summarize() -> Response:  # up to 0.2 s for the largest T x N: kept off the event loop
-            predictions = _mc_predictions(model, draws.astype(np.float64), body.return_samples, variance)
+        def summarize(draws: signatures.Samples) -> Response:  # up to 0.2 s for the largest T x N: not on the loop
+            outputs = draws.outputs.astype(np.float64)
+            predictions = _mc_predictions(model, outputs, body.return_samples, draws.variance)
             return json_response(_answer(model, predictions, samples=samples, seed=seed))
 
-        return await run_in_threadpool(summarize)
+        return await inference.sample(model, batch, samples, seed, summarize)
 
 
 def _answer(model: ServedModel, predictions: list[dict], **extra) -> dict:
@@ -129,6 +139,7 @@ def _mc_predictions(
     count = draws.shape[1]
     if model.task == "classification":
         s = summarize_classification(draws)
+        metrics.observe_mc(model.name, model.version, model.task, s)
         labels = model.class_labels
         answers = [
             {
@@ -145,6 +156,7 @@ def _mc_predictions(
         ]
     elif model.task == "regression":
         r = summarize_regression(draws, model.tau, variance)  # variance: per-instance noise (heteroscedastic)
+        metrics.observe_mc(model.name, model.version, model.task, r)
         answers = [r.answer(i) for i in range(count)]
     else:
         mean, std = draws.mean(axis=0), draws.std(axis=0)

@@ -17,20 +17,87 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from google.protobuf import json_format
+from pydantic import BaseModel, Field
+from starlette.convertors import Convertor, register_url_convertor
 from tensorflow.core.protobuf import saved_model_pb2
 
 from app import inference
+from app.context import annotate
 from app.errors import ApiError
+from app.limits import check_mc_enabled, check_return_samples
 from app.loading import ServedModel
 from app.protocols.body import json_response, may_hold_booleans, read_json
 from app.registry import Registry
-from app.schemas import SEED_MAX
+from app.schemas import DIGIT_ZERO, SEED_MAX, ProtocolError
 from training import artifact
 
+
+class _Segment(Convertor):
+    """A path segment without ':', so ``/v1/models/digits:predict`` never reads as the model ``digits:predict``."""
+
+    regex = "[^/:]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("segment", _Segment())
 router = APIRouter(prefix="/v1/models", tags=["TensorFlow Serving REST API"])
 
-_TF_SERVING_ERRORS = {404: {"description": '{"error": ...}: unknown model, version or label'}}
-_ERROR_CODES = {"OK": "OK", "failed": "UNKNOWN"}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ProtocolError, "description": "invalid argument (TF Serving's INVALID_ARGUMENT), named in 'error'"},
+    404: {"model": ProtocolError, "description": "unknown model, version or label"},
+}
+
+_PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    413: {"model": ProtocolError, "description": "the body is larger than DROPOUT_SERVE_MAX_BODY_BYTES"},
+}
+
+
+class VersionStatus(BaseModel):
+    version: str
+    state: str = Field(description="LOADING, AVAILABLE, UNLOADING or END")
+    status: dict[str, str] = Field(description="error_code (OK, or UNKNOWN for a failed load) and error_message")
+
+
+class ModelStatus(BaseModel):
+    model_version_status: list[VersionStatus]
+
+
+class ModelMetadata(BaseModel):
+    model_spec: dict[str, str] = Field(description="name, signature_name, version")
+    metadata: dict[str, Any] = Field(description="signature_def: the SavedModel's SignatureDefs")
+
+
+class Prediction(BaseModel):
+    predictions: list[Any] | None = Field(None, description="row format: one entry per instance")
+    outputs: Any = Field(None, description="columnar format (and mc_dropout): the output tensor")
+
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "signature_name": {"type": "string", "enum": ["serving_default", "mc_dropout"]},
+                        "instances": {"type": "array", "minItems": 1, "items": {}},
+                        "inputs": {},
+                    },
+                    "oneOf": [{"required": ["instances"]}, {"required": ["inputs"]}],
+                },
+                "example": {"instances": [DIGIT_ZERO]},
+            }
+        },
+    }
+}
 
 
 def _registry(request: Request) -> Registry:
@@ -59,18 +126,18 @@ def _status(registry: Registry, name: str, version: int | None = None, label: st
     )
 
 
-@router.get("/{name}", responses=_TF_SERVING_ERRORS)
+@router.get("/{name:segment}", response_model=ModelStatus, responses=_ERRORS)
 async def model_status(name: str, request: Request) -> Response:
     """The state of every version TF Serving would list: LOADING, AVAILABLE, UNLOADING or END."""
     return _status(_registry(request), name)
 
 
-@router.get("/{name}/versions/{version}", responses=_TF_SERVING_ERRORS)
+@router.get("/{name:segment}/versions/{version:segment}", response_model=ModelStatus, responses=_ERRORS)
 async def version_status(name: str, version: int, request: Request) -> Response:
     return _status(_registry(request), name, version)
 
 
-@router.get("/{name}/labels/{label}", responses=_TF_SERVING_ERRORS)
+@router.get("/{name:segment}/labels/{label:segment}", response_model=ModelStatus, responses=_ERRORS)
 async def label_status(name: str, label: str, request: Request) -> Response:
     return _status(_registry(request), name, label=label)
 
@@ -99,17 +166,17 @@ def _metadata(model: ServedModel) -> Response:
     )
 
 
-@router.get("/{name}/metadata", responses=_TF_SERVING_ERRORS)
+@router.get("/{name:segment}/metadata", response_model=ModelMetadata, responses=_ERRORS)
 async def model_metadata(name: str, request: Request) -> Response:
     return _metadata(_registry(request).get(name))
 
 
-@router.get("/{name}/versions/{version}/metadata", responses=_TF_SERVING_ERRORS)
+@router.get("/{name:segment}/versions/{version:segment}/metadata", response_model=ModelMetadata, responses=_ERRORS)
 async def version_metadata(name: str, version: int, request: Request) -> Response:
     return _metadata(_registry(request).get(name, version))
 
 
-@router.get("/{name}/labels/{label}/metadata", responses=_TF_SERVING_ERRORS)
+@router.get("/{name:segment}/labels/{label:segment}/metadata", response_model=ModelMetadata, responses=_ERRORS)
 async def label_metadata(name: str, label: str, request: Request) -> Response:
     registry = _registry(request)
     return _metadata(registry.get(*registry.resolve(name, label=label)))
@@ -125,8 +192,11 @@ async def _predict(request: Request, name: str, version: int | None = None, labe
             raise ApiError(400, f"unknown field(s) {sorted(unknown)}; expected signature_name and instances or inputs")
         if ("instances" in data) == ("inputs" in data):
             raise ApiError(400, "send exactly one of 'instances' (row format) or 'inputs' (columnar format)")
-        signature = data.get("signature_name") or artifact.SERVING_SIGNATURE
+        signature = data.get("signature_name", artifact.SERVING_SIGNATURE)
+        if not isinstance(signature, str):
+            raise ApiError(400, f"'signature_name' must be a string, got {signature!r}")
         with _registry(request).lease(name, version, label) as model:
+            annotate(request, model=model.name, version=model.version)
             if signature == artifact.SERVING_SIGNATURE:
                 return await _serving_default(request, model, data, may_hold_booleans(raw))
             if signature == artifact.MC_SIGNATURE and model.mc_dropout is not None:
@@ -163,6 +233,7 @@ async def _serving_default(request: Request, model: ServedModel, data: dict[str,
         if not isinstance(columns, list) or not columns:
             raise ApiError(400, "'inputs' must be a non-empty list of instances")
         rows = columns
+    annotate(request, instances=len(rows))
     inference.check_instances(len(rows), request.app.state.settings)
     outputs = await inference.predict(model, inference.to_array(rows, model.input_shape, booleans))
     key = "predictions" if "instances" in data else "outputs"
@@ -170,6 +241,7 @@ async def _serving_default(request: Request, model: ServedModel, data: dict[str,
 
 
 async def _mc_dropout(request: Request, model: ServedModel, data: dict[str, Any], booleans: bool) -> Response:
+    check_mc_enabled(request.app.state.settings)
     names = (artifact.INPUTS_KEY, artifact.SAMPLES_KEY, artifact.SEED_KEY)
     columns = data.get("inputs")
     if not isinstance(columns, dict) or set(columns) != set(names):
@@ -188,21 +260,32 @@ async def _mc_dropout(request: Request, model: ServedModel, data: dict[str, Any]
     settings = request.app.state.settings
     inference.check_instances(len(rows), settings)
     inference.check_mc(model, len(rows), samples, settings)
-    draws = await inference.sample(model, inference.to_array(rows, model.input_shape, booleans), samples, seed)
-    return json_response({"outputs": draws.outputs.tolist()})
+    annotate(request, instances=len(rows), samples=samples)
+    check_return_samples(settings, samples, len(rows), model.output_shape)  # every sample is returned
+    batch = inference.to_array(rows, model.input_shape, booleans)
+    return await inference.sample(
+        model, batch, samples, seed, lambda draws: json_response({"outputs": draws.outputs.tolist()})
+    )
 
 
-@router.post("/{name}:predict", responses=_TF_SERVING_ERRORS)
+_PREDICT_ROUTE: dict[str, Any] = {
+    "response_model": Prediction,
+    "responses": _PREDICT_ERRORS,
+    "openapi_extra": _PREDICT_BODY,
+}
+
+
+@router.post("/{name:segment}:predict", **_PREDICT_ROUTE)
 async def predict(name: str, request: Request) -> Response:
     """Row (``instances``) or columnar (``inputs``) prediction on the latest version."""
     return await _predict(request, name)
 
 
-@router.post("/{name}/versions/{version}:predict", responses=_TF_SERVING_ERRORS)
+@router.post("/{name:segment}/versions/{version:segment}:predict", **_PREDICT_ROUTE)
 async def predict_version(name: str, version: int, request: Request) -> Response:
     return await _predict(request, name, version)
 
 
-@router.post("/{name}/labels/{label}:predict", responses=_TF_SERVING_ERRORS)
+@router.post("/{name:segment}/labels/{label:segment}:predict", **_PREDICT_ROUTE)
 async def predict_label(name: str, label: str, request: Request) -> Response:
     return await _predict(request, name, label=label)

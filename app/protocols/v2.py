@@ -19,6 +19,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -27,14 +28,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app import inference
+from app import inference, metrics
+from app.context import annotate
 from app.errors import ApiError
+from app.limits import check_mc_enabled
 from app.loading import ServedModel
 from app.protocols import v2_codec as codec
 from app.protocols import v2_schemas as docs
 from app.registry import Registry
 from app.settings import Settings
-from training import artifact
+from training import artifact, signatures
 from training.uncertainty import summarize_classification, summarize_regression
 
 router = APIRouter(prefix="/v2", tags=["v2 (KServe, Triton)"])
@@ -70,9 +73,7 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _version(text: str | None) -> int | None:
-    if text is None:
-        return None
+def _version(text: str) -> int:
     if not (text.isascii() and text.isdigit() and int(text) > 0):
         raise ApiError(400, f"model version must be a positive integer, got {text!r}")
     return int(text)
@@ -108,10 +109,18 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get("/models/{name}", response_model=docs.ModelMetadata, responses=docs.ERRORS, summary="Model metadata")
+async def model_metadata(request: Request, name: str) -> dict[str, Any]:
+    return _metadata(request, name, None)
+
+
 @router.get("/models/{name}/versions/{version}", response_model=docs.ModelMetadata, responses=docs.ERRORS)
-async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+async def version_metadata(request: Request, name: str, version: str) -> dict[str, Any]:
+    return _metadata(request, name, _version(version))
+
+
+def _metadata(request: Request, name: str, version: int | None) -> dict[str, Any]:
     registry = _registry(request)
-    model = registry.get(name, _version(version))
+    model = registry.get(name, version)
     return {
         "name": model.name,
         "versions": [str(s.version) for s in registry.status(name) if s.state == "AVAILABLE"],
@@ -126,11 +135,23 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     }
 
 
-@router.get("/models/{name}/ready", response_model=docs.ModelReady, responses={**docs.ERRORS, 503: {}})
-@router.get("/models/{name}/versions/{version}/ready", response_model=docs.ModelReady, responses=docs.ERRORS)
-async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
-    """200 if the model (version) serves, 503 if it is known but not (yet or any more) serving."""
-    number = _version(version)
+_NOT_READY = {503: {"model": docs.ModelReady, "description": "known, but not (yet or any more) serving"}}
+
+
+@router.get("/models/{name}/ready", response_model=docs.ModelReady, responses={**docs.ERRORS, **_NOT_READY})
+async def model_ready(request: Request, name: str) -> JSONResponse:
+    """200 if the model serves, 503 if it is known but not (yet or any more) serving."""
+    return _ready(request, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready", response_model=docs.ModelReady, responses={**docs.ERRORS, **_NOT_READY}
+)
+async def version_ready(request: Request, name: str, version: str) -> JSONResponse:
+    return _ready(request, name, _version(version))
+
+
+def _ready(request: Request, name: str, number: int | None) -> JSONResponse:
     states = {s.version: s.state for s in _registry(request).status(name)}  # 404 for an unknown model
     serving = [v for v, state in states.items() if state == "AVAILABLE"]
     is_ready = number in serving if number is not None else bool(serving)
@@ -140,25 +161,36 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 @router.post(
     "/models/{name}/infer",
     response_model=docs.InferResponse,
-    responses=docs.ERRORS,
+    responses=docs.INFER_ERRORS,
     openapi_extra=docs.INFER_OPENAPI,
     summary="Inference, or MC dropout with parameters.mc_dropout",
 )
+async def infer(request: Request, name: str) -> Response:
+    """Typed tensors in JSON or binary (``Inference-Header-Content-Length``), answered the same way."""
+    return await _infer(request, name, None)
+
+
 @router.post(
     "/models/{name}/versions/{version}/infer",
     response_model=docs.InferResponse,
-    responses=docs.ERRORS,
+    responses=docs.INFER_ERRORS,
     openapi_extra=docs.INFER_OPENAPI,
 )
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
-    """Typed tensors in JSON or binary (``Inference-Header-Content-Length``), answered the same way."""
-    number = _version(version)
+async def infer_version(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, _version(version))
+
+
+async def _infer(request: Request, name: str, number: int | None) -> Response:
     settings = _settings(request)
     body = codec.decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
     parsed = codec.parse_infer_request(body, request.headers.get(codec.HEADER_LENGTH))
     mc = _mc_parameters(parsed.parameters)
+    if mc is not None:
+        check_mc_enabled(settings)
     with _invalid_argument_is_400(), _registry(request).lease(name, number) as model:
+        annotate(request, model=model.name, version=model.version)
         batch = _batch(model, parsed.inputs, settings)
+        annotate(request, instances=len(batch))
         names = [model.output_key] if mc is None else _mc_outputs(model)
         wanted = _requested(parsed, names, mc is not None)
         if mc is None:
@@ -166,9 +198,9 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
             parameters = {}
         else:
             samples = inference.check_mc(model, len(batch), mc[0], settings)
+            annotate(request, samples=samples)
             seed = secrets.randbits(63) if mc[1] is None else mc[1]
-            draws = await inference.sample(model, batch, samples, seed)
-            outputs = await run_in_threadpool(_summaries, model, *draws)  # ~0.2 s at the largest T x N
+            outputs = await inference.sample(model, batch, samples, seed, partial(_summaries, model))
             parameters = {"mc_dropout": True, "samples": samples, "seed": seed}
     header: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
     if parsed.id is not None:
@@ -243,11 +275,12 @@ def _requested(parsed: codec.InferRequest, names: list[str], mc: bool) -> list[t
     return [(output.name, output.binary) for output in parsed.outputs]
 
 
-def _summaries(model: ServedModel, draws: np.ndarray, variance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _summaries(model: ServedModel, sampled: signatures.Samples) -> dict[str, np.ndarray]:
     """MC summaries as tensors, from the same functions as the native ``/predict/mc-dropout``."""
-    draws = draws.astype(np.float64)
+    draws, variance = sampled.outputs.astype(np.float64), sampled.variance
     if model.task == "classification":
         s = summarize_classification(draws)
+        metrics.observe_mc(model.name, model.version, model.task, s)
         return {
             "probabilities": s.mean,
             "std": s.std,
@@ -258,6 +291,7 @@ def _summaries(model: ServedModel, draws: np.ndarray, variance: np.ndarray | Non
         }
     if model.task == "regression":
         s = summarize_regression(draws, model.tau, variance)
+        metrics.observe_mc(model.name, model.version, model.task, s)
         shape = draws.shape[1:]
         tensors = {
             "mean": s.mean,
@@ -319,7 +353,7 @@ async def repository_load(request: Request, name: str) -> Response:
     if not any(s.state == "AVAILABLE" for s in statuses):
         errors = "; ".join(f"version {s.version}: {s.error}" for s in statuses if s.error) or "no loadable version"
         raise ApiError(400, f"failed to load {name!r}: {errors}")
-    return Response(status_code=200)
+    return JSONResponse({})
 
 
 @router.post("/repository/models/{name}/unload", responses=docs.ERRORS, summary="Unload a model")
@@ -330,7 +364,7 @@ async def repository_unload(request: Request, name: str) -> Response:
     if unknown:
         raise ApiError(400, f"parameters.{unknown[0]}: unknown unload parameter; known: unload_dependents")
     _registry(request).unload_model(name)
-    return Response(status_code=200)
+    return JSONResponse({})
 
 
 def _json_body(body: bytes, what: str) -> dict[str, Any]:

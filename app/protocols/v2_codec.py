@@ -139,6 +139,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         raise bad(
             f"unknown field {unknown[0]!r} in the inference request; fields: {', '.join(sorted(_REQUEST_FIELDS))}"
         )
+    given_null = sorted(key for key, value in header.items() if value is None)
+    if given_null:  # absent is fine, null is not what the protocol allows
+        raise bad(f"{given_null[0]}: null is not allowed; leave the field out instead")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise bad(f"id: expected a string, got {_describe(request_id)}")
@@ -268,6 +271,8 @@ def _input(spec: Any, where: str, rest: memoryview, has_header_length: bool) -> 
 
 
 def _datatype(value: Any, where: str) -> tuple[np.dtype, str]:
+    if not isinstance(value, str):
+        raise bad(f"{where}.datatype: expected one of {', '.join(DATATYPES)}, got {_describe(value)}")
     if value in _REFUSED:
         raise bad(f"{where}.datatype: {_REFUSED[value]}")
     if value not in DATATYPES:

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from app.protocols.v2_codec import DATATYPES
-from app.schemas import DIGIT_ZERO
+from app.schemas import DIGIT_ZERO, ProtocolError
 
 
 class ServerMetadata(BaseModel):
@@ -74,13 +74,13 @@ class RepositoryModel(BaseModel):
     reason: str = Field(description="why a version is not ready, e.g. its load error")
 
 
-class Error(BaseModel):
-    error: str
-
-
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": Error, "description": "malformed request, named in 'error'"},
-    404: {"model": Error, "description": "unknown model or version"},
+    400: {"model": ProtocolError, "description": "malformed request, named in 'error'"},
+    404: {"model": ProtocolError, "description": "unknown model or version"},
+}
+INFER_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    415: {"model": ProtocolError, "description": "a Content-Encoding other than gzip or deflate"},
 }
 
 _PARAMETERS = {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}}
@@ -125,6 +125,17 @@ INFER_REQUEST = {
     },
 }
 INFER_OPENAPI = {
+    "responses": {
+        "200": {
+            "content": {
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "when an output asks for binary_data: the JSON header (its length in the "
+                    "Inference-Header-Content-Length header), then each binary output's bytes",
+                }
+            }
+        }
+    },
     "requestBody": {
         "required": True,
         "content": {
@@ -151,5 +162,5 @@ INFER_OPENAPI = {
                 "Inference-Header-Content-Length header), then each binary input's bytes",
             },
         },
-    }
+    },
 }

@@ -1,0 +1,92 @@
+"""Limits that keep the service's latency bounded and cheap requests from buying expensive answers.
+
+``Overload`` bounds the requests in progress (``MAX_IN_FLIGHT``): one more is answered at once with
+503 and ``Retry-After`` instead of queueing without bound, so a client or balancer can go elsewhere.
+It also gives every request a deadline (``REQUEST_TIMEOUT``): past it the client gets 504 right
+away. TensorFlow work already running in a thread cannot be interrupted; it finishes in the
+background and its slot stays taken until it does, so the in-flight bound counts real work.
+Health probes and ``/metrics`` are exempt, so an overloaded server still reports that it is alive.
+
+``check_mc_enabled`` and ``check_return_samples`` are called by every door that serves MC dropout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.context import reply
+from app.errors import ApiError
+from app.settings import Settings
+
+EXEMPT_PREFIXES = ("/health/", "/v2/health/", "/metrics")
+RETRY_AFTER_SECONDS = 1
+
+
+def check_mc_enabled(settings: Settings) -> None:
+    if not settings.mc_dropout_enabled:
+        raise ApiError(
+            403,
+            "Monte-Carlo dropout is switched off on this server (DROPOUT_SERVE_MC_DROPOUT_ENABLED=false); use /predict",
+        )
+
+
+def check_return_samples(settings: Settings, samples: int, instances: int, output_shape: tuple[int, ...]) -> None:
+    """Bound the numbers ``return_samples`` sends back: T x instances x outputs per instance."""
+    values = samples * instances * math.prod(output_shape)
+    if values > settings.max_return_values:
+        raise ApiError(
+            422,
+            f"return_samples: samples x instances x outputs = {samples} x {instances} x {math.prod(output_shape)} "
+            f"= {values} values, at most {settings.max_return_values} (DROPOUT_SERVE_MAX_RETURN_VALUES); "
+            "ask for fewer samples or instances, or leave return_samples off",
+        )
+
+
+class Overload:
+    def __init__(self, app: ASGIApp, max_in_flight: int, timeout: float) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.timeout = timeout
+        self.in_flight = 0
+        self._background: set[asyncio.Task] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(EXEMPT_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            message = (
+                f"the server is at its limit of {self.max_in_flight} requests in progress "
+                f"(DROPOUT_SERVE_MAX_IN_FLIGHT); retry after {RETRY_AFTER_SECONDS} s"
+            )
+            await reply(scope, send, 503, message, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return
+        self.in_flight += 1
+        answered = started = False
+
+        async def send_unless_answered(message: Message) -> None:
+            nonlocal started
+            if not answered:
+                started = True
+                await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, send_unless_answered))
+        task.add_done_callback(self._release)
+        done, _ = await asyncio.wait({task}, timeout=self.timeout or None)
+        if done or started:  # a response under way is let finish
+            await task
+            return
+        answered = True
+        self._background.add(task)  # keeps a reference until the work ends
+        task.cancel()
+        message = f"the request took longer than {self.timeout:g} s (DROPOUT_SERVE_REQUEST_TIMEOUT) and was abandoned"
+        await reply(scope, send, 504, message)
+
+    def _release(self, task: asyncio.Task) -> None:
+        self.in_flight -= 1
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not warn about it

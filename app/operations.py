@@ -1,0 +1,34 @@
+"""Everything an operator needs around the routes, installed with one call from ``create_app``.
+
+Middleware order, outermost first: request context (id, access log, metrics, so even refused
+requests are logged and counted), CORS (answers browser preflights, adds its headers to every
+answer including 401 and 503), API keys, overload and deadline, then the app.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from app import logs, metrics
+from app.auth import ApiKeyAuth
+from app.context import RequestContext
+from app.limits import Overload
+from app.settings import Settings
+
+
+def install_operations(app: FastAPI, settings: Settings) -> None:
+    """Call last in ``create_app``, after the app's own middleware, so these wrap it."""
+    logs.configure(settings.log_format, settings.access_log)
+    app.include_router(metrics.router)
+    app.add_middleware(Overload, max_in_flight=settings.max_in_flight, timeout=settings.request_timeout)
+    app.add_middleware(ApiKeyAuth, keys=settings.api_key_list(), metrics_require_key=settings.metrics_require_key)
+    if origins := settings.cors_origin_list():
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestContext)

@@ -22,6 +22,7 @@ from app.batcher import Batcher
 from app.errors import ApiError
 from app.loading import ServedModel
 from app.settings import Settings
+from training import signatures
 
 _NUMBER_TYPES = (int, float)
 R = TypeVar("R")
@@ -113,9 +114,14 @@ async def predict(model: ServedModel, batch: np.ndarray) -> np.ndarray:
 
 
 async def sample(
-    model: ServedModel, batch: np.ndarray, samples: int, seed: int, finish: Callable[[np.ndarray], R] = np.asarray
+    model: ServedModel,
+    batch: np.ndarray,
+    samples: int,
+    seed: int,
+    finish: Callable[[signatures.Samples], R] = lambda draws: draws.outputs,
 ) -> R:
-    """``finish`` of the ``samples`` MC-dropout outputs ``[T, N, ...]``; the same seed gives the same samples.
+    """``finish`` of the ``samples`` MC-dropout draws (``outputs [T, N, ...]``, and ``variance`` for a
+    heteroscedastic model); the same seed gives the same samples.
 
     ``finish`` (summaries, the response body) runs in the same worker thread as the signature:
     at the largest T x N it takes a fraction of a second, and one hop off the event loop is
@@ -125,7 +131,7 @@ async def sample(
 
 
 def _sample_then(
-    model: ServedModel, batch: np.ndarray, samples: int, seed: int, finish: Callable[[np.ndarray], R]
+    model: ServedModel, batch: np.ndarray, samples: int, seed: int, finish: Callable[[signatures.Samples], R]
 ) -> R:
     return finish(model.sample(batch, samples, seed))
 

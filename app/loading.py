@@ -40,8 +40,9 @@ class ServedModel:
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         return signatures.infer(self.serving, inputs, self.input_key, self.output_key)
 
-    def sample(self, inputs: np.ndarray, samples: int, seed: int) -> np.ndarray:
-        return signatures.mc_samples(self.mc_dropout, inputs, samples, seed)
+    def sample(self, inputs: np.ndarray, samples: int, seed: int) -> signatures.Samples:
+        """``outputs [T, N, ...]``, and ``variance`` (same shape) for a heteroscedastic model, else None."""
+        return signatures.mc_draws(self.mc_dropout, inputs, samples, seed)
 
     @property
     def tau(self) -> float | None:

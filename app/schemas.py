@@ -88,7 +88,9 @@ class ClassMCPrediction(ClassPrediction):
 class RegressionMCPrediction(BaseModel):
     mean: float | list[float]
     epistemic_std: float | list[float] = Field(description="spread of the sampled predictions")
-    aleatoric_std: float | None = Field(description="1 / sqrt(tau): noise the model expects in the data")
+    aleatoric_std: float | list[float] | None = Field(
+        description="noise the model expects in the data: 1 / sqrt(tau), or per instance if heteroscedastic"
+    )
     total_std: float | list[float]
     interval_95: list[float | list[float]] = Field(description="[lower, upper], mean ± 1.96 total_std")
     samples: list[Any] | None = None

@@ -1,6 +1,6 @@
 """One full Boston Housing run of the UCI protocol, and the vectorised trainer against Keras ``fit``.
 
-    python bench/uci_boston.py [--data-dir /work/shared/datasets/uci/bostonHousing] [--fit-networks 3]
+    python bench/uci_boston.py [--data-dir ../shared/datasets/uci/bostonHousing] [--fit-networks 3]
 
 Part 1 runs ``training.uci.run`` as ``python -m training uci`` does (20 splits, 10x epochs,
 T = 10,000) and prints its wall time by phase: grid search (240 networks trained stacked), validation
@@ -53,7 +53,7 @@ def keras_fit_per_network(data: uci.UciDataset, epochs: int, count: int) -> tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=Path("/work/shared/datasets/uci/bostonHousing"))
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets" / "uci" / "bostonHousing")
     parser.add_argument("--epochs-multiplier", type=int, default=10)
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--fit-networks", type=int, default=3, help="networks timed with Keras fit")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import run_training
 
 from training import metrics
@@ -21,12 +22,16 @@ def test_evaluate_writes_scores_auroc_and_plots(tmp_path):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())
     assert report["test_rows"] == 360 and report["samples"] == 20
-    assert set(report["scores"]) == {"deterministic", "mc"}
+    assert set(report["scores"]) == {"deterministic (uncalibrated)", "mc (uncalibrated)", "deterministic", "mc"}
+    assert report["temperature"] > 0 and report["mc_temperature"] > 0
     for kind in ("uniform noise", "inverted"):
         for value in report["ood_auroc"][kind].values():
             assert 0.0 <= value <= 1.0
     meta = json.loads((tmp_path / "tiny" / "1" / "metadata.json").read_text())
-    assert report["scores"]["deterministic"] == meta["metrics"]["test_deterministic"]  # the same test rows
+    for kind in ("deterministic", "deterministic (uncalibrated)"):  # the same test rows, as served and raw
+        key = "test_deterministic" + ("_uncalibrated" if "uncalibrated" in kind else "")
+        assert report["scores"][kind] == pytest.approx(meta["metrics"][key], abs=1e-4)
+    assert "uncalibrated" in result.stdout
 
 
 def test_evaluate_refuses_unknown_models(tmp_path):

@@ -20,6 +20,7 @@ def test_default_run_publishes_an_accurate_digits_model(digits_repository):
     meta = artifact.read_metadata(version_dir)
     assert meta.task == "classification" and meta.class_labels == [str(d) for d in range(10)]
     assert meta.input_shape == [64] and meta.output_shape == [10]
+    assert meta.temperature is not None and meta.mc_temperature is not None  # calibrated by default
     assert [(d.type, d.rate) for d in meta.dropout_layers] == [("Dropout", 0.5), ("Dropout", 0.5)]
     assert meta.metrics["test_deterministic"]["accuracy"] >= 0.95
     assert set(tf.saved_model.load(str(version_dir)).signatures) == {"serving_default", "mc_dropout"}
@@ -118,6 +119,16 @@ def test_bad_training_input_stops_cleanly(case, tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
     leftovers = [p for p in repository.rglob("*")] if repository.exists() else []
     assert [p for p in leftovers if p.is_file()] == []
+
+
+def test_help_lists_the_training_options(capsys):
+    from training.__main__ import main
+
+    assert main(["--help"]) == 0
+    shown = capsys.readouterr().out
+    for option in ("{train,uci,evaluate}", "--epochs", "--dropout", "--hidden", "--seed", "--likelihood"):
+        assert option in shown
+    assert "--calibrate" in shown
 
 
 def _disk_full(monkeypatch):

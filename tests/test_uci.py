@@ -102,6 +102,31 @@ def test_vectorised_trainer_equals_keras_fit_network_by_network():
         assert not np.allclose(init.keras(g)[0], model.get_weights()[0], atol=1e-3)  # it did train
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_heteroscedastic_trainer_equals_keras_fit_with_the_gaussian_nll(beta):
+    # As above, for networks with a mean and a log-variance output trained on the (β-)NLL.
+    n, d, hidden, epochs = 200, 3, 8, 2
+    rows = [_toy_rows(seed, n, d) for seed in (6, 7)]
+    x, y = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    keys = np.stack([uci.network_key(8, 0, 0, i) for i in range(2)])
+    decays = np.array([[1e-3, 1e-3], [2e-2, 5e-3]])
+    init = uci.Weights.glorot(keys, d, hidden, outputs=2)
+    init.b2[:, 1] = [-0.5, 0.7]  # start from different noise levels, so the variance weighting matters
+    ours = uci.train_networks(x, y, np.zeros(2), decays, keys, epochs, init=init, hidden=hidden, outputs=2, beta=beta)
+    orders = [
+        uci.epoch_draw(tf.constant(keys), tf.constant(e, tf.int64), n, d + hidden)[0].numpy() for e in range(epochs)
+    ]
+    for g in range(2):
+        config = ModelConfig(hidden=(hidden,), dropout=0.0, input_dropout=0.0, weight_decay=tuple(decays[g]))
+        model = build_network(config, (d,), 1, "regression", "heteroscedastic", beta)
+        model.set_weights(init.keras(g))
+        for order in orders:
+            model.fit(x[g][order[g]], y[g][order[g]], batch_size=128, epochs=1, shuffle=False, verbose=0)
+        for got, expected in zip(ours.keras(g), model.get_weights(), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
+        assert not np.allclose(init.keras(g)[2], model.get_weights()[2], atol=1e-3)
+
+
 def test_each_network_trains_as_if_alone_and_deterministically():
     # Stacking must not mix networks: three networks (own dropout rate, decay, rows) trained together equal
     # the middle one trained alone, up to float rounding (batched matmuls of other sizes round differently);
@@ -230,3 +255,31 @@ def test_paper_network_is_what_build_network_makes():
     layers = [type(layer).__name__ for layer in network.layers]
     assert layers == ["InputLayer", "Dropout", "Dense", "Dropout", "Dense"]
     assert network.layers[2].activation is keras.activations.relu and network.layers[4].units == 1
+
+
+def test_heteroscedastic_protocol_scores_through_the_exported_mean_and_variance(tmp_path):
+    # Grid over p only; the test LL is the mixture of the sampled Gaussians from the published SavedModel.
+    folder = _synthetic_folder(tmp_path, splits=1)
+    result = uci.run(
+        uci.load_dataset(folder),
+        epochs_multiplier=2,
+        samples=200,
+        likelihood="heteroscedastic",
+        repository=tmp_path / "models",
+        log=lambda line: None,
+    )
+    (split,) = result["splits"]
+    assert split["tau"] is None and [point["p"] for point in split["grid"]] == [0.01, 0.1]
+    meta = artifact.read_metadata(tmp_path / "models" / "toy-heteroscedastic-split0" / "1")
+    assert meta.likelihood == "heteroscedastic" and meta.tau is None
+    loaded = tf.saved_model.load(split["artifact"])
+    data = uci.load_dataset(folder)
+    test = data.splits[0][1]
+    out = loaded.signatures["mc_dropout"](
+        inputs=tf.constant(data.x[test], tf.float32),
+        samples=tf.constant(200, tf.int32),
+        seed=tf.constant(split["mc_seed"], tf.int64),
+    )
+    ll = metrics.gaussian_mixture_log_likelihood(data.y[test][:, None], out["outputs"].numpy(), out["variance"].numpy())
+    assert ll == split["ll"] and -20 < ll < 0
+    assert "-heteroscedastic" in uci.write_results(result, tmp_path / "out")[0].name

@@ -12,7 +12,7 @@ from training.data import DIGITS, DataError
 COMMANDS = ("train", "evaluate", "uci")
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model and publish it as the next version (the default)")
     p.add_argument("--data", type=Path, help="CSV or .npz file (default: scikit-learn's digits, embedded)")
     p.add_argument("--target", help="CSV label column")
@@ -22,19 +22,46 @@ def _train_parser(sub) -> None:
     p.add_argument("--if-missing", action="store_true", help="do nothing if the model already has a version")
     p.add_argument("--architecture", choices=["dense", "conv"], default="dense")
     p.add_argument("--hidden", type=int, nargs="+", help="hidden layer sizes (classification 128 64, regression 50)")
-    p.add_argument("--dropout", type=float, help="dropout rate after each hidden layer (0.5; regression 0.05)")
+    p.add_argument(
+        "--dropout",
+        type=_rate,
+        help="dropout rate after each hidden layer (0.5; regression 0.05), or 'concrete': learned rates (start 0.1)",
+    )
     p.add_argument("--input-dropout", type=float, help="dropout rate on the inputs (0; regression: --dropout)")
     p.add_argument("--spatial-dropout", type=float, default=0.25, help="SpatialDropout2D rate (conv)")
     p.add_argument("--weight-decay", type=float, help="L2 factor on every kernel (regression: from tau)")
     p.add_argument("--tau", type=float, help="regression model precision (default: fitted on validation rows)")
+    p.add_argument(
+        "--likelihood",
+        choices=["homoscedastic", "heteroscedastic"],
+        default="homoscedastic",
+        help="regression: one noise level tau, or a predicted variance per instance (Kendall & Gal 2017)",
+    )
+    p.add_argument("--beta", type=float, default=0.5, help="heteroscedastic: β of the β-NLL (0 = plain NLL; 0.5)")
     p.add_argument("--epochs", type=int, help="training epochs (classification 300, regression 400)")
     p.add_argument("--batch-size", type=int, help="(classification 32, regression 128)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--validation-split", type=float, default=0.1)
     p.add_argument("--test-split", type=float, default=0.2)
     p.add_argument("--mc-samples", type=int, default=100, help="MC samples for the held-out scores")
+    p.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="classifiers: fit temperatures on the validation rows and apply them in the signatures (default: on)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_train)
+    return p
+
+
+def _rate(text: str) -> float | str:
+    if text == "concrete":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate or 'concrete', got {text!r}") from None
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -56,7 +83,8 @@ def _run_train(args: argparse.Namespace) -> None:
     from training.train import TrainConfig, train
 
     regression = dataset.task == "regression"
-    dropout = args.dropout if args.dropout is not None else (0.05 if regression else 0.5)
+    concrete = args.dropout == "concrete"
+    dropout = 0.1 if concrete else args.dropout if args.dropout is not None else (0.05 if regression else 0.5)
     config = ModelConfig(
         architecture=args.architecture,
         hidden=tuple(args.hidden or ((50,) if regression else (128, 64))),
@@ -65,6 +93,7 @@ def _run_train(args: argparse.Namespace) -> None:
         spatial_dropout=args.spatial_dropout,
         weight_decay=args.weight_decay or 0.0,
         learning_rate=args.learning_rate,
+        concrete=concrete,
     )
     settings = TrainConfig(
         epochs=args.epochs or (400 if regression else 300),
@@ -74,6 +103,9 @@ def _run_train(args: argparse.Namespace) -> None:
         seed=args.seed,
         tau=args.tau,
         mc_samples=args.mc_samples,
+        calibrate=args.calibrate,
+        likelihood=args.likelihood,
+        beta=args.beta,
     )
     print(f"{name}: {dataset.task}, {len(dataset.y)} rows, inputs {list(dataset.x.shape[1:])}", flush=True)
     trained = train(dataset, config, settings)
@@ -86,6 +118,9 @@ def _run_train(args: argparse.Namespace) -> None:
         feature_names=dataset.feature_names,
         target_names=dataset.target_names,
         tau=trained.tau,
+        likelihood=args.likelihood if regression else "homoscedastic",
+        temperature=trained.temperature,
+        mc_temperature=trained.mc_temperature,
         preprocessing=trained.preprocessing,
         metrics=trained.metrics,
         training={
@@ -96,16 +131,21 @@ def _run_train(args: argparse.Namespace) -> None:
         },
         history=trained.history,
     )
-    _print_summary(trained.metrics, trained.tau)
+    _print_summary(trained.metrics, trained.tau, trained.temperature, trained.mc_temperature)
     print(f"published {path}")
 
 
-def _print_summary(scores: dict[str, dict[str, float]], tau: float | None) -> None:
+def _print_summary(
+    scores: dict[str, dict[str, float]], tau: float | None, temperature: float | None, mc_temperature: float | None
+) -> None:
     names = list(next(iter(scores.values())))
-    print("\nheld-out test set" + (f" (tau = {tau:.4g})" if tau else ""))
-    print(f"{'':22}" + "".join(f"{n:>16}" for n in names))
+    note = f" (tau = {tau:.4g})" if tau else ""
+    if temperature is not None:
+        note = f" (temperature {temperature:.3f}, MC temperature {mc_temperature:.3f}, fitted on validation rows)"
+    print("\nheld-out test set" + note)
+    print(f"{'':32}" + "".join(f"{n:>16}" for n in names))
     for kind, values in scores.items():
-        print(f"{kind:22}" + "".join(f"{values[n]:>16.4f}" for n in names))
+        print(f"{kind:32}" + "".join(f"{values[n]:>16.4f}" for n in names))
 
 
 def _evaluate_parser(sub) -> None:
@@ -136,7 +176,16 @@ def _uci_parser(sub) -> None:
     p = sub.add_parser("uci", help="Gal & Ghahramani's UCI regression benchmark through our export path")
     p.add_argument("--data-dir", type=Path, nargs="+", required=True, help="data set folder(s), or folders of them")
     p.add_argument("--splits", type=int, nargs="+", help="split numbers (default: all)")
-    p.add_argument("--epochs-multiplier", type=int, default=10, help="epochs = n_epochs.txt x this (default: 10)")
+    p.add_argument(
+        "--epochs-multiplier", type=int, default=100, help="epochs = n_epochs.txt x this (default: 100, as published)"
+    )
+    p.add_argument(
+        "--likelihood",
+        choices=["homoscedastic", "heteroscedastic"],
+        default="homoscedastic",
+        help="one noise level tau (the paper's; grid p x tau) or a predicted variance per instance (grid p)",
+    )
+    p.add_argument("--beta", type=float, default=0.5, help="heteroscedastic: β of the β-NLL (0 = plain NLL; 0.5)")
     p.add_argument("--samples", type=int, default=10_000, help="MC samples T, validation and test (default: 10000)")
     p.add_argument("--out", type=Path, default=Path("bench/results/uci"), help="<out>/<data set>.json and .md")
     p.add_argument("--repository", type=Path, help="where the split models are published (default: <out>/models)")
@@ -153,6 +202,8 @@ def _run_uci(args: argparse.Namespace) -> None:
         epochs_multiplier=args.epochs_multiplier,
         samples=args.samples,
         seed=args.seed,
+        likelihood=args.likelihood,
+        beta=args.beta,
         out=args.out,
         repository=args.repository,
     )
@@ -164,9 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "train")
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    train_parser = _train_parser(sub)
     _uci_parser(sub)
     _evaluate_parser(sub)
+    if argv[0] in ("-h", "--help"):  # the default command's options belong on the first help page too
+        parser.print_help()
+        print("\ntrain (the default command, so `python -m training [options]`):\n")
+        print(train_parser.format_help())
+        print("`python -m training evaluate --help` and `python -m training uci --help` list theirs.")
+        return 0
     args = parser.parse_args(argv)
     try:
         args.run(args)

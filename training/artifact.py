@@ -27,8 +27,28 @@ Signatures of the SavedModel (inputs are float32 with a free batch axis ``N``):
     draw of the network, shared by all instances of the call (see ``training.mc_dropout``).
 
 Preprocessing (feature scaling, target de-standardization) is part of both signatures, so
-clients send raw features. For regression, ``tau`` is the model precision: the aleatoric
-standard deviation of a prediction is ``1 / sqrt(tau)``, in the target's units.
+clients send raw features.
+
+Regression likelihoods (``likelihood`` in the metadata):
+
+``homoscedastic`` (the default; the MC-dropout paper's model)
+    One noise level for every input: ``tau`` is the model precision, the aleatoric standard
+    deviation of a prediction is ``1 / sqrt(tau)`` in the target's units. The signatures return
+    ``outputs`` only, as above.
+``heteroscedastic`` (Kendall & Gal 2017)
+    The network predicts a mean and a variance per instance. Both signatures return ``outputs``
+    (the predicted mean, shapes as above) and ``variance`` (the predicted aleatoric variance, in
+    squared target units, the same shape as ``outputs``): ``serving_default`` gives
+    ``variance [N, *output_shape]``, ``mc_dropout`` gives ``variance [T, N, *output_shape]``, the
+    variance of sample ``t``'s network. ``tau`` is None. A client that reads only ``outputs`` gets
+    the means, so it works unchanged.
+
+Calibrated classifiers: ``temperature`` and ``mc_temperature`` (None = not calibrated) were fitted
+on validation rows by NLL and are already applied inside the signatures: ``serving_default``
+returns ``softmax(log p / temperature)`` and ``mc_dropout`` returns every sample as
+``softmax(log p_t / mc_temperature)``, so the MC predictive (the mean over samples) is calibrated.
+The raw probabilities are ``softmax(temperature * log outputs)`` (per sample with
+``mc_temperature``).
 """
 
 from __future__ import annotations
@@ -51,9 +71,11 @@ INPUTS_KEY = "inputs"
 SAMPLES_KEY = "samples"
 SEED_KEY = "seed"
 OUTPUTS_KEY = "outputs"
+VARIANCE_KEY = "variance"
 METADATA_FILE = "metadata.json"
 
 Task = Literal["classification", "regression"]
+Likelihood = Literal["homoscedastic", "heteroscedastic"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -90,6 +112,11 @@ class ModelMetadata(BaseModel):
     target_names: list[str] | None = None
     dropout_layers: list[DropoutLayer]
     tau: float | None = Field(None, description="regression model precision, 1/variance")
+    likelihood: Likelihood = Field(
+        "homoscedastic", description="regression noise model; heteroscedastic signatures also return 'variance'"
+    )
+    temperature: float | None = Field(None, description="classifier temperature applied in serving_default")
+    mc_temperature: float | None = Field(None, description="classifier temperature applied to each MC sample")
     preprocessing: Preprocessing | None = None
     mc_rows_per_pass: int = Field(description="rows per forward pass inside mc_dropout")
     training: dict[str, object] = Field(default_factory=dict, description="training settings")

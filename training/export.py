@@ -40,7 +40,41 @@ def _widest_row(graph: tf.Graph) -> int:
     return max(sizes, default=1) or 1
 
 
-def write_saved_model(model: keras.Model, path: Path, rows_per_pass: int | None = None) -> int:
+def temper(probabilities: tf.Tensor, temperature: float) -> tf.Tensor:
+    """``softmax(log p / temperature)``: temperature scaling of probabilities (logits up to a constant).
+
+    Each row's classes are padded to a multiple of 16 before the ``log``: CPU kernels compute
+    elementwise ops in vector packets and finish a ragged tail with scalar code that rounds
+    differently, so without the padding a row's result would depend on the batch it came in
+    (and ``serving_default`` would no longer give an instance the same bits alone as in a batch).
+    """
+    classes = probabilities.shape[-1]
+    pad = [[0, 0]] * (probabilities.shape.rank - 1) + [[0, -classes % 16]]
+    padded = tf.pad(probabilities, pad, constant_values=1.0)
+    tiny = tf.constant(1e-30, probabilities.dtype)  # log 0 = -inf would give NaN for an all-zero row
+    log_p = tf.math.log(tf.maximum(padded, tiny))[..., :classes]
+    return tf.nn.softmax(log_p / temperature, axis=-1)
+
+
+def _outputs(values: tf.Tensor, likelihood: artifact.Likelihood, temperature: float | None) -> dict[str, tf.Tensor]:
+    """A signature's output dict from the model's output tensor (see the contract in ``training.artifact``)."""
+    if likelihood == "heteroscedastic":
+        mean, variance = tf.split(values, 2, axis=-1)
+        return {artifact.OUTPUTS_KEY: mean, artifact.VARIANCE_KEY: variance}
+    if temperature is not None:
+        values = temper(values, temperature)
+    return {artifact.OUTPUTS_KEY: values}
+
+
+def write_saved_model(
+    model: keras.Model,
+    path: Path,
+    rows_per_pass: int | None = None,
+    *,
+    likelihood: artifact.Likelihood = "homoscedastic",
+    temperature: float | None = None,
+    mc_temperature: float | None = None,
+) -> int:
     """Write ``model`` as a SavedModel with the contract's signatures; returns rows per pass.
 
     ``mc_dropout`` is written only when the model has dropout layers: without them every
@@ -49,7 +83,7 @@ def write_saved_model(model: keras.Model, path: Path, rows_per_pass: int | None 
     spec = _input_spec(model)
 
     def serve(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {artifact.OUTPUTS_KEY: model(inputs, training=False)}
+        return _outputs(model(inputs, training=False), likelihood, temperature)
 
     serving = tf.function(serve, input_signature=[spec], autograph=False).get_concrete_function()
     signatures = {artifact.SERVING_SIGNATURE: serving}
@@ -60,7 +94,7 @@ def write_saved_model(model: keras.Model, path: Path, rows_per_pass: int | None 
         sample = mc_dropout_fn(model, rows_per_pass)
 
         def mc_dropout(inputs: tf.Tensor, samples: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-            return {artifact.OUTPUTS_KEY: sample(inputs, samples, seed)}
+            return _outputs(sample(inputs, samples, seed), likelihood, mc_temperature)
 
         mc_spec = [
             spec,
@@ -86,6 +120,9 @@ def export_model(
     feature_names: list[str] | None = None,
     target_names: list[str] | None = None,
     tau: float | None = None,
+    likelihood: artifact.Likelihood = "homoscedastic",
+    temperature: float | None = None,
+    mc_temperature: float | None = None,
     preprocessing: artifact.Preprocessing | None = None,
     metrics: dict[str, dict[str, float]] | None = None,
     training: dict[str, object] | None = None,
@@ -97,23 +134,39 @@ def export_model(
     Works on any Keras 3 Sequential or functional model with one input and one output; its
     Dropout, SpatialDropout1D/2D/3D, GaussianDropout and AlphaDropout layers become the
     stochastic part of the ``mc_dropout`` signature. Classification models must output
-    class probabilities.
+    class probabilities; ``temperature`` / ``mc_temperature`` calibrate them inside the
+    signatures. A heteroscedastic regression model outputs ``[mean (D), variance (D)]`` in target
+    units (see ``training.model.with_preprocessing``); its signatures return them as two keys.
     """
     input_shape = [int(d) for d in _input_spec(model).shape[1:]]
     output_shape = [int(d) for d in model.outputs[0].shape[1:]]
-    if tau is not None and not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a positive number, got {tau}")
+    for label, value in (("tau", tau), ("temperature", temperature), ("mc_temperature", mc_temperature)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{label} must be a positive number, got {value}")
+    if likelihood == "heteroscedastic":
+        if task != "regression" or tau is not None or len(output_shape) != 1 or output_shape[0] % 2:
+            raise ValueError("a heteroscedastic model is a regression model (no tau) with outputs [mean, variance]")
+        output_shape = [output_shape[0] // 2]
+    if task != "classification" and (temperature is not None or mc_temperature is not None):
+        raise ValueError("temperatures calibrate classifiers only")
     if task == "classification" and class_labels is not None and output_shape != [len(class_labels)]:
         raise ValueError(f"{len(class_labels)} class labels for an output of shape {output_shape}")
     with artifact.staging_dir(Path(repository), name) as staged:
-        rows = write_saved_model(model, staged, rows_per_pass)
+        rows = write_saved_model(
+            model,
+            staged,
+            rows_per_pass,
+            likelihood=likelihood,
+            temperature=temperature,
+            mc_temperature=mc_temperature,
+        )
         metadata = artifact.ModelMetadata(
             name=name,
             version=0,
             task=task,
             input_shape=input_shape,
             output_shape=output_shape,
-            output_meaning="class probabilities" if task == "classification" else "predicted value",
+            output_meaning=_meaning(task, likelihood, temperature, mc_temperature),
             class_labels=class_labels,
             feature_names=feature_names,
             target_names=target_names,
@@ -122,6 +175,9 @@ def export_model(
                 for layer in dropout_layers(model)
             ],
             tau=tau,
+            likelihood=likelihood,
+            temperature=temperature,
+            mc_temperature=mc_temperature,
             preprocessing=preprocessing,
             mc_rows_per_pass=rows,
             training=training or {},
@@ -132,3 +188,14 @@ def export_model(
             created_at=datetime.now(UTC),
         )
         return artifact.publish(staged, metadata)
+
+
+def _meaning(
+    task: artifact.Task, likelihood: artifact.Likelihood, temperature: float | None, mc_temperature: float | None
+) -> str:
+    if task == "classification":
+        calibrated = temperature is not None or mc_temperature is not None
+        return "class probabilities, temperature-calibrated" if calibrated else "class probabilities"
+    if likelihood == "heteroscedastic":
+        return "predicted mean ('outputs') and aleatoric variance ('variance')"
+    return "predicted value"

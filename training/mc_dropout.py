@@ -28,8 +28,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-DROPOUT_LAYERS = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.layers.AlphaDropout)
-"""Layer types switched on for MC sampling (SpatialDropout1D/2D/3D subclass ``Dropout``)."""
+from training.concrete import ConcreteDropout
+
+DROPOUT_LAYERS = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.layers.AlphaDropout, ConcreteDropout)
+"""Layer types switched on for MC sampling (SpatialDropout1D/2D/3D subclass ``Dropout``; ``ConcreteDropout``
+samples hard masks at its learned rate)."""
 
 _PHILOX = tf.random.Algorithm.PHILOX.value
 _FLOATS_PER_PHILOX_BLOCK = 4  # one Philox counter step yields four float32 numbers
@@ -101,6 +104,9 @@ def _noise_shape(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
 
 def _apply_noise(layer: keras.layers.Layer, x: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
     """Keras' training-mode formula for ``layer``, with ``u`` as its uniform noise."""
+    if isinstance(layer, ConcreteDropout):  # hard Bernoulli masks at the learned rate, read from its variable
+        rate = tf.cast(layer.probability(), x.dtype)
+        return x * tf.cast(u >= rate, x.dtype) / (1.0 - rate)
     rate = layer.rate
     if isinstance(layer, keras.layers.GaussianDropout):
         normal = tf.math.ndtri(u + 2.0**-25)  # u + 2**-25 lies in (0, 1): finite quantiles

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import logsumexp
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, logsumexp
 
 _EPS = 1e-12
 
@@ -52,6 +53,39 @@ def classification_scores(probabilities: np.ndarray, labels: np.ndarray) -> dict
     }
 
 
+def temper(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log p / temperature)`` over the last axis (what the exported signatures apply)."""
+    log_p = np.log(np.maximum(np.asarray(probabilities, dtype=np.float64), 1e-30))
+    return np.exp(log_softmax(log_p / temperature, axis=-1))
+
+
+TEMPERATURE_PRIOR_STD = 1.0
+"""Standard deviation of the normal prior on log temperature (centred on 1: no change)."""
+
+
+def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature that best explains ``labels`` on held-out rows (Guo et al. 2017), MAP.
+
+    ``probabilities [N, K]`` are one prediction per row; ``[T, N, K]`` are MC samples, each tempered
+    and then averaged, so the fitted value calibrates the MC predictive. Minimizes
+    ``N · NLL + (log T)² / (2 · 1²)``: plain NLL fitting on a small validation set of a 97 to 99 %
+    accurate classifier has a nearly flat optimum (a handful of errors) and can run off to extreme
+    sharpening (T = 0.05: the MC predictive becomes vote fractions, which give a test digit that no
+    sample votes for probability ~0); the prior keeps T near 1 unless the rows clearly say otherwise.
+    Searched over ``log T`` in [-4, 4].
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    rows = len(labels)
+
+    def loss(log_temperature: float) -> float:
+        tempered = temper(probabilities, float(np.exp(log_temperature)))
+        fit = nll(tempered.mean(axis=0) if tempered.ndim == 3 else tempered, labels)
+        return fit + log_temperature**2 / (2 * TEMPERATURE_PRIOR_STD**2 * rows)
+
+    best = minimize_scalar(loss, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(best.x))
+
+
 def rmse(predictions: np.ndarray, targets: np.ndarray) -> float:
     return float(np.sqrt(np.mean((predictions.reshape(targets.shape) - targets) ** 2)))
 
@@ -68,6 +102,19 @@ def mc_log_likelihood(targets: np.ndarray, samples: np.ndarray, tau: float) -> f
         logsumexp(-0.5 * tau * squared, axis=0) - np.log(samples.shape[0]) - 0.5 * np.log(2 * np.pi) + 0.5 * np.log(tau)
     )
     return float(np.mean(per_dim.reshape(len(targets), -1).sum(axis=-1)))
+
+
+def gaussian_mixture_log_likelihood(targets: np.ndarray, means: np.ndarray, variances: np.ndarray) -> float:
+    """Test log-likelihood of a heteroscedastic model's T MC samples: each sample a Gaussian of its own.
+
+    ``mean_n [logsumexp_t log N(y_n; μ_nt, σ²_nt) - log T]``, targets ``[N, D]``, means and variances
+    ``[T, N, D]`` in original units; dimensions are summed per sample (independent given the sample).
+    """
+    means = np.asarray(means, dtype=np.float64).reshape((means.shape[0], *targets.shape))
+    variances = np.asarray(variances, dtype=np.float64).reshape(means.shape)
+    log_density = -0.5 * (np.log(2 * np.pi * variances) + (targets[None] - means) ** 2 / variances)
+    per_sample = log_density.reshape(means.shape[0], len(targets), -1).sum(axis=-1)
+    return float(np.mean(logsumexp(per_sample, axis=0) - np.log(means.shape[0])))
 
 
 def fit_tau(targets: np.ndarray, samples: np.ndarray) -> float:

@@ -4,6 +4,10 @@
 predictions on the held-out test rows (accuracy, NLL, Brier, ECE), checks how well MC mutual
 information and predictive entropy tell test digits from out-of-distribution inputs (AUROC),
 and draws a reliability diagram, uncertainty histograms and the training curves.
+
+A calibrated model (temperatures in its metadata) is scored as served and before calibration:
+the raw probabilities are recovered from the served ones as ``softmax(temperature * log q)``
+(exact up to float32 rounding of tiny probabilities, which are clipped at 1e-30 anyway).
 """
 
 from __future__ import annotations
@@ -58,23 +62,30 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
 
     train, test = held_out_rows(meta)
     det_probs = deterministic(test.x)
-    mc_summary = summarize_classification(mc(test.x))
-    scores = {
-        "deterministic": metrics.classification_scores(det_probs, test.y),
-        "mc": metrics.classification_scores(mc_summary.mean, test.y),
-    }
+    mc_draws = mc(test.x)
+    mc_summary = summarize_classification(mc_draws)
+    calibrated = meta.temperature is not None or meta.mc_temperature is not None
+    scores = {}
+    if calibrated:
+        raw_det = metrics.temper(det_probs, 1.0 / meta.temperature)
+        raw_mc = metrics.temper(mc_draws, 1.0 / meta.mc_temperature).mean(axis=0)
+        scores["deterministic (uncalibrated)"] = metrics.classification_scores(raw_det, test.y)
+        scores["mc (uncalibrated)"] = metrics.classification_scores(raw_mc, test.y)
+    scores["deterministic"] = metrics.classification_scores(det_probs, test.y)
+    scores["mc"] = metrics.classification_scores(mc_summary.mean, test.y)
 
-    uncertainty = {"in-distribution": _uncertainties(det_probs, mc_summary)}
-    for name, x in out_of_distribution(train, test.x, seed).items():
-        uncertainty[name] = _uncertainties(deterministic(x), summarize_classification(mc(x)))
-    auroc = {
-        name: {
-            measure: _auroc(uncertainty["in-distribution"][measure], values[measure])
-            for measure in uncertainty["in-distribution"]
-        }
-        for name, values in uncertainty.items()
-        if name != "in-distribution"
-    }
+    def raw(det: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return metrics.temper(det, 1.0 / meta.temperature), metrics.temper(draws, 1.0 / meta.mc_temperature)
+
+    inputs = {"in-distribution": test.x, **out_of_distribution(train, test.x, seed)}
+    uncertainty, uncalibrated = {}, {}
+    for name, x in inputs.items():
+        det, draws = (det_probs, mc_draws) if name == "in-distribution" else (deterministic(x), mc(x))
+        uncertainty[name] = _uncertainties(det, summarize_classification(draws))  # as served
+        if calibrated:
+            raw_det, raw_draws = raw(det, draws)
+            uncalibrated[name] = _uncertainties(raw_det, summarize_classification(raw_draws))
+    auroc = _aurocs(uncertainty)
 
     out.mkdir(parents=True, exist_ok=True)
     _plot_reliability(det_probs, mc_summary.mean, test.y, out / "reliability.png")
@@ -87,9 +98,13 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
         "test_rows": len(test.y),
         "samples": samples,
         "seed": seed,
+        "temperature": meta.temperature,
+        "mc_temperature": meta.mc_temperature,
         "scores": scores,
         "ood_auroc": auroc,
     }
+    if calibrated:
+        report["ood_auroc_uncalibrated"] = _aurocs(uncalibrated)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     return report
@@ -100,6 +115,15 @@ def _uncertainties(det_probs: np.ndarray, summary) -> dict[str, np.ndarray]:
         "mc mutual information": summary.mutual_information,
         "mc predictive entropy": summary.predictive_entropy,
         "deterministic entropy": entropy(det_probs.astype(np.float64)),
+    }
+
+
+def _aurocs(uncertainty: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+    inside = uncertainty["in-distribution"]
+    return {
+        name: {measure: _auroc(inside[measure], values[measure]) for measure in inside}
+        for name, values in uncertainty.items()
+        if name != "in-distribution"
     }
 
 
@@ -115,6 +139,12 @@ def markdown(report: dict) -> str:
         "",
         f"{report['test_rows']} held-out test rows, T = {report['samples']} MC samples, seed {report['seed']}.",
         "",
+        f"Temperatures fitted on the validation rows by NLL and applied inside the signatures: "
+        f"{report['temperature']:.3f} (deterministic), {report['mc_temperature']:.3f} (each MC sample). "
+        "The rows marked uncalibrated are the same predictions before calibration."
+        if report.get("temperature") is not None
+        else "Not calibrated (trained with --no-calibrate).",
+        "",
         "| predictions | accuracy | NLL | Brier | ECE |",
         "|---|---|---|---|---|",
     ]
@@ -125,6 +155,8 @@ def markdown(report: dict) -> str:
     lines += ["| inputs | " + " | ".join(measures) + " |", "|---" * (len(measures) + 1) + "|"]
     for name, values in report["ood_auroc"].items():
         lines.append(f"| {name} | " + " | ".join(f"{values[m]:.3f}" for m in measures) + " |")
+    for name, values in report.get("ood_auroc_uncalibrated", {}).items():
+        lines.append(f"| {name}, uncalibrated | " + " | ".join(f"{values[m]:.3f}" for m in measures) + " |")
     return "\n".join(lines) + "\n"
 
 

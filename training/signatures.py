@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import tensorflow as tf
 
 from training import artifact
+
+
+class Samples(NamedTuple):
+    """What one ``mc_dropout`` call returns: sampled outputs, and per-sample variances if it has them."""
+
+    outputs: np.ndarray
+    """``[T, N, ...]``: class probabilities, or predicted (mean) values."""
+    variance: np.ndarray | None
+    """``[T, N, ...]`` predicted aleatoric variance of a heteroscedastic model, else None."""
 
 
 def infer(
@@ -15,8 +26,15 @@ def infer(
     return signature(**{input_key: tf.constant(inputs, tf.float32)})[output_key].numpy()
 
 
-def mc_samples(signature, inputs: np.ndarray, samples: int, seed: int) -> np.ndarray:
-    """``samples`` MC-dropout outputs ``[T, N, ...]`` from an ``mc_dropout`` signature, in one call."""
+def infer_variance(signature, inputs: np.ndarray) -> np.ndarray | None:
+    """A heteroscedastic ``serving_default``'s predicted variance ``[N, ...]``; None if it has none."""
+    if artifact.VARIANCE_KEY not in signature.structured_outputs:
+        return None
+    return signature(**{artifact.INPUTS_KEY: tf.constant(inputs, tf.float32)})[artifact.VARIANCE_KEY].numpy()
+
+
+def mc_draws(signature, inputs: np.ndarray, samples: int, seed: int) -> Samples:
+    """``samples`` MC-dropout draws from an ``mc_dropout`` signature, in one call (with variances if any)."""
     outputs = signature(
         **{
             artifact.INPUTS_KEY: tf.constant(inputs, tf.float32),
@@ -24,4 +42,10 @@ def mc_samples(signature, inputs: np.ndarray, samples: int, seed: int) -> np.nda
             artifact.SEED_KEY: tf.constant(seed, tf.int64),
         }
     )
-    return outputs[artifact.OUTPUTS_KEY].numpy()
+    variance = outputs.get(artifact.VARIANCE_KEY)
+    return Samples(outputs[artifact.OUTPUTS_KEY].numpy(), None if variance is None else variance.numpy())
+
+
+def mc_samples(signature, inputs: np.ndarray, samples: int, seed: int) -> np.ndarray:
+    """``samples`` MC-dropout outputs ``[T, N, ...]`` from an ``mc_dropout`` signature, in one call."""
+    return mc_draws(signature, inputs, samples, seed).outputs

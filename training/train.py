@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from training import metrics
-from training.artifact import Preprocessing
+from training.artifact import Likelihood, Preprocessing
 from training.data import Dataset, split
 from training.mc_dropout import sample
 from training.model import ModelConfig, build_network, mc_weight_decay, with_preprocessing
@@ -26,7 +26,13 @@ class TrainConfig:
     tau: float | None = None
     """Regression model precision; None fits it on the validation rows after training."""
     mc_samples: int = 100
-    """MC samples for the held-out scores."""
+    """MC samples for the held-out scores (and for fitting the MC temperature)."""
+    likelihood: Likelihood = "homoscedastic"
+    """Regression: one noise level tau, or a predicted variance per instance (heteroscedastic, no tau)."""
+    beta: float = 0.5
+    """Heteroscedastic: β of the β-NLL (``training.model.gaussian_nll``; 0 = Kendall & Gal's plain NLL)."""
+    calibrate: bool = True
+    """Classifiers: fit a temperature for the deterministic and one for the MC predictive on the validation rows."""
 
 
 @dataclass
@@ -37,6 +43,10 @@ class TrainedModel:
     history: dict[str, list[float]]
     metrics: dict[str, dict[str, float]]
     tau: float | None = None
+    temperature: float | None = None
+    """Classifier temperature of the inference-mode prediction (None: not calibrated)."""
+    mc_temperature: float | None = None
+    """Classifier temperature applied to each MC sample (None: not calibrated)."""
     test: Dataset | None = field(default=None, repr=False)
 
 
@@ -61,6 +71,9 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
     x_fit, x_val = (fit_rows.x - shift) / scale, (validation.x - shift) / scale
     y_fit, y_val = fit_rows.y, validation.y
     outputs = len(data.class_labels) if data.task == "classification" else data.y.shape[1]
+    heteroscedastic = data.task == "regression" and settings.likelihood == "heteroscedastic"
+    if heteroscedastic and settings.tau is not None:
+        raise ValueError("a heteroscedastic model predicts its own noise: --tau does not apply")
     if data.task == "regression":
         y_shift, y_scale = (
             fit_rows.y.mean(axis=0),
@@ -70,10 +83,13 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
         preprocessing.outputs = "network predicts the standardized target; the graph restores its units"
         preprocessing.target_shift, preprocessing.target_scale = y_shift.tolist(), y_scale.tolist()
         if not config.weight_decay:
-            prior_tau = settings.tau or float(1.0 / np.mean(y_scale**2))
+            # Heteroscedastic: the NLL carries the noise, so λ is the KL term l²(1-p)/(2N) (tau 1).
+            prior_tau = 1.0 if heteroscedastic else settings.tau or float(1.0 / np.mean(y_scale**2))
             config = replace(config, weight_decay=mc_weight_decay(config, len(y_fit), prior_tau))
 
-    network = build_network(config, data.x.shape[1:], outputs, data.task)
+    if config.concrete:
+        config = replace(config, concrete_rows=len(fit_rows.y))
+    network = build_network(config, data.x.shape[1:], outputs, data.task, settings.likelihood, settings.beta)
     history = network.fit(
         x_fit,
         y_fit,
@@ -86,27 +102,65 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
     if data.task == "classification":
         served = with_preprocessing(network, shift, scale)
     else:
-        served = with_preprocessing(network, shift, scale, y_shift, y_scale)
+        served = with_preprocessing(network, shift, scale, y_shift, y_scale, settings.likelihood)
 
     tau = None
-    if data.task == "regression":
+    if data.task == "regression" and not heteroscedastic:
         tau = settings.tau or metrics.fit_tau(
             validation.y, sample(served, validation.x, settings.mc_samples, settings.seed)
         )
-    scores = evaluate(served, test, data.task, tau, settings.mc_samples, settings.seed)
-    return TrainedModel(
-        served, preprocessing, {k: [float(v) for v in vs] for k, vs in history.items()}, scores, tau, test
-    )
+    temperature = mc_temperature = None
+    if data.task == "classification" and settings.calibrate:
+        temperature = metrics.fit_temperature(served(validation.x, training=False).numpy(), validation.y)
+        mc_temperature = metrics.fit_temperature(
+            sample(served, validation.x, settings.mc_samples, settings.seed), validation.y
+        )
+    scores = evaluate(served, test, data.task, tau, settings.mc_samples, settings.seed, temperature, mc_temperature)
+    history = {k: [float(v) for v in vs] for k, vs in history.items()}
+    return TrainedModel(served, preprocessing, history, scores, tau, temperature, mc_temperature, test)
 
 
-def evaluate(model: keras.Model, data: Dataset, task: str, tau: float | None, samples: int, seed: int):
-    """Held-out scores of inference-mode ("deterministic") and MC-dropout ("mc") predictions."""
+def evaluate(
+    model: keras.Model,
+    data: Dataset,
+    task: str,
+    tau: float | None,
+    samples: int,
+    seed: int,
+    temperature: float | None = None,
+    mc_temperature: float | None = None,
+):
+    """Held-out scores of inference-mode ("deterministic") and MC-dropout ("mc") predictions.
+
+    A calibrated classifier is scored as served (tempered); the raw scores are kept as ``*_uncalibrated``.
+    """
     deterministic = model(data.x, training=False).numpy()
     mc = sample(model, data.x, samples, seed)
-    if task == "classification":
+    if task == "regression" and tau is None:  # heteroscedastic: [mean, variance] in target units
+        mean, variance = np.split(deterministic, 2, axis=-1)
+        mc_mean, mc_variance = np.split(mc, 2, axis=-1)
         return {
+            "test_deterministic": {
+                "rmse": metrics.rmse(mean, data.y),
+                "log_likelihood": metrics.gaussian_mixture_log_likelihood(data.y, mean[None], variance[None]),
+            },
+            "test_mc": {
+                "rmse": metrics.rmse(mc_mean.mean(axis=0), data.y),
+                "log_likelihood": metrics.gaussian_mixture_log_likelihood(data.y, mc_mean, mc_variance),
+            },
+        }
+    if task == "classification":
+        scores = {
             "test_deterministic": metrics.classification_scores(deterministic, data.y),
             "test_mc": metrics.classification_scores(mc.mean(axis=0), data.y),
+        }
+        if temperature is None and mc_temperature is None:
+            return scores
+        return {
+            "test_deterministic": metrics.classification_scores(metrics.temper(deterministic, temperature), data.y),
+            "test_mc": metrics.classification_scores(metrics.temper(mc, mc_temperature).mean(axis=0), data.y),
+            "test_deterministic_uncalibrated": scores["test_deterministic"],
+            "test_mc_uncalibrated": scores["test_mc"],
         }
     return {
         "test_deterministic": metrics.regression_scores(data.y, deterministic, None, tau),

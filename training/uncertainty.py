@@ -53,23 +53,52 @@ def summarize_classification(samples: np.ndarray) -> ClassificationSummary:
     )
 
 
+def _scalar_or_list(values: np.ndarray) -> float | list:
+    return float(values[0]) if values.shape == (1,) else values.tolist()
+
+
 @dataclass(frozen=True)
 class RegressionSummary:
     mean: np.ndarray  # [N, D]
-    epistemic_std: np.ndarray  # [N, D] spread of the sampled predictions
-    aleatoric_std: float | None  # 1 / sqrt(tau), the same for every instance
+    epistemic_std: np.ndarray  # [N, D] spread of the sampled (mean) predictions
+    aleatoric_std: float | np.ndarray | None
+    """1 / sqrt(tau), the same for every instance (homoscedastic); or [N, D] per instance
+    (heteroscedastic): the square root of the predicted variance averaged over the samples."""
     total_std: np.ndarray  # [N, D] sqrt(epistemic² + aleatoric²)
     lower: np.ndarray  # [N, D] 95 % interval, Gaussian approximation
     upper: np.ndarray
 
+    def answer(self, i: int) -> dict[str, float | list | None]:
+        """Instance ``i`` as the MC endpoint's regression answer (one output: numbers, else lists)."""
+        aleatoric = self.aleatoric_std
+        return {
+            "mean": _scalar_or_list(self.mean[i]),
+            "epistemic_std": _scalar_or_list(self.epistemic_std[i]),
+            "aleatoric_std": _scalar_or_list(aleatoric[i]) if isinstance(aleatoric, np.ndarray) else aleatoric,
+            "total_std": _scalar_or_list(self.total_std[i]),
+            "interval_95": [_scalar_or_list(self.lower[i]), _scalar_or_list(self.upper[i])],
+        }
 
-def summarize_regression(samples: np.ndarray, tau: float | None) -> RegressionSummary:
+
+def summarize_regression(
+    samples: np.ndarray, tau: float | None, variance: np.ndarray | None = None
+) -> RegressionSummary:
+    """Mean, epistemic / aleatoric / total std and a 95 % interval from ``samples [T, N, ...]``.
+
+    Aleatoric noise is ``1 / sqrt(tau)`` for a homoscedastic model, or, given the sampled
+    predicted variances ``variance [T, N, ...]`` of a heteroscedastic one, ``sqrt(mean_t σ²_t)``
+    per instance (Kendall & Gal 2017: total variance = mean σ² + variance of the sampled means).
+    """
     samples = np.asarray(samples, dtype=np.float64)
     samples = samples.reshape(samples.shape[0], samples.shape[1], -1)
     mean = samples.mean(axis=0)
     epistemic = samples.std(axis=0)
-    aleatoric = None if tau is None else float(1.0 / np.sqrt(tau))
-    total = np.sqrt(epistemic**2 + (aleatoric or 0.0) ** 2)
+    if variance is not None:
+        variance = np.asarray(variance, dtype=np.float64).reshape(samples.shape)
+        aleatoric: float | np.ndarray | None = np.sqrt(variance.mean(axis=0))
+    else:
+        aleatoric = None if tau is None else float(1.0 / np.sqrt(tau))
+    total = np.sqrt(epistemic**2 + (0.0 if aleatoric is None else aleatoric) ** 2)
     return RegressionSummary(
         mean=mean,
         epistemic_std=epistemic,

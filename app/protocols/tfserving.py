@@ -263,7 +263,9 @@ async def _mc_dropout(request: Request, model: ServedModel, data: dict[str, Any]
     annotate(request, instances=len(rows), samples=samples)
     check_return_samples(settings, samples, len(rows), model.output_shape)  # every sample is returned
     batch = inference.to_array(rows, model.input_shape, booleans)
-    return await inference.sample(model, batch, samples, seed, lambda draws: json_response({"outputs": draws.tolist()}))
+    return await inference.sample(
+        model, batch, samples, seed, lambda draws: json_response({"outputs": draws.outputs.tolist()})
+    )
 
 
 _PREDICT_ROUTE: dict[str, Any] = {

@@ -37,7 +37,7 @@ from app.protocols import v2_codec as codec
 from app.protocols import v2_schemas as docs
 from app.registry import Registry
 from app.settings import Settings
-from training import artifact
+from training import artifact, signatures
 from training.uncertainty import summarize_classification, summarize_regression
 
 router = APIRouter(prefix="/v2", tags=["v2 (KServe, Triton)"])
@@ -260,7 +260,8 @@ def _batch(model: ServedModel, inputs: list[codec.InputTensor], settings: Settin
 
 def _mc_outputs(model: ServedModel) -> list[str]:
     names = MC_OUTPUTS[model.task]
-    return [n for n in names if n != "aleatoric_std"] if model.task == "regression" and model.tau is None else names
+    noise = model.tau is not None or (model.metadata is not None and model.metadata.likelihood == "heteroscedastic")
+    return [n for n in names if n != "aleatoric_std"] if model.task == "regression" and not noise else names
 
 
 def _requested(parsed: codec.InferRequest, names: list[str], mc: bool) -> list[tuple[str, bool]]:
@@ -274,9 +275,9 @@ def _requested(parsed: codec.InferRequest, names: list[str], mc: bool) -> list[t
     return [(output.name, output.binary) for output in parsed.outputs]
 
 
-def _summaries(model: ServedModel, draws: np.ndarray) -> dict[str, np.ndarray]:
+def _summaries(model: ServedModel, sampled: signatures.Samples) -> dict[str, np.ndarray]:
     """MC summaries as tensors, from the same functions as the native ``/predict/mc-dropout``."""
-    draws = draws.astype(np.float64)
+    draws, variance = sampled.outputs.astype(np.float64), sampled.variance
     if model.task == "classification":
         s = summarize_classification(draws)
         metrics.observe_mc(model.name, model.version, model.task, s)
@@ -289,7 +290,7 @@ def _summaries(model: ServedModel, draws: np.ndarray) -> dict[str, np.ndarray]:
             "variation_ratio": s.variation_ratio,
         }
     if model.task == "regression":
-        s = summarize_regression(draws, model.tau)
+        s = summarize_regression(draws, model.tau, variance)
         metrics.observe_mc(model.name, model.version, model.task, s)
         shape = draws.shape[1:]
         tensors = {
@@ -300,7 +301,7 @@ def _summaries(model: ServedModel, draws: np.ndarray) -> dict[str, np.ndarray]:
             "interval_upper": s.upper,
         }
         if s.aleatoric_std is not None:
-            tensors["aleatoric_std"] = np.full_like(s.total_std, s.aleatoric_std)
+            tensors["aleatoric_std"] = np.broadcast_to(s.aleatoric_std, s.total_std.shape)  # one value or per instance
         return {name: value.reshape(shape) for name, value in tensors.items()}
     return {"mean": draws.mean(axis=0), "std": draws.std(axis=0)}
 

@@ -1,0 +1,79 @@
+"""UCI results as files: mean and standard error over splits, the published numbers, Markdown tables."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+PUBLISHED = {
+    "bostonHousing": {"rmse": (2.90, 0.18), "ll": (-2.40, 0.04)},
+    "concrete": {"rmse": (4.82, 0.16), "ll": (-2.93, 0.02)},
+    "energy": {"rmse": (0.54, 0.06), "ll": (-1.21, 0.01)},
+}
+"""Published MC-dropout results ("Experiment 1" of DropoutUncertaintyExps' README): mean, standard error."""
+
+
+def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error over splits, as the paper's code computes it: ``np.std(values) / sqrt(n)``."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std() / math.sqrt(len(values)))
+
+
+def markdown(result: dict) -> str:
+    """The results as a Markdown table: mean ± standard error, the published numbers, then every split."""
+    s, proto, t = result["summary"], result["protocol"], result["timings"]
+
+    likelihood = proto.get("likelihood", "homoscedastic")
+    grid = f"p ∈ {proto['dropout_rates']}"
+    if proto.get("tau_values"):
+        grid += f" x τ ∈ {proto['tau_values']}"
+
+    def pm(entry: dict) -> str:
+        return f"{entry['mean']:.2f} ± {entry['standard_error']:.2f}"
+
+    lines = [
+        f"# {result['dataset']}: MC dropout ({likelihood}), Gal & Ghahramani's UCI protocol",
+        "",
+        f"{len(result['splits'])} splits, {proto['epochs']} epochs, grid {grid}, "
+        f"T = {proto['samples']:,} test samples from the exported `mc_dropout` "
+        f"signature, seed {proto['seed']}. Wall time {t['total_s']:.0f} s (grid search {t['grid_search_s']:.0f} s, "
+        f"validation MC {t['validation_mc_s']:.0f} s, retrain {t['retrain_s']:.0f} s, export + test MC "
+        f"{t['export_and_test_mc_s']:.0f} s) on {result['machine']['cpus']} CPU cores.",
+        "",
+        "| | MC RMSE | deterministic RMSE | test LL |",
+        "|---|---|---|---|",
+        f"| ours (mean ± s.e.) | {pm(s['rmse_mc'])} | {pm(s['rmse_deterministic'])} | {pm(s['ll'])} |",
+    ]
+    if result.get("published"):
+        ref = result["published"]
+        lines.append(
+            f"| published | {ref['rmse'][0]:.2f} ± {ref['rmse'][1]:.2f} | | {ref['ll'][0]:.2f} ± {ref['ll'][1]:.2f} |"
+        )
+    lines += [
+        "",
+        "| split | p | τ | validation LL | MC RMSE | deterministic RMSE | test LL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['split']} | {r['p']:g} | {'—' if r['tau'] is None else format(r['tau'], 'g')} | "
+        f"{r['log_likelihood']:.3f} | {r['rmse_mc']:.3f} | {r['rmse_deterministic']:.3f} | {r['ll']:.3f} |"
+        for r in result["splits"]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict, out: str | Path) -> tuple[Path, Path]:
+    """``<out>/<dataset>.json`` and ``<out>/<dataset>.md`` (``<dataset>-heteroscedastic.*`` for that likelihood)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = result["dataset"]
+    if result["protocol"].get("likelihood", "homoscedastic") != "homoscedastic":
+        stem += f"-{result['protocol']['likelihood']}"
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(markdown(result))
+    return json_path, md_path

@@ -21,8 +21,8 @@ from app.settings import Settings
 log = logging.getLogger("dropout_serve")
 
 
-def _limit_tf_threads(threads: int | None) -> None:
-    if threads is None:
+def _limit_tf_threads(threads: int) -> None:
+    if threads == 0:  # TensorFlow's own choice
         return
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -25,12 +26,17 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 8000
     workers: int = Field(1, ge=1, description="server processes on one port (python -m app)")
-    tf_threads: int | None = Field(
-        None, ge=1, description="TensorFlow intra-op threads per process; default: TensorFlow's (all cores)"
+    tf_threads: int = Field(
+        1,
+        ge=0,
+        description="TensorFlow intra- and inter-op threads per call; 0 = TensorFlow's choice (all cores). "
+        "One thread per call and several calls at once beat one call on every core (bench/mc_threads.py)",
     )
     max_batch_size: int = Field(32, ge=1, description="rows per batched inference call; 1 = no batching")
     batch_timeout_ms: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0 = adaptive only")
-    mc_threads: int = Field(2, ge=1, description="concurrent MC-dropout signature calls per process")
+    mc_threads: int = Field(
+        default_factory=lambda: max(2, os.cpu_count() or 2), ge=1, description="concurrent MC-dropout calls per process"
+    )
     max_instances: int = Field(1024, ge=1, description="instances per request")
     max_samples: int = Field(10_000, ge=1, description="MC samples T per request")
     default_samples: int = Field(100, ge=1)

@@ -25,8 +25,11 @@ source "$setup"
 WORK=$(mktemp -d)
 SERVED=ds-test-$$      # the image as built
 MOUNTED=ds-mounted-$$  # with a model repository mounted from the host
+KEYED=ds-keyed-$$      # with API keys, JSON logs and metrics configured by -e
+CONTEXT=ds-context-$$  # built from a context whose artifacts/ holds a digits version
 cleanup() {
-    podman rm -f -t 0 "$SERVED" "$MOUNTED" >/dev/null 2>&1 || true
+    podman rm -f -t 0 "$SERVED" "$MOUNTED" "$KEYED" "$CONTEXT" >/dev/null 2>&1 || true
+    podman rmi -f "$IMAGE-context" >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -94,7 +97,7 @@ check "$answer" 'r["samples"] == 100 and r["seed"] == 42 and r["predictions"][0]
 echo "predict and mc-dropout answer 0; a seeded MC request repeats byte for byte"
 
 uid=$(podman exec "$SERVED" id -u)
-[[ $uid != 0 ]] || fail "the service runs as root"
+[[ $uid == 10001 ]] || fail "the service runs as uid $uid, not the image's user 10001"
 echo "runs as uid $uid ($(podman top "$SERVED" user | tail -1 | tr -d ' '))"
 podman healthcheck run "$SERVED" >/dev/null 2>&1 || fail "HEALTHCHECK fails on a ready container"
 echo "healthcheck passes"
@@ -131,6 +134,51 @@ check "$answer" 'r["version"] == 2 and r["predictions"][0]["label"] == "0"' "ver
 answer=$(post "$port2" /v1/models/digits-mounted:predict "{\"instances\": [$ZERO]}")
 check "$answer" 'max(r["predictions"][0]) == r["predictions"][0][0]' "TF Serving REST :predict: not a zero"
 echo "hot reload: version 2 published into the mount serves without a restart; TF Serving REST answers"
+
+echo "== keys, JSON logs and metrics configured with -e"
+port3=$(start "$KEYED" -e DROPOUT_SERVE_API_KEYS=s3cret-key -e DROPOUT_SERVE_LOG_FORMAT=json)
+wait_ready "$KEYED" "$port3"
+code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port3/predict" -H 'content-type: application/json' \
+    -d "{\"instances\": [$ZERO]}")
+[[ $code == 401 ]] || fail "/predict without a key answered $code, not 401"
+answer=$(curl -fsS "http://127.0.0.1:$port3/predict" -H 'content-type: application/json' \
+    -H 'Authorization: Bearer s3cret-key' -H 'X-Request-ID: container-check-1' -d "{\"instances\": [$ZERO]}")
+check "$answer" 'r["predictions"][0]["label"] == "0"' "/predict with the key: wrong answer"
+metrics=$(curl -fsS "http://127.0.0.1:$port3/metrics")
+grep -q '^dropout_serve_requests_total{.*route="/predict".*status="200"' <<<"$metrics" \
+    || fail "/metrics has no dropout_serve_requests_total for /predict"
+podman logs "$KEYED" >"$WORK/keyed.log" 2>&1
+grep -q '"request_id": *"container-check-1"' "$WORK/keyed.log" || fail "no JSON log line with the request id"
+! grep -q "s3cret-key" "$WORK/keyed.log" || fail "the API key appears in the logs"
+! grep -q "s3cret-key" <<<"$metrics" || fail "the API key appears in /metrics"
+echo "keys (401 without, 200 with), JSON logs with the request id, /metrics; the key is in neither"
+
+echo "== a build context with artifacts/digits/<n> replaces the baked-in model"
+context=$WORK/context
+mkdir -p "$context"
+cp -r Dockerfile .dockerignore pyproject.toml README.md app training "$context/"
+mkdir -p "$context/artifacts/digits"
+podman cp "$SERVED":/srv/dropout-serve/artifacts/digits/1 "$context/artifacts/digits/7"
+python3 - "$context/artifacts/digits/7/metadata.json" <<'PY'
+import json, sys
+path = sys.argv[1]
+metadata = json.load(open(path))
+metadata["version"], metadata["training"]["context_marker"] = 7, "from the build context"
+json.dump(metadata, open(path, "w"))
+PY
+podman build --format docker --network host -t "$IMAGE-context" "$context" >"$WORK/build-context.log" 2>&1 || {
+    tail -30 "$WORK/build-context.log" >&2
+    fail "podman build with artifacts in the context"
+}
+grep -q "not training (--if-missing)" "$WORK/build-context.log" \
+    || fail "the build trained a model although its context has artifacts/digits/7"
+port4=$(IMAGE=$IMAGE-context start "$CONTEXT")
+wait_ready "$CONTEXT" "$port4"
+answer=$(curl -fsS "http://127.0.0.1:$port4/models/digits")
+check "$answer" '[v["version"] for v in r["versions"]] == [7]' "the image does not serve the context's digits version 7"
+answer=$(post "$port4" /predict "{\"instances\": [$ZERO]}")
+check "$answer" 'r["version"] == 7 and r["predictions"][0]["label"] == "0"' "version 7 from the context does not serve"
+echo "the build context's artifacts/digits/7 is served instead of training a model"
 
 echo "== stop"
 t0=$(now)

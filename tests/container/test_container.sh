@@ -3,7 +3,7 @@
 # healthcheck, a mounted model repository and a graceful, quick stop. Run from anywhere:
 #   bash tests/container/test_container.sh
 # Needs the shared container set-up (see <shared>/container/README.md), found through
-# $DS_SHARED_DIR, then <repo>/../shared, then /work/shared.
+# $DS_SHARED_DIR, then <repo>/../shared.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -15,10 +15,10 @@ now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 
 setup=
-for dir in ${DS_SHARED_DIR:+"$DS_SHARED_DIR"} "$REPO/../shared" /work/shared; do
+for dir in ${DS_SHARED_DIR:+"$DS_SHARED_DIR"} "$REPO/../shared"; do
     if [[ -f $dir/container/setup.sh ]]; then setup=$dir/container/setup.sh; break; fi
 done
-[[ -n $setup ]] || fail "container/setup.sh not found in \$DS_SHARED_DIR, $REPO/../shared or /work/shared"
+[[ -n $setup ]] || fail "container/setup.sh not found in \$DS_SHARED_DIR or $REPO/../shared"
 # shellcheck source=/dev/null
 source "$setup"
 

@@ -19,7 +19,9 @@ class ApiError(Exception):
 
 
 PROTOCOL_PREFIXES = ("/v1/", "/v2/")
-"""TF Serving's and the Open Inference Protocol's routes answer errors as ``{"error": ...}``."""
+"""TF Serving's and the Open Inference Protocol's routes answer errors as ``{"error": ...}``, and
+an invalid argument as 400 where the native API says 422 (TF Serving's INVALID_ARGUMENT, Triton's
+bad request)."""
 
 
 def is_protocol(path: str) -> bool:
@@ -27,8 +29,9 @@ def is_protocol(path: str) -> bool:
 
 
 def error_response(path: str, status: int, message: str) -> JSONResponse:
-    key = "error" if is_protocol(path) else "detail"
-    return JSONResponse({key: message}, status_code=status)
+    if not is_protocol(path):
+        return JSONResponse({"detail": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=400 if status == 422 else status)
 
 
 def _location(loc: tuple) -> str:
@@ -50,8 +53,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         return error_response(
             request.url.path, 400, f"request body is not valid JSON: {reason} (at character {position})"
         )
-    status = 400 if is_protocol(request.url.path) else 422  # TF Serving and Triton: invalid argument
-    return error_response(request.url.path, status, "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors))
+    return error_response(request.url.path, 422, "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors))
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -31,6 +31,7 @@ from app import metrics, repository
 from app.errors import ApiError
 from app.loading import ServedModel, load_version
 from app.settings import Settings
+from training import artifact
 
 log = logging.getLogger("dropout_serve")
 
@@ -221,7 +222,7 @@ class Registry:
 
     def load_model(self, name: str) -> None:
         """Serve ``name`` again (after :meth:`unload_model`) and load it now."""
-        if name not in repository.scan(self._settings.model_dir, repository.ModelsConfig(), self._default_policy):
+        if name not in artifact.model_names(self._settings.model_dir):
             raise ApiError(404, f"no model {name!r} in the repository")
         with self._sync_lock:
             self._unloaded.discard(name)

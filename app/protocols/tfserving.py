@@ -183,30 +183,25 @@ async def label_metadata(name: str, label: str, request: Request) -> Response:
 
 
 async def _predict(request: Request, name: str, version: int | None = None, label: str | None = None) -> Response:
-    try:
-        data, raw = await read_json(request, check_content_type=False)
-        if not isinstance(data, dict):
-            raise ApiError(400, "the request body must be a JSON object with 'instances' or 'inputs'")
-        unknown = set(data) - {"signature_name", "instances", "inputs"}
-        if unknown:
-            raise ApiError(400, f"unknown field(s) {sorted(unknown)}; expected signature_name and instances or inputs")
-        if ("instances" in data) == ("inputs" in data):
-            raise ApiError(400, "send exactly one of 'instances' (row format) or 'inputs' (columnar format)")
-        signature = data.get("signature_name", artifact.SERVING_SIGNATURE)
-        if not isinstance(signature, str):
-            raise ApiError(400, f"'signature_name' must be a string, got {signature!r}")
-        with _registry(request).lease(name, version, label) as model:
-            annotate(request, model=model.name, version=model.version)
-            if signature == artifact.SERVING_SIGNATURE:
-                return await _serving_default(request, model, data, may_hold_booleans(raw))
-            if signature == artifact.MC_SIGNATURE and model.mc_dropout is not None:
-                return await _mc_dropout(request, model, data, may_hold_booleans(raw))
-            known = [artifact.SERVING_SIGNATURE] + ([artifact.MC_SIGNATURE] if model.mc_dropout else [])
-            raise ApiError(400, f"serving signature name {signature!r} not found; this model has {known}")
-    except ApiError as error:
-        if error.status == 422:  # TF Serving: INVALID_ARGUMENT is HTTP 400
-            raise ApiError(400, error.message) from None
-        raise
+    data, raw = await read_json(request, check_content_type=False)
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object with 'instances' or 'inputs'")
+    unknown = set(data) - {"signature_name", "instances", "inputs"}
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {sorted(unknown)}; expected signature_name and instances or inputs")
+    if ("instances" in data) == ("inputs" in data):
+        raise ApiError(400, "send exactly one of 'instances' (row format) or 'inputs' (columnar format)")
+    signature = data.get("signature_name", artifact.SERVING_SIGNATURE)
+    if not isinstance(signature, str):
+        raise ApiError(400, f"'signature_name' must be a string, got {signature!r}")
+    with _registry(request).lease(name, version, label) as model:
+        annotate(request, model=model.name, version=model.version)
+        if signature == artifact.SERVING_SIGNATURE:
+            return await _serving_default(request, model, data, may_hold_booleans(raw))
+        if signature == artifact.MC_SIGNATURE and model.mc_dropout is not None:
+            return await _mc_dropout(request, model, data, may_hold_booleans(raw))
+        known = [artifact.SERVING_SIGNATURE] + ([artifact.MC_SIGNATURE] if model.mc_dropout else [])
+        raise ApiError(400, f"serving signature name {signature!r} not found; this model has {known}")
 
 
 def _rows(model: ServedModel, data: dict[str, Any]) -> list[Any]:

@@ -17,8 +17,6 @@ A thin adapter: ``v2_codec`` reads and writes the wire format, the registry leas
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -77,17 +75,6 @@ def _version(text: str) -> int:
     if not (text.isascii() and text.isdigit() and int(text) > 0):
         raise ApiError(400, f"model version must be a positive integer, got {text!r}")
     return int(text)
-
-
-@contextmanager
-def _invalid_argument_is_400() -> Iterator[None]:
-    """The core answers 422 for values it refuses; v2 (like Triton) says 400 for any invalid argument."""
-    try:
-        yield
-    except ApiError as error:
-        if error.status == 422:
-            raise ApiError(400, error.message) from None
-        raise
 
 
 @router.get("", response_model=docs.ServerMetadata, summary="Server metadata")
@@ -187,7 +174,7 @@ async def _infer(request: Request, name: str, number: int | None) -> Response:
     mc = _mc_parameters(parsed.parameters)
     if mc is not None:
         check_mc_enabled(settings)
-    with _invalid_argument_is_400(), _registry(request).lease(name, number) as model:
+    with _registry(request).lease(name, number) as model:
         annotate(request, model=model.name, version=model.version)
         batch = _batch(model, parsed.inputs, settings)
         annotate(request, instances=len(batch))

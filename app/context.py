@@ -11,8 +11,8 @@ counted under model "", so client-chosen names never become metric labels).
 from __future__ import annotations
 
 import re
+import secrets
 import time
-import uuid
 from dataclasses import dataclass
 
 from starlette.datastructures import MutableHeaders
@@ -84,7 +84,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if _SANE_ID.fullmatch(given) else secrets.token_hex(16)
         record = RequestRecord(request_id, scope["method"], scope["path"], time.perf_counter())
         scope[_SCOPE_KEY] = record
         token = logs.request_id.set(request_id)

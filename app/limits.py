@@ -3,8 +3,10 @@
 ``Overload`` bounds the requests in progress (``MAX_IN_FLIGHT``): one more is answered at once with
 503 and ``Retry-After`` instead of queueing without bound, so a client or balancer can go elsewhere.
 It also gives every request a deadline (``REQUEST_TIMEOUT``): past it the client gets 504 right
-away. TensorFlow work already running in a thread cannot be interrupted; it finishes in the
-background and its slot stays taken until it does, so the in-flight bound counts real work.
+away and its slot is freed. A request still waiting (for its body, or for a batch) simply stops;
+TensorFlow work already running in a thread cannot be interrupted, so it finishes in the
+background and its batch-mates still get their answers. The deadline is ``asyncio.timeout`` on
+the request's own task, disarmed once the response starts: a response under way is let finish.
 Health probes and ``/metrics`` are exempt, so an overloaded server still reports that it is alive.
 
 ``check_mc_enabled`` and ``check_return_samples`` are called by every door that serves MC dropout.
@@ -51,7 +53,6 @@ class Overload:
         self.max_in_flight = max_in_flight
         self.timeout = timeout
         self.in_flight = 0
-        self._background: set[asyncio.Task] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(EXEMPT_PREFIXES):
@@ -65,28 +66,20 @@ class Overload:
             await reply(scope, send, 503, message, {"Retry-After": str(RETRY_AFTER_SECONDS)})
             return
         self.in_flight += 1
-        answered = started = False
+        deadline = asyncio.timeout(self.timeout or None)
 
-        async def send_unless_answered(message: Message) -> None:
-            nonlocal started
-            if not answered:
-                started = True
-                await send(message)
+        async def send_and_keep_going(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                deadline.reschedule(None)
+            await send(message)
 
-        task = asyncio.ensure_future(self.app(scope, receive, send_unless_answered))
-        task.add_done_callback(self._release)
-        done, _ = await asyncio.wait({task}, timeout=self.timeout or None)
-        if done or started:  # a response under way is let finish
-            await task
-            return
-        answered = True
-        self._background.add(task)  # keeps a reference until the work ends
-        task.cancel()
-        message = f"the request took longer than {self.timeout:g} s (DROPOUT_SERVE_REQUEST_TIMEOUT) and was abandoned"
-        await reply(scope, send, 504, message)
-
-    def _release(self, task: asyncio.Task) -> None:
-        self.in_flight -= 1
-        self._background.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved, so asyncio does not warn about it
+        try:
+            async with deadline:
+                await self.app(scope, receive, send_and_keep_going)
+        except TimeoutError:
+            if not deadline.expired():  # raised by the app itself, not the deadline
+                raise
+            limit = f"{self.timeout:g} s (DROPOUT_SERVE_REQUEST_TIMEOUT)"
+            await reply(scope, send, 504, f"the request took longer than {limit} and was abandoned")
+        finally:
+            self.in_flight -= 1

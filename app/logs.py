@@ -68,6 +68,8 @@ def configure(fmt: Literal["text", "json"], access_lines: bool = True) -> None:
 
 
 def access(record: RequestRecord) -> None:
+    if access_log.disabled:  # DROPOUT_SERVE_ACCESS_LOG=false: skip building the line
+        return
     fields = {
         "method": record.method,
         "path": record.path,

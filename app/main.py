@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import openapi
 from app.errors import BodySizeLimit, install_error_handlers
+from app.hot_routes import HotRoutes
 from app.inference import Engine
 from app.operations import install_operations
 from app.protocols import native, tfserving, v2
@@ -19,6 +20,9 @@ from app.registry import start_registry
 from app.settings import Settings
 
 log = logging.getLogger("dropout_serve")
+
+HOT_ENDPOINTS = (native.predict, native.predict_mc_dropout, tfserving.predict, v2.infer)
+"""The endpoints most traffic goes to, found ahead of the router (``app.hot_routes``)."""
 
 
 def _limit_tf_threads(threads: int) -> None:
@@ -57,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tfserving.router)
     app.include_router(v2.router)
     install_error_handlers(app)
+    app.add_middleware(HotRoutes, routers=(native.router, tfserving.router, v2.router), endpoints=HOT_ENDPOINTS)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     install_operations(app, settings)
     openapi.install(app, settings)

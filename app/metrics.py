@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 from training.uncertainty import ClassificationSummary, RegressionSummary
 
@@ -132,6 +134,13 @@ TOP_PROBABILITY = Histogram(
 )
 
 
+@lru_cache(maxsize=4096)
+def _child(metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+    """``metric.labels(*labels)``, remembered: children are never removed, and the lookup (a lock and
+    a label check) costs more than the observation on every request."""
+    return metric.labels(*labels)
+
+
 def request_started() -> None:
     IN_FLIGHT.inc()
 
@@ -139,12 +148,12 @@ def request_started() -> None:
 def request_finished(record: RequestRecord) -> None:
     IN_FLIGHT.dec()
     version = "" if record.version is None else str(record.version)
-    REQUESTS.labels(record.route, record.method, record.model, version, str(record.status)).inc()
-    LATENCY.labels(record.route, record.method, record.model, version).observe(record.seconds)
+    _child(REQUESTS, record.route, record.method, record.model, version, str(record.status)).inc()
+    _child(LATENCY, record.route, record.method, record.model, version).observe(record.seconds)
     if record.instances is not None and record.model:
-        INSTANCES.labels(record.route, record.model).observe(record.instances)
+        _child(INSTANCES, record.route, record.model).observe(record.instances)
     if record.samples is not None and record.model and 200 <= record.status < 300:
-        MC_SAMPLES.labels(record.model, version).observe(record.samples)
+        _child(MC_SAMPLES, record.model, version).observe(record.samples)
 
 
 def _observe_all(histogram: Histogram, values: np.ndarray) -> None:
@@ -156,23 +165,23 @@ def observe_mc(model: str, version: int, task: str | None, summary: Classificati
     """Uncertainty of each instance an MC request served (models without a task are skipped)."""
     labels = (model, str(version))
     if task == "classification" and isinstance(summary, ClassificationSummary):
-        _observe_all(PREDICTIVE_ENTROPY.labels(*labels), summary.predictive_entropy)
-        _observe_all(MUTUAL_INFORMATION.labels(*labels), summary.mutual_information)
+        _observe_all(_child(PREDICTIVE_ENTROPY, *labels), summary.predictive_entropy)
+        _observe_all(_child(MUTUAL_INFORMATION, *labels), summary.mutual_information)
     elif task == "regression" and isinstance(summary, RegressionSummary):
-        _observe_all(EPISTEMIC_STD.labels(*labels), summary.epistemic_std)
-        _observe_all(TOTAL_STD.labels(*labels), summary.total_std)
+        _observe_all(_child(EPISTEMIC_STD, *labels), summary.epistemic_std)
+        _observe_all(_child(TOTAL_STD, *labels), summary.total_std)
 
 
 def observe_predict(model: str, version: int, task: str | None, outputs: np.ndarray) -> None:
     """Top-class probability of each instance a classifier answered on /predict (outputs [N, K])."""
     if task == "classification":
-        _observe_all(TOP_PROBABILITY.labels(model, str(version)), np.asarray(outputs).max(axis=-1))
+        _observe_all(_child(TOP_PROBABILITY, model, str(version)), np.asarray(outputs).max(axis=-1))
 
 
 def observe_batch(name: str, version: int, rows: int, queue_wait_seconds: float) -> None:
     """One model call of the batcher: how many rows it ran, how long its oldest request waited."""
-    BATCH_ROWS.labels(name, str(version)).observe(rows)
-    QUEUE_WAIT.labels(name, str(version)).observe(queue_wait_seconds)
+    _child(BATCH_ROWS, name, str(version)).observe(rows)
+    _child(QUEUE_WAIT, name, str(version)).observe(queue_wait_seconds)
 
 
 def model_loaded(name: str, version: int, seconds: float) -> None:

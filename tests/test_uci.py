@@ -239,6 +239,25 @@ def test_a_split_reproduces_alone(protocol_run, tmp_path):
         assert again[key] == pytest.approx(full[key], rel=1e-6)  # up to float rounding, see above
 
 
+def test_data_sets_in_parallel_processes_give_the_sequential_numbers(protocol_run, tmp_path):
+    folder, out, _ = protocol_run
+    sequential = json.loads((out / "toy.json").read_text())["splits"]
+    copies = tmp_path / "sets"
+    for name in ("toy", "toy-copy"):
+        (copies / name).mkdir(parents=True)
+        for file in folder.iterdir():
+            (copies / name / file.name).write_bytes(file.read_bytes())
+    settings = {"splits": None, "epochs_multiplier": 2, "samples": 300, "seed": 0, "repository": None}
+    results = uci.main([copies], **settings, out=tmp_path / "out", jobs=2, log=print)
+    assert [r["dataset"] for r in results] == ["toy", "toy-copy"]
+    for name in ("toy", "toy-copy"):
+        parallel = json.loads((tmp_path / "out" / f"{name}.json").read_text())["splits"]
+        for ours, theirs in zip(parallel, sequential, strict=True):
+            assert (ours["p"], ours["tau"], ours["mc_seed"]) == (theirs["p"], theirs["tau"], theirs["mc_seed"])
+            for key in ("rmse_mc", "ll"):
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5)
+
+
 def test_bad_folders_and_splits_are_refused(tmp_path):
     with pytest.raises(DataError, match="data set folder"):
         uci.dataset_folders(tmp_path)

@@ -190,6 +190,11 @@ def _uci_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results/uci"), help="<out>/<data set>.json and .md")
     p.add_argument("--repository", type=Path, help="where the split models are published (default: <out>/models)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="data sets run at once, one process each (default: the number of cores)",
+    )
     p.set_defaults(run=_run_uci)
 
 
@@ -206,6 +211,7 @@ def _run_uci(args: argparse.Namespace) -> None:
         beta=args.beta,
         out=args.out,
         repository=args.repository,
+        jobs=args.jobs,
     )
 
 

@@ -22,10 +22,13 @@ different draws, and the trainer draws the shared noise once, which is most of a
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -333,24 +336,51 @@ def main(
     beta: float = DEFAULT_BETA,
     out: str | Path,
     repository: str | Path | None,
+    jobs: int | None = 1,
     log: Log = _print,
 ) -> list[dict]:
-    """``python -m training uci``: every data set folder found in ``data_dirs``, results into ``out``."""
+    """``python -m training uci``: every data set folder found in ``data_dirs``, results into ``out``.
+
+    ``jobs`` > 1 (None: one per core) runs that many data sets at once, each in its own process with ``cores / jobs``
+    TensorFlow threads: the data sets are independent, and one process keeps about one core busy
+    (tiny networks; most of the work is Python-dispatched steps and random draws), so two processes
+    on two cores take about half the wall time. Each data set's numbers are its sequential run's,
+    up to float rounding (thread counts may change the order of a kernel's sums).
+    """
     folders = [folder for path in data_dirs for folder in dataset_folders(path)]
-    results = []
-    for folder in folders:
-        result = run(
-            load_dataset(folder),
-            splits=splits,
-            epochs_multiplier=epochs_multiplier,
-            samples=samples,
-            seed=seed,
-            likelihood=likelihood,
-            beta=beta,
-            repository=repository or Path(out) / "models",
-            log=log,
-        )
-        for path in write_results(result, out):
-            log(f"wrote {path}")
-        results.append(result)
-    return results
+    one = partial(
+        _run_folder,
+        splits=splits,
+        epochs_multiplier=epochs_multiplier,
+        samples=samples,
+        seed=seed,
+        likelihood=likelihood,
+        beta=beta,
+        out=Path(out),
+        repository=Path(repository or Path(out) / "models"),
+        log=log,
+    )
+    jobs = min(jobs or _cpus(), len(folders))
+    if jobs <= 1:
+        return [one(folder) for folder in folders]
+    threads = max(1, _cpus() // jobs)
+    spawn = multiprocessing.get_context("spawn")  # TensorFlow does not survive a fork
+    with ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_limit_threads, initargs=(threads,)) as pool:
+        return list(pool.map(one, folders))
+
+
+def _run_folder(folder: Path, *, out: Path, log: Log, **settings) -> dict:
+    data = load_dataset(folder)
+    result = run(data, log=partial(_tagged, log, data.name), **settings)
+    for path in write_results(result, out):
+        log(f"wrote {path}")
+    return result
+
+
+def _tagged(log: Log, tag: str, line: str) -> None:
+    log(f"[{tag}] {line}")
+
+
+def _limit_threads(threads: int) -> None:
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)

@@ -78,11 +78,13 @@ class PredictResponse(BaseModel):
 
 class ClassMCPrediction(ClassPrediction):
     std: list[float] = Field(description="per-class standard deviation over samples")
-    predictive_entropy: float = Field(description="entropy of the mean probabilities (nats): total uncertainty")
+    predictive_entropy: float = Field(
+        description="entropy of the samples' mean (nats, before any calibration of 'probabilities'): total uncertainty"
+    )
     expected_entropy: float = Field(description="mean entropy of each sample (nats): aleatoric part")
     mutual_information: float = Field(description="their difference, BALD (nats): epistemic part")
     variation_ratio: float = Field(description="share of samples whose top class is not the modal one")
-    samples: list[list[float]] | None = None
+    samples: list[list[float]] | None = Field(None, description="every sample, raw (uncalibrated)")
 
 
 class RegressionMCPrediction(BaseModel):

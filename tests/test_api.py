@@ -15,7 +15,7 @@ from conftest import Server
 from scipy.special import xlogy
 
 from app.schemas import DIGIT_ZERO
-from training import export_model
+from training import artifact, export_model, metrics
 from training.data import digits
 
 
@@ -105,19 +105,22 @@ def entropy(p: np.ndarray) -> np.ndarray:
     return -xlogy(p, p).sum(axis=-1)
 
 
-def test_mc_summaries_equal_values_recomputed_from_the_samples(client):
+def test_mc_summaries_equal_values_recomputed_from_the_samples(client, repository):
     rows = digits().x[[0, 1, 2]].tolist()
     body = client.post(
         "/predict/mc-dropout", json={"instances": rows, "samples": 64, "seed": 17, "return_samples": True}
     ).json()
     assert (body["samples"], body["seed"]) == (64, 17)
+    temperature = artifact.read_metadata(repository / "digits" / "1").predictive_temperature  # calibrated default
     for answer in body["predictions"]:
-        samples = np.array(answer["samples"])
+        samples = np.array(answer["samples"])  # raw: the calibration applies to their mean, the predictive
         assert samples.shape == (64, 10)
         mean = samples.mean(axis=0)
-        np.testing.assert_allclose(answer["probabilities"], mean, rtol=1e-12)
+        predictive = metrics.temper(mean, temperature)
+        np.testing.assert_allclose(answer["probabilities"], predictive, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(answer["std"], samples.std(axis=0), rtol=1e-9, atol=1e-15)
-        assert answer["label"] == str(mean.argmax()) and answer["probability"] == pytest.approx(mean.max())
+        assert answer["label"] == str(mean.argmax())
+        assert answer["probability"] == max(answer["probabilities"])
         assert answer["predictive_entropy"] == pytest.approx(entropy(mean))
         assert answer["expected_entropy"] == pytest.approx(entropy(samples).mean())
         assert answer["mutual_information"] == pytest.approx(entropy(mean) - entropy(samples).mean(), abs=1e-12)

@@ -34,7 +34,7 @@ def test_exported_mc_samples_follow_the_learned_rate(tmp_path):
     probe = keras.Model(inputs, layers[0](inputs))
     probe_dir = export_model(probe, tmp_path, "probe", task="regression")
     loaded = tf.saved_model.load(str(probe_dir))
-    draws = signatures.mc_samples(loaded.signatures[artifact.MC_SIGNATURE], np.ones((4, 8), np.float32), 2000, 3)
+    draws = signatures.mc_draws(loaded.signatures[artifact.MC_SIGNATURE], np.ones((4, 8), np.float32), 2000, 3).outputs
     p = rates[0]
     dropped = draws == 0
     assert abs(dropped.mean() - p) < 4 * np.sqrt(p * (1 - p) / dropped.size)  # Bernoulli at the learned rate

@@ -101,6 +101,8 @@ def test_mc_endpoint_answers_per_instance_aleatoric_std(heteroscedastic_model):
         body = {"instances": [[-0.9], [0.9]], "samples": 200, "seed": 5}
         answer = httpx.post(f"{server.url}/predict/mc-dropout", json=body, timeout=60)
         plain = httpx.post(f"{server.url}/predict", json={"instances": [[-0.9], [0.9]]}, timeout=60)
+        tf_mc = {"signature_name": "mc_dropout", "inputs": {"inputs": [[-0.9], [0.9]], "samples": 200, "seed": 5}}
+        tf_serving = httpx.post(f"{server.url}/v1/models/{path.parent.name}:predict", json=tf_mc, timeout=60)
     finally:
         server.stop()
     assert answer.status_code == 200, answer.text
@@ -110,6 +112,11 @@ def test_mc_endpoint_answers_per_instance_aleatoric_std(heteroscedastic_model):
     draws = signatures.mc_draws(loaded.signatures[artifact.MC_SIGNATURE], np.array([[-0.9], [0.9]]), 200, 5)
     expected = np.sqrt(draws.variance.astype(np.float64).mean(axis=0))[:, 0]
     assert [low["aleatoric_std"], high["aleatoric_std"]] == pytest.approx(expected, rel=1e-6)
+    # TF Serving's door answers both signature outputs by name, as TF Serving does for two outputs
+    assert tf_serving.status_code == 200, tf_serving.text
+    named = tf_serving.json()["outputs"]
+    np.testing.assert_array_equal(np.float32(named["outputs"]), draws.outputs)
+    np.testing.assert_array_equal(np.float32(named["variance"]), draws.variance)
     for p in (low, high):
         assert p["total_std"] == pytest.approx(math.hypot(p["epistemic_std"], p["aleatoric_std"]))
         assert p["interval_95"][0] < p["mean"] < p["interval_95"][1]

@@ -23,7 +23,7 @@ def test_evaluate_writes_scores_auroc_and_plots(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["test_rows"] == 360 and report["samples"] == 20
     assert set(report["scores"]) == {"deterministic (uncalibrated)", "mc (uncalibrated)", "deterministic", "mc"}
-    assert report["temperature"] > 0 and report["mc_temperature"] > 0
+    assert report["temperature"] > 0 and report["predictive_temperature"] > 0
     for kind in ("uniform noise", "inverted"):
         for value in report["ood_auroc"][kind].values():
             assert 0.0 <= value <= 1.0

@@ -58,14 +58,17 @@ def test_mc_dropout_signature_gives_the_native_endpoints_samples(client):
     request = {"signature_name": "mc_dropout", "inputs": {"inputs": ROWS, "samples": 20, "seed": 7}}
     response = client.post("/v1/models/digits:predict", json=request)
     assert response.status_code == 200, response.text
-    samples = np.array(response.json()["outputs"])
-    assert samples.shape == (20, 3, 10)
+    outputs = response.json()["outputs"]  # two named outputs (the model is calibrated), as TF Serving answers
+    assert set(outputs) == {"outputs", "predictive"}
+    samples, predictive = np.array(outputs["outputs"]), np.array(outputs["predictive"])
+    assert samples.shape == (20, 3, 10) and predictive.shape == (3, 10)
     native = client.post(
         "/predict/mc-dropout", json={"instances": ROWS, "samples": 20, "seed": 7, "return_samples": True}
     )
     assert native.status_code == 200
     for i, answer in enumerate(native.json()["predictions"]):
         np.testing.assert_array_equal(np.array(answer["samples"]), samples[:, i])
+        np.testing.assert_array_equal(np.array(answer["probabilities"]), predictive[i])
 
 
 def test_status_lists_versions_and_labels_resolve(client):

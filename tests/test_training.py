@@ -20,7 +20,7 @@ def test_default_run_publishes_an_accurate_digits_model(digits_repository):
     meta = artifact.read_metadata(version_dir)
     assert meta.task == "classification" and meta.class_labels == [str(d) for d in range(10)]
     assert meta.input_shape == [64] and meta.output_shape == [10]
-    assert meta.temperature is not None and meta.mc_temperature is not None  # calibrated by default
+    assert meta.temperature is not None and meta.predictive_temperature is not None  # calibrated by default
     assert [(d.type, d.rate) for d in meta.dropout_layers] == [("Dropout", 0.5), ("Dropout", 0.5)]
     assert meta.metrics["test_deterministic"]["accuracy"] >= 0.95
     assert set(tf.saved_model.load(str(version_dir)).signatures) == {"serving_default", "mc_dropout"}

@@ -120,7 +120,7 @@ def _run_train(args: argparse.Namespace) -> None:
         tau=trained.tau,
         likelihood=args.likelihood if regression else "homoscedastic",
         temperature=trained.temperature,
-        mc_temperature=trained.mc_temperature,
+        predictive_temperature=trained.predictive_temperature,
         preprocessing=trained.preprocessing,
         metrics=trained.metrics,
         training={
@@ -131,17 +131,23 @@ def _run_train(args: argparse.Namespace) -> None:
         },
         history=trained.history,
     )
-    _print_summary(trained.metrics, trained.tau, trained.temperature, trained.mc_temperature)
+    _print_summary(trained.metrics, trained.tau, trained.temperature, trained.predictive_temperature)
     print(f"published {path}")
 
 
 def _print_summary(
-    scores: dict[str, dict[str, float]], tau: float | None, temperature: float | None, mc_temperature: float | None
+    scores: dict[str, dict[str, float]],
+    tau: float | None,
+    temperature: float | None,
+    predictive_temperature: float | None,
 ) -> None:
     names = list(next(iter(scores.values())))
     note = f" (tau = {tau:.4g})" if tau else ""
     if temperature is not None:
-        note = f" (temperature {temperature:.3f}, MC temperature {mc_temperature:.3f}, fitted on validation rows)"
+        note = (
+            f" (temperature {temperature:.3f}, MC predictive temperature {predictive_temperature:.3f},"
+            " fitted on validation rows)"
+        )
     print("\nheld-out test set" + note)
     print(f"{'':32}" + "".join(f"{n:>16}" for n in names))
     for kind, values in scores.items():

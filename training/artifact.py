@@ -43,12 +43,13 @@ Regression likelihoods (``likelihood`` in the metadata):
     variance of sample ``t``'s network. ``tau`` is None. A client that reads only ``outputs`` gets
     the means, so it works unchanged.
 
-Calibrated classifiers: ``temperature`` and ``mc_temperature`` (None = not calibrated) were fitted
-on validation rows by NLL and are already applied inside the signatures: ``serving_default``
-returns ``softmax(log p / temperature)`` and ``mc_dropout`` returns every sample as
-``softmax(log p_t / mc_temperature)``, so the MC predictive (the mean over samples) is calibrated.
-The raw probabilities are ``softmax(temperature * log outputs)`` (per sample with
-``mc_temperature``).
+Calibrated classifiers: ``temperature`` and ``predictive_temperature`` (None = not calibrated) were
+fitted on validation rows by NLL and are applied inside the signatures. ``serving_default`` returns
+``softmax(log p / temperature)``. ``mc_dropout`` still returns the raw samples as ``outputs`` (each
+one draw of the network, uncalibrated) and adds ``predictive [N, *output_shape]``, the calibrated MC
+predictive ``softmax(log(mean_t p_t) / predictive_temperature)`` over the call's T samples; a
+client that reads only ``outputs`` gets the uncalibrated samples. The raw inference-mode
+probabilities are ``softmax(temperature * log outputs)``.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ SAMPLES_KEY = "samples"
 SEED_KEY = "seed"
 OUTPUTS_KEY = "outputs"
 VARIANCE_KEY = "variance"
+PREDICTIVE_KEY = "predictive"
 METADATA_FILE = "metadata.json"
 
 Task = Literal["classification", "regression"]
@@ -116,7 +118,9 @@ class ModelMetadata(BaseModel):
         "homoscedastic", description="regression noise model; heteroscedastic signatures also return 'variance'"
     )
     temperature: float | None = Field(None, description="classifier temperature applied in serving_default")
-    mc_temperature: float | None = Field(None, description="classifier temperature applied to each MC sample")
+    predictive_temperature: float | None = Field(
+        None, description="classifier temperature of the MC predictive, mc_dropout's 'predictive'"
+    )
     preprocessing: Preprocessing | None = None
     mc_rows_per_pass: int = Field(description="rows per forward pass inside mc_dropout")
     training: dict[str, object] = Field(default_factory=dict, description="training settings")

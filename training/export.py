@@ -56,6 +56,16 @@ def temper(probabilities: tf.Tensor, temperature: float) -> tf.Tensor:
     return tf.nn.softmax(log_p / temperature, axis=-1)
 
 
+def _mean_over_samples(draws: tf.Tensor) -> tf.Tensor:
+    """``mean_t draws[t]`` of ``[T, N, ...]`` as ``[N, ...]``, the same bits for a row alone as in a batch.
+
+    A reduction over the leading axis runs vectorized across the rows, so its rounding depends on
+    the batch; reducing the innermost axis (after a transpose) sums each row's T values on their own.
+    """
+    last = [*range(1, draws.shape.rank), 0]
+    return tf.reduce_sum(tf.transpose(draws, last), axis=-1) / tf.cast(tf.shape(draws)[0], draws.dtype)
+
+
 def _outputs(values: tf.Tensor, likelihood: artifact.Likelihood, temperature: float | None) -> dict[str, tf.Tensor]:
     """A signature's output dict from the model's output tensor (see the contract in ``training.artifact``)."""
     if likelihood == "heteroscedastic":
@@ -73,7 +83,7 @@ def write_saved_model(
     *,
     likelihood: artifact.Likelihood = "homoscedastic",
     temperature: float | None = None,
-    mc_temperature: float | None = None,
+    predictive_temperature: float | None = None,
 ) -> int:
     """Write ``model`` as a SavedModel with the contract's signatures; returns rows per pass.
 
@@ -94,7 +104,11 @@ def write_saved_model(
         sample = mc_dropout_fn(model, rows_per_pass)
 
         def mc_dropout(inputs: tf.Tensor, samples: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-            return _outputs(sample(inputs, samples, seed), likelihood, mc_temperature)
+            draws = sample(inputs, samples, seed)
+            outputs = _outputs(draws, likelihood, None)
+            if predictive_temperature is not None:
+                outputs[artifact.PREDICTIVE_KEY] = temper(_mean_over_samples(draws), predictive_temperature)
+            return outputs
 
         mc_spec = [
             spec,
@@ -122,7 +136,7 @@ def export_model(
     tau: float | None = None,
     likelihood: artifact.Likelihood = "homoscedastic",
     temperature: float | None = None,
-    mc_temperature: float | None = None,
+    predictive_temperature: float | None = None,
     preprocessing: artifact.Preprocessing | None = None,
     metrics: dict[str, dict[str, float]] | None = None,
     training: dict[str, object] | None = None,
@@ -134,20 +148,22 @@ def export_model(
     Works on any Keras 3 Sequential or functional model with one input and one output; its
     Dropout, SpatialDropout1D/2D/3D, GaussianDropout and AlphaDropout layers become the
     stochastic part of the ``mc_dropout`` signature. Classification models must output
-    class probabilities; ``temperature`` / ``mc_temperature`` calibrate them inside the
+    class probabilities; ``temperature`` / ``predictive_temperature`` calibrate the inference-mode
+    prediction and the MC predictive (``mc_dropout``'s extra ``predictive`` output) inside the
     signatures. A heteroscedastic regression model outputs ``[mean (D), variance (D)]`` in target
     units (see ``training.model.with_preprocessing``); its signatures return them as two keys.
     """
     input_shape = [int(d) for d in _input_spec(model).shape[1:]]
     output_shape = [int(d) for d in model.outputs[0].shape[1:]]
-    for label, value in (("tau", tau), ("temperature", temperature), ("mc_temperature", mc_temperature)):
+    temperatures = (("temperature", temperature), ("predictive_temperature", predictive_temperature))
+    for label, value in (("tau", tau), *temperatures):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{label} must be a positive number, got {value}")
     if likelihood == "heteroscedastic":
         if task != "regression" or tau is not None or len(output_shape) != 1 or output_shape[0] % 2:
             raise ValueError("a heteroscedastic model is a regression model (no tau) with outputs [mean, variance]")
         output_shape = [output_shape[0] // 2]
-    if task != "classification" and (temperature is not None or mc_temperature is not None):
+    if task != "classification" and (temperature is not None or predictive_temperature is not None):
         raise ValueError("temperatures calibrate classifiers only")
     if task == "classification" and class_labels is not None and output_shape != [len(class_labels)]:
         raise ValueError(f"{len(class_labels)} class labels for an output of shape {output_shape}")
@@ -158,7 +174,7 @@ def export_model(
             rows_per_pass,
             likelihood=likelihood,
             temperature=temperature,
-            mc_temperature=mc_temperature,
+            predictive_temperature=predictive_temperature,
         )
         metadata = artifact.ModelMetadata(
             name=name,
@@ -166,7 +182,7 @@ def export_model(
             task=task,
             input_shape=input_shape,
             output_shape=output_shape,
-            output_meaning=_meaning(task, likelihood, temperature, mc_temperature),
+            output_meaning=_meaning(task, likelihood, temperature, predictive_temperature),
             class_labels=class_labels,
             feature_names=feature_names,
             target_names=target_names,
@@ -177,7 +193,7 @@ def export_model(
             tau=tau,
             likelihood=likelihood,
             temperature=temperature,
-            mc_temperature=mc_temperature,
+            predictive_temperature=predictive_temperature,
             preprocessing=preprocessing,
             mc_rows_per_pass=rows,
             training=training or {},
@@ -191,10 +207,13 @@ def export_model(
 
 
 def _meaning(
-    task: artifact.Task, likelihood: artifact.Likelihood, temperature: float | None, mc_temperature: float | None
+    task: artifact.Task,
+    likelihood: artifact.Likelihood,
+    temperature: float | None,
+    predictive_temperature: float | None,
 ) -> str:
     if task == "classification":
-        calibrated = temperature is not None or mc_temperature is not None
+        calibrated = temperature is not None or predictive_temperature is not None
         return "class probabilities, temperature-calibrated" if calibrated else "class probabilities"
     if likelihood == "heteroscedastic":
         return "predicted mean ('outputs') and aleatoric variance ('variance')"

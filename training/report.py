@@ -6,8 +6,9 @@ information and predictive entropy tell test digits from out-of-distribution inp
 and draws a reliability diagram, uncertainty histograms and the training curves.
 
 A calibrated model (temperatures in its metadata) is scored as served and before calibration:
-the raw probabilities are recovered from the served ones as ``softmax(temperature * log q)``
-(exact up to float32 rounding of tiny probabilities, which are clipped at 1e-30 anyway).
+the raw inference-mode probabilities are recovered from the served ones as
+``softmax(temperature * log q)`` (exact up to float32 rounding of tiny probabilities, which are
+clipped at 1e-30 anyway); the raw MC predictive is the mean of ``mc_dropout``'s raw samples.
 """
 
 from __future__ import annotations
@@ -57,34 +58,30 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
     def deterministic(x: np.ndarray) -> np.ndarray:
         return signatures.infer(loaded.signatures[artifact.SERVING_SIGNATURE], x)
 
-    def mc(x: np.ndarray) -> np.ndarray:
-        return signatures.mc_samples(loaded.signatures[artifact.MC_SIGNATURE], x, samples, seed)
+    def mc(x: np.ndarray) -> signatures.Samples:
+        return signatures.mc_draws(loaded.signatures[artifact.MC_SIGNATURE], x, samples, seed)
 
     train, test = held_out_rows(meta)
     det_probs = deterministic(test.x)
     mc_draws = mc(test.x)
-    mc_summary = summarize_classification(mc_draws)
-    calibrated = meta.temperature is not None or meta.mc_temperature is not None
+    mc_summary = summarize_classification(mc_draws.outputs, mc_draws.predictive)
+    calibrated = meta.temperature is not None or meta.predictive_temperature is not None
     scores = {}
     if calibrated:
         raw_det = metrics.temper(det_probs, 1.0 / meta.temperature)
-        raw_mc = metrics.temper(mc_draws, 1.0 / meta.mc_temperature).mean(axis=0)
         scores["deterministic (uncalibrated)"] = metrics.classification_scores(raw_det, test.y)
-        scores["mc (uncalibrated)"] = metrics.classification_scores(raw_mc, test.y)
+        scores["mc (uncalibrated)"] = metrics.classification_scores(mc_draws.outputs.mean(axis=0), test.y)
     scores["deterministic"] = metrics.classification_scores(det_probs, test.y)
     scores["mc"] = metrics.classification_scores(mc_summary.mean, test.y)
-
-    def raw(det: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return metrics.temper(det, 1.0 / meta.temperature), metrics.temper(draws, 1.0 / meta.mc_temperature)
 
     inputs = {"in-distribution": test.x, **out_of_distribution(train, test.x, seed)}
     uncertainty, uncalibrated = {}, {}
     for name, x in inputs.items():
         det, draws = (det_probs, mc_draws) if name == "in-distribution" else (deterministic(x), mc(x))
-        uncertainty[name] = _uncertainties(det, summarize_classification(draws))  # as served
-        if calibrated:
-            raw_det, raw_draws = raw(det, draws)
-            uncalibrated[name] = _uncertainties(raw_det, summarize_classification(raw_draws))
+        uncertainty[name] = _uncertainties(det, summarize_classification(draws.outputs, draws.predictive))
+        if calibrated:  # the MC measures are of the raw samples either way; the deterministic entropy changes
+            raw_det = metrics.temper(det, 1.0 / meta.temperature)
+            uncalibrated[name] = _uncertainties(raw_det, summarize_classification(draws.outputs))
     auroc = _aurocs(uncertainty)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +96,7 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
         "samples": samples,
         "seed": seed,
         "temperature": meta.temperature,
-        "mc_temperature": meta.mc_temperature,
+        "predictive_temperature": meta.predictive_temperature,
         "scores": scores,
         "ood_auroc": auroc,
     }
@@ -140,7 +137,7 @@ def markdown(report: dict) -> str:
         f"{report['test_rows']} held-out test rows, T = {report['samples']} MC samples, seed {report['seed']}.",
         "",
         f"Temperatures fitted on the validation rows by NLL and applied inside the signatures: "
-        f"{report['temperature']:.3f} (deterministic), {report['mc_temperature']:.3f} (each MC sample). "
+        f"{report['temperature']:.3f} (deterministic), {report['predictive_temperature']:.3f} (MC predictive). "
         "The rows marked uncalibrated are the same predictions before calibration."
         if report.get("temperature") is not None
         else "Not calibrated (trained with --no-calibrate).",

@@ -11,12 +11,15 @@ from training import artifact
 
 
 class Samples(NamedTuple):
-    """What one ``mc_dropout`` call returns: sampled outputs, and per-sample variances if it has them."""
+    """What one ``mc_dropout`` call returns: sampled outputs, per-sample variances and the calibrated
+    predictive if it has them."""
 
     outputs: np.ndarray
     """``[T, N, ...]``: class probabilities, or predicted (mean) values."""
     variance: np.ndarray | None
     """``[T, N, ...]`` predicted aleatoric variance of a heteroscedastic model, else None."""
+    predictive: np.ndarray | None = None
+    """``[N, K]`` calibrated MC predictive of a temperature-calibrated classifier, else None."""
 
 
 def infer(
@@ -34,7 +37,8 @@ def infer_variance(signature, inputs: np.ndarray) -> np.ndarray | None:
 
 
 def mc_draws(signature, inputs: np.ndarray, samples: int, seed: int) -> Samples:
-    """``samples`` MC-dropout draws from an ``mc_dropout`` signature, in one call (with variances if any)."""
+    """``samples`` MC-dropout draws from an ``mc_dropout`` signature, in one call (with variances and
+    the calibrated predictive if any)."""
     outputs = signature(
         **{
             artifact.INPUTS_KEY: tf.constant(inputs, tf.float32),
@@ -42,10 +46,9 @@ def mc_draws(signature, inputs: np.ndarray, samples: int, seed: int) -> Samples:
             artifact.SEED_KEY: tf.constant(seed, tf.int64),
         }
     )
-    variance = outputs.get(artifact.VARIANCE_KEY)
-    return Samples(outputs[artifact.OUTPUTS_KEY].numpy(), None if variance is None else variance.numpy())
-
-
-def mc_samples(signature, inputs: np.ndarray, samples: int, seed: int) -> np.ndarray:
-    """``samples`` MC-dropout outputs ``[T, N, ...]`` from an ``mc_dropout`` signature, in one call."""
-    return mc_draws(signature, inputs, samples, seed).outputs
+    variance, predictive = outputs.get(artifact.VARIANCE_KEY), outputs.get(artifact.PREDICTIVE_KEY)
+    return Samples(
+        outputs[artifact.OUTPUTS_KEY].numpy(),
+        None if variance is None else variance.numpy(),
+        None if predictive is None else predictive.numpy(),
+    )

@@ -45,8 +45,8 @@ class TrainedModel:
     tau: float | None = None
     temperature: float | None = None
     """Classifier temperature of the inference-mode prediction (None: not calibrated)."""
-    mc_temperature: float | None = None
-    """Classifier temperature applied to each MC sample (None: not calibrated)."""
+    predictive_temperature: float | None = None
+    """Classifier temperature of the MC predictive, applied after averaging the samples (None: not calibrated)."""
     test: Dataset | None = field(default=None, repr=False)
 
 
@@ -109,15 +109,16 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
         tau = settings.tau or metrics.fit_tau(
             validation.y, sample(served, validation.x, settings.mc_samples, settings.seed)
         )
-    temperature = mc_temperature = None
+    temperature = predictive_temperature = None
     if data.task == "classification" and settings.calibrate:
         temperature = metrics.fit_temperature(served(validation.x, training=False).numpy(), validation.y)
-        mc_temperature = metrics.fit_temperature(
-            sample(served, validation.x, settings.mc_samples, settings.seed), validation.y
-        )
-    scores = evaluate(served, test, data.task, tau, settings.mc_samples, settings.seed, temperature, mc_temperature)
+        predictive = sample(served, validation.x, settings.mc_samples, settings.seed).mean(axis=0)
+        predictive_temperature = metrics.fit_temperature(predictive, validation.y)
+    scores = evaluate(
+        served, test, data.task, tau, settings.mc_samples, settings.seed, temperature, predictive_temperature
+    )
     history = {k: [float(v) for v in vs] for k, vs in history.items()}
-    return TrainedModel(served, preprocessing, history, scores, tau, temperature, mc_temperature, test)
+    return TrainedModel(served, preprocessing, history, scores, tau, temperature, predictive_temperature, test)
 
 
 def evaluate(
@@ -128,7 +129,7 @@ def evaluate(
     samples: int,
     seed: int,
     temperature: float | None = None,
-    mc_temperature: float | None = None,
+    predictive_temperature: float | None = None,
 ):
     """Held-out scores of inference-mode ("deterministic") and MC-dropout ("mc") predictions.
 
@@ -154,11 +155,11 @@ def evaluate(
             "test_deterministic": metrics.classification_scores(deterministic, data.y),
             "test_mc": metrics.classification_scores(mc.mean(axis=0), data.y),
         }
-        if temperature is None and mc_temperature is None:
+        if temperature is None and predictive_temperature is None:
             return scores
         return {
             "test_deterministic": metrics.classification_scores(metrics.temper(deterministic, temperature), data.y),
-            "test_mc": metrics.classification_scores(metrics.temper(mc, mc_temperature).mean(axis=0), data.y),
+            "test_mc": metrics.classification_scores(metrics.temper(mc.mean(axis=0), predictive_temperature), data.y),
             "test_deterministic_uncalibrated": scores["test_deterministic"],
             "test_mc_uncalibrated": scores["test_mc"],
         }

@@ -22,21 +22,28 @@ def entropy(probabilities: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ClassificationSummary:
-    mean: np.ndarray  # [N, K] mean probabilities
+    """Per instance. ``mean`` is the calibrated predictive when the model has one; the entropies are
+    the raw samples' own, so predictive entropy = expected entropy + mutual information still holds
+    (a temperature on the predictive would break that decomposition)."""
+
+    mean: np.ndarray  # [N, K] the MC predictive: mean probabilities, or their calibrated form
     std: np.ndarray  # [N, K] per-class standard deviation over samples
     label: np.ndarray  # [N] argmax of the mean
     probability: np.ndarray  # [N] mean probability of that label
-    predictive_entropy: np.ndarray  # [N] H[mean p]: total uncertainty
+    predictive_entropy: np.ndarray  # [N] H[mean_t p_t] of the samples: total uncertainty
     expected_entropy: np.ndarray  # [N] mean_t H[p_t]: aleatoric part
     mutual_information: np.ndarray  # [N] BALD, their difference: epistemic part
     variation_ratio: np.ndarray  # [N] share of samples whose argmax is not the modal label
 
 
-def summarize_classification(samples: np.ndarray) -> ClassificationSummary:
+def summarize_classification(samples: np.ndarray, predictive: np.ndarray | None = None) -> ClassificationSummary:
+    """Summaries of ``samples [T, N, K]``; ``predictive [N, K]`` (``mc_dropout``'s calibrated
+    predictive) replaces the samples' mean as the answer's probabilities and label."""
     samples = np.asarray(samples, dtype=np.float64)
-    mean = samples.mean(axis=0)
+    raw_mean = samples.mean(axis=0)
+    mean = raw_mean if predictive is None else np.asarray(predictive, dtype=np.float64)
     label = mean.argmax(axis=-1)
-    predictive = entropy(mean)
+    total = entropy(raw_mean)
     expected = entropy(samples).mean(axis=0)
     votes = samples.argmax(axis=-1)  # [T, N]
     classes = samples.shape[-1]
@@ -46,9 +53,9 @@ def summarize_classification(samples: np.ndarray) -> ClassificationSummary:
         std=samples.std(axis=0),
         label=label,
         probability=np.take_along_axis(mean, label[:, None], axis=-1)[:, 0],
-        predictive_entropy=predictive,
+        predictive_entropy=total,
         expected_entropy=expected,
-        mutual_information=np.maximum(predictive - expected, 0.0),
+        mutual_information=np.maximum(total - expected, 0.0),
         variation_ratio=1.0 - modal_count / samples.shape[0],
     )
 

@@ -103,8 +103,7 @@ async def predict_mc_dropout(request: Request) -> Response:
         seed = secrets.randbits(63) if body.seed is None else body.seed
 
         def summarize(draws: signatures.Samples) -> Response:  # up to 0.2 s for the largest T x N: not on the loop
-            outputs = draws.outputs.astype(np.float64)
-            predictions = _mc_predictions(model, outputs, body.return_samples, draws.variance)
+            predictions = _mc_predictions(model, draws, body.return_samples)
             return json_response(_answer(model, predictions, samples=samples, seed=seed))
 
         return await inference.sample(model, batch, samples, seed, summarize)
@@ -133,12 +132,11 @@ def _predictions(model: ServedModel, outputs: np.ndarray) -> list[dict[str, Any]
     return [{"outputs": row.tolist()} for row in outputs]
 
 
-def _mc_predictions(
-    model: ServedModel, draws: np.ndarray, return_samples: bool, variance: np.ndarray | None = None
-) -> list[dict[str, Any]]:
+def _mc_predictions(model: ServedModel, sampled: signatures.Samples, return_samples: bool) -> list[dict[str, Any]]:
+    draws, variance = sampled.outputs.astype(np.float64), sampled.variance
     count = draws.shape[1]
     if model.task == "classification":
-        s = summarize_classification(draws)
+        s = summarize_classification(draws, sampled.predictive)  # predictive: calibrated, if the model is
         metrics.observe_mc(model.name, model.version, model.task, s)
         labels = model.class_labels
         answers = [

@@ -4,8 +4,9 @@
 ``…/metadata`` the SignatureDefs (read from ``saved_model.pb`` and printed as TF Serving
 prints them), and ``POST …:predict`` runs a signature in row (``instances``) or columnar
 (``inputs``) format. ``signature_name: "mc_dropout"`` runs the artifact's MC signature with its
-``samples`` and ``seed`` inputs and answers its raw samples ``[T, N, ...]``, exactly what TF
-Serving itself answers for the same SavedModel. Errors are ``{"error": ...}`` with TF Serving's
+``samples`` and ``seed`` inputs and answers its raw samples ``[T, N, ...]`` (with ``variance`` and
+a calibrated classifier's ``predictive`` as named outputs), exactly what TF Serving itself answers
+for the same SavedModel. Errors are ``{"error": ...}`` with TF Serving's
 status codes: an invalid argument is a 400, not a 422.
 """
 
@@ -29,7 +30,7 @@ from app.loading import ServedModel
 from app.protocols.body import json_response, may_hold_booleans, read_json
 from app.registry import Registry
 from app.schemas import DIGIT_ZERO, SEED_MAX, ProtocolError
-from training import artifact
+from training import artifact, signatures
 
 
 class _Segment(Convertor):
@@ -258,9 +259,18 @@ async def _mc_dropout(request: Request, model: ServedModel, data: dict[str, Any]
     annotate(request, instances=len(rows), samples=samples)
     check_return_samples(settings, samples, len(rows), model.output_shape)  # every sample is returned
     batch = inference.to_array(rows, model.input_shape, booleans)
-    return await inference.sample(
-        model, batch, samples, seed, lambda draws: json_response({"outputs": draws.outputs.tolist()})
-    )
+    return await inference.sample(model, batch, samples, seed, _signature_outputs)
+
+
+def _signature_outputs(draws: signatures.Samples) -> Response:
+    """TF Serving's columnar answer: one output tensor as a list, several as an object by name."""
+    named = {
+        artifact.OUTPUTS_KEY: draws.outputs,
+        artifact.VARIANCE_KEY: draws.variance,
+        artifact.PREDICTIVE_KEY: draws.predictive,
+    }
+    present = {key: value.tolist() for key, value in named.items() if value is not None}
+    return json_response({"outputs": present if len(present) > 1 else present[artifact.OUTPUTS_KEY]})
 
 
 _PREDICT_ROUTE: dict[str, Any] = {

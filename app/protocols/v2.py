@@ -266,7 +266,7 @@ def _summaries(model: ServedModel, sampled: signatures.Samples) -> dict[str, np.
     """MC summaries as tensors, from the same functions as the native ``/predict/mc-dropout``."""
     draws, variance = sampled.outputs.astype(np.float64), sampled.variance
     if model.task == "classification":
-        s = summarize_classification(draws)
+        s = summarize_classification(draws, sampled.predictive)
         metrics.observe_mc(model.name, model.version, model.task, s)
         return {
             "probabilities": s.mean,

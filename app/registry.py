@@ -14,6 +14,9 @@ Rules that keep traffic flowing:
   retried only when its files change; the policy then picks from the versions that do load;
 - the versions that serve are replaced only once a replacement is available (availability
   first), except when the model's folder is gone, which stops the model.
+
+After a scan that loaded or dropped a model, the survivors are frozen out of garbage collection
+(``app.memory``), so the collector's full passes do not walk the models while requests wait.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from app import metrics, repository
+from app import memory, metrics, repository
 from app.errors import ApiError
 from app.loading import ServedModel, load_version
 from app.settings import Settings
@@ -79,6 +82,9 @@ class Registry:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sync_lock = threading.Lock()
+        self._changes = 0
+        """Counts models loaded, failed or dropped; ``sync`` refreezes memory when it moved."""
+        self._frozen_at = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -113,6 +119,9 @@ class Registry:
                     continue
                 self._sync_model(found)
             self._first_scan = False
+            if self._changes != self._frozen_at:
+                self._frozen_at = self._changes
+                log.debug("froze the loaded models out of garbage collection in %.2f s", memory.freeze_survivors())
 
     def _stable(self, name: str, version: int, prints: repository.Fingerprint) -> bool:
         """Complete, and unchanged for SETTLE_SECONDS: a folder being copied in changes meanwhile."""
@@ -167,6 +176,7 @@ class Registry:
             model = load_version(name, self._settings.model_dir / name / str(version))
             self._prepare(model)
         except Exception as error:  # any failure of a SavedModel load is the version's status, not ours
+            self._changes += 1
             entry.state, entry.error, entry.failed_prints = "END", _describe(error), prints
             log.error("could not load %s version %d: %s", name, version, entry.error)
             metrics.model_load_failed(name, version)
@@ -174,6 +184,7 @@ class Registry:
         with self._lock:
             entry.model, entry.state = model, "AVAILABLE"
             self._refresh()
+            self._changes += 1
         log.info("loaded %s version %d in %.1f s", name, version, time.monotonic() - started)
         metrics.model_loaded(name, version, time.monotonic() - started)
         return True
@@ -186,6 +197,7 @@ class Registry:
             done = entry.leases == 0
             if done:
                 entry.state, entry.model = "END", None
+                self._changes += 1
         log.info("retiring %s version %d (%s)%s", name, version, why, "" if done else "; draining")
         metrics.model_unloaded(name, version)
 
@@ -306,6 +318,7 @@ class Registry:
                 entry.leases -= 1
                 if entry.state == "UNLOADING" and entry.leases == 0:
                     entry.state, entry.model = "END", None
+                    self._changes += 1
                     log.info("unloaded %s version %d", name, version)
 
     def get(self, name: str | None, version: int | None = None) -> ServedModel:

@@ -6,9 +6,11 @@ tests in test_live_repository.py cover the background watcher under load.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -189,3 +191,16 @@ def test_unload_and_load_a_whole_model(tmp_path, source):
     assert answer(registry) == 1.0
     with pytest.raises(ApiError, match="no model 'other'"):
         registry.load_model("other")
+
+
+def test_loaded_models_are_frozen_out_of_collection_and_a_retired_one_is_freed(tmp_path, source):
+    repository = repository_with(tmp_path, source, [1])
+    gc.unfreeze()
+    registry = registry_for(repository)
+    assert gc.get_freeze_count() > 10_000  # the model's TensorFlow objects, no longer scanned by collections
+    retired = weakref.ref(registry.get("m").saved_model)
+    shutil.copytree(source / "2", repository / "m" / "2")
+    registry.sync()  # version 2 replaces 1; the refreeze first collects version 1's reference cycles
+    assert answer(registry) == 2.0
+    assert retired() is None
+    assert gc.get_freeze_count() > 10_000

@@ -177,7 +177,8 @@ def _test_through_saved_model(
     loaded = tf.saved_model.load(str(path))
     test = data.splits[job.split][1]
     targets = data.y[test][:, None]
-    mc, variance = signatures.mc_draws(loaded.signatures[artifact.MC_SIGNATURE], data.x[test], samples, seed)
+    draws = signatures.mc_draws(loaded.signatures[artifact.MC_SIGNATURE], data.x[test], samples, seed)
+    mc, variance = draws.outputs, draws.variance
     deterministic = signatures.infer(loaded.signatures[artifact.SERVING_SIGNATURE], data.x[test])
     if variance is None:
         ll = metrics.mc_log_likelihood(targets, mc, job.tau)

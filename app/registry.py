@@ -176,7 +176,8 @@ class Registry:
             model = load_version(name, self._settings.model_dir / name / str(version))
             self._prepare(model)
         except Exception as error:  # any failure of a SavedModel load is the version's status, not ours
-            self._changes += 1
+            with self._lock:  # lease() counts changes from request threads
+                self._changes += 1
             entry.state, entry.error, entry.failed_prints = "END", _describe(error), prints
             log.error("could not load %s version %d: %s", name, version, entry.error)
             metrics.model_load_failed(name, version)

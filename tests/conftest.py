@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +129,18 @@ def publish_versions(repository: Path, name: str, count: int) -> list[Path]:
     from training import export_model
 
     return [export_model(versioned_model(v), repository, name, task="regression") for v in range(1, count + 1)]
+
+
+def slow_body(seconds: float) -> dict:
+    """httpx arguments for a /predict body that takes ``seconds`` to arrive, so its request stays in
+    progress that long."""
+    from app.schemas import DIGIT_ZERO
+
+    text = json.dumps({"instances": [DIGIT_ZERO]}).encode()
+
+    def chunks():
+        yield text[:10]
+        time.sleep(seconds)
+        yield text[10:]
+
+    return {"content": chunks(), "headers": {"content-type": "application/json"}}

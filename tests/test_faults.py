@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server
+from conftest import Server, slow_body
 
 from app.schemas import DIGIT_ZERO
 
@@ -28,17 +28,6 @@ def repository(tiny_classifier_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faults") / "models"
     shutil.copytree(tiny_classifier_dir, root / "tiny" / "1")
     return root
-
-
-def slow_body(seconds: float) -> dict:
-    text = json.dumps(GOOD).encode()
-
-    def chunks():
-        yield text[:10]
-        time.sleep(seconds)
-        yield text[10:]
-
-    return {"content": chunks(), "headers": {"content-type": "application/json"}}
 
 
 def in_flight(server: Server) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import Server
+from conftest import Server, slow_body
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.schemas import DIGIT_ZERO
@@ -249,18 +249,6 @@ def test_the_mc_switch_and_the_return_bound_hold_on_every_door(keyed, limited):
     assert over.status_code == 400 and "at most 1000 (DROPOUT_SERVE_MAX_RETURN_VALUES)" in over.json()["error"]
     within = {**TF_MC, "inputs": {**TF_MC["inputs"], "samples": 100}}
     assert httpx.post(f"{keyed.url}/v1/models/tiny:predict", json=within, headers=auth).status_code == 200
-
-
-def slow_body(seconds: float):
-    """A /predict body that takes ``seconds`` to arrive, so its request stays in progress that long."""
-    text = json.dumps(GOOD).encode()
-
-    def chunks():
-        yield text[:10]
-        time.sleep(seconds)
-        yield text[10:]
-
-    return {"content": chunks(), "headers": {"content-type": "application/json"}}
 
 
 def test_overload_is_refused_with_503_and_retry_after(limited):

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import openapi
 from app.errors import BodySizeLimit, install_error_handlers
-from app.hot_routes import HotRoutes
+from app.hot_routes import Service
 from app.inference import Engine
 from app.operations import install_operations
 from app.protocols import native, tfserving, v2
@@ -35,7 +35,7 @@ def _limit_tf_threads(threads: int) -> None:
         log.warning("TensorFlow is already initialized; DROPOUT_SERVE_TF_THREADS=%d not applied", threads)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> Service:
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.registry.stop()
             engine.close()
 
-    app = FastAPI(
+    app = Service(
         title="dropout-serve",
         summary="Keras models served with Monte-Carlo dropout uncertainty.",
         version="0.1.0",
@@ -61,8 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tfserving.router)
     app.include_router(v2.router)
     install_error_handlers(app)
-    app.add_middleware(HotRoutes, routers=(native.router, tfserving.router, v2.router), endpoints=HOT_ENDPOINTS)
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.hot_routers, app.hot_endpoints = (native.router, tfserving.router, v2.router), HOT_ENDPOINTS
+    app.wrap(BodySizeLimit, limit=settings.max_body_bytes)
     install_operations(app, settings)
     openapi.install(app, settings)
     return app

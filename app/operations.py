@@ -7,28 +7,28 @@ answer including 401 and 503), API keys, overload and deadline, then the app.
 
 from __future__ import annotations
 
-from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from app import logs, metrics
 from app.auth import ApiKeyAuth
 from app.context import RequestContext
+from app.hot_routes import Service
 from app.limits import Overload
 from app.settings import Settings
 
 
-def install_operations(app: FastAPI, settings: Settings) -> None:
+def install_operations(app: Service, settings: Settings) -> None:
     """Call last in ``create_app``, after the app's own middleware, so these wrap it."""
     logs.configure(settings.log_format, settings.access_log)
     app.include_router(metrics.router)
-    app.add_middleware(Overload, max_in_flight=settings.max_in_flight, timeout=settings.request_timeout)
-    app.add_middleware(ApiKeyAuth, keys=settings.api_key_list(), metrics_require_key=settings.metrics_require_key)
+    app.wrap(Overload, max_in_flight=settings.max_in_flight, timeout=settings.request_timeout)
+    app.wrap(ApiKeyAuth, keys=settings.api_key_list(), metrics_require_key=settings.metrics_require_key)
     if origins := settings.cors_origin_list():
-        app.add_middleware(
+        app.wrap(
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(RequestContext)
+    app.wrap(RequestContext)

@@ -35,7 +35,7 @@ REQUESTS = [  # (path, body or raw bytes, content type, expected status)
 def _client(repository, shortcut: bool) -> TestClient:
     app = create_app(Settings(model_dir=repository, default_model="tiny", poll_seconds=0, access_log=False))
     if not shortcut:
-        app.user_middleware = [m for m in app.user_middleware if m.cls is not HotRoutes]
+        app.hot_endpoints = ()
     return TestClient(app)
 
 

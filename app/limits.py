@@ -5,7 +5,7 @@
 It also gives every request a deadline (``REQUEST_TIMEOUT``): past it the client gets 504 right
 away and its slot is freed. A request still waiting (for its body, or for a batch) simply stops;
 TensorFlow work already running in a thread cannot be interrupted, so it finishes in the
-background and its batch-mates still get their answers. The deadline is ``asyncio.timeout`` on
+background and its batch-mates still get their answers. The deadline is a timer that cancels
 the request's own task, disarmed once the response starts: a response under way is let finish.
 Health probes and ``/metrics`` are exempt, so an overloaded server still reports that it is alive.
 
@@ -66,20 +66,39 @@ class Overload:
             await reply(scope, send, 503, message, {"Retry-After": str(RETRY_AFTER_SECONDS)})
             return
         self.in_flight += 1
-        deadline = asyncio.timeout(self.timeout or None)
+        deadline = _Deadline(asyncio.current_task(), self.timeout) if self.timeout else None
 
         async def send_and_keep_going(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                deadline.reschedule(None)
+            if deadline is not None and message["type"] == "http.response.start":
+                deadline.disarm()
             await send(message)
 
         try:
-            async with deadline:
-                await self.app(scope, receive, send_and_keep_going)
-        except TimeoutError:
-            if not deadline.expired():  # raised by the app itself, not the deadline
-                raise
+            await self.app(scope, receive, send_and_keep_going)
+        except asyncio.CancelledError:
+            if deadline is None or not deadline.expired or deadline.task.uncancel() > 0:
+                raise  # not (only) ours: the server is shutting the request down
             limit = f"{self.timeout:g} s (DROPOUT_SERVE_REQUEST_TIMEOUT)"
             await reply(scope, send, 504, f"the request took longer than {limit} and was abandoned")
         finally:
+            if deadline is not None:
+                deadline.disarm()
             self.in_flight -= 1
+
+
+class _Deadline:
+    """Cancels ``task`` after ``seconds`` unless disarmed first: one timer, cheaper than ``asyncio.timeout``."""
+
+    __slots__ = ("_timer", "expired", "task")
+
+    def __init__(self, task: asyncio.Task, seconds: float) -> None:
+        self.task = task
+        self.expired = False
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
+
+    def disarm(self) -> None:
+        self._timer.cancel()

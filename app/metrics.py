@@ -157,7 +157,7 @@ def request_finished(record: RequestRecord) -> None:
 
 
 def _observe_all(histogram: Histogram, values: np.ndarray) -> None:
-    for value in np.asarray(values, dtype=np.float64).reshape(-1).tolist():
+    for value in np.ravel(values).tolist():
         histogram.observe(value)
 
 
@@ -175,7 +175,9 @@ def observe_mc(model: str, version: int, task: str | None, summary: Classificati
 def observe_predict(model: str, version: int, task: str | None, outputs: np.ndarray) -> None:
     """Top-class probability of each instance a classifier answered on /predict (outputs [N, K])."""
     if task == "classification":
-        _observe_all(_child(TOP_PROBABILITY, model, str(version)), np.asarray(outputs).max(axis=-1))
+        observe = _child(TOP_PROBABILITY, model, str(version)).observe
+        for probability in outputs.max(axis=-1).tolist():
+            observe(probability)
 
 
 def observe_batch(name: str, version: int, rows: int, queue_wait_seconds: float) -> None:

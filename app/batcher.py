@@ -2,8 +2,14 @@
 
 A request that finds the batcher idle runs at once, alone. Requests that arrive while a call
 is running queue up and go together as the next call, up to ``max_rows`` rows (a request
-larger than that runs on its own, never split). ``timeout`` may hold a call back to let more
-rows arrive; by default nothing waits. Each caller gets its own rows of the outputs back.
+larger than that runs on its own, never split). Each caller gets its own rows of the outputs back.
+
+Under load the event loop, not the model, is the bottleneck: every call costs the loop's thread
+about as much Python as reading two requests, so a call started the moment the previous one
+ends, with the few requests read meanwhile, wastes it. After a call, the next one therefore
+waits while requests keep joining: until ``QUIET_PASSES`` turns of the event loop in a row add
+none, or the batch is full. Each turn that adds a request does useful work, so the wait is bounded
+by ``max_rows`` such turns. ``timeout`` may instead hold every call back a fixed time.
 
 Callers have validated their rows before they queue, so one call fails only for a reason its
 whole batch shares. A caller that goes away (client disconnect) leaves its slot unused; its
@@ -19,6 +25,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
+
+QUIET_PASSES = 3
+"""Event-loop turns without a new request after which a waiting call starts (a request takes two
+turns from the socket to the queue: one reads it, one runs its handler)."""
 
 
 @dataclass(eq=False)
@@ -55,10 +65,14 @@ class Batcher:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
+        called = False
         try:
             while self._pending:
                 if self._timeout and self._queued_rows() < self._max_rows:
                     await asyncio.sleep(self._timeout)
+                elif called:
+                    await self._gather()
+                called = True
                 batch = self._take()
                 if not batch:
                     continue
@@ -80,6 +94,13 @@ class Batcher:
                     start = stop
         finally:
             self._draining = None
+
+    async def _gather(self) -> None:
+        quiet = 0
+        while quiet < QUIET_PASSES and self._queued_rows() < self._max_rows:
+            queued = len(self._pending)
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if len(self._pending) == queued else 0
 
     def _queued_rows(self) -> int:
         return sum(len(job.rows) for job in self._pending if not job.future.done())

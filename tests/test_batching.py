@@ -87,6 +87,42 @@ def test_a_cancelled_caller_does_not_break_its_batch(model):
     assert run.calls == [1, 4]
 
 
+def test_requests_still_being_read_after_a_call_join_the_next_one(model):
+    x = digits().x[:8]
+    run = CountingRun(model, hold_first=True)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        after: list[asyncio.Future] = []
+
+        def arrive(i: int) -> None:  # requests that reach the batcher one loop turn after another
+            after.append(asyncio.ensure_future(batcher(x[i : i + 1])))
+            if i < 5:
+                loop.call_soon(arrive, i + 1)
+
+        def first_call_then_arrivals(rows: np.ndarray) -> np.ndarray:
+            outputs = run(rows)
+            if len(run.calls) == 1:
+                loop.call_soon_threadsafe(arrive, 3)
+            return outputs
+
+        batcher = Batcher(first_call_then_arrivals, ThreadPoolExecutor(1), max_rows=32)
+        first = asyncio.ensure_future(batcher(x[:1]))
+        await asyncio.sleep(0.1)
+        during = asyncio.ensure_future(batcher(x[1:3]))  # queued while the first call runs
+        await asyncio.sleep(0.05)
+        run.release.set()
+        answers = await asyncio.gather(first, during)
+        await asyncio.sleep(0.2)
+        return answers + await asyncio.gather(*after)
+
+    answers = asyncio.run(main())
+    assert [len(a) for a in answers] == [1, 2, 1, 1, 1]
+    for i, answer in enumerate(answers[2:], start=3):
+        np.testing.assert_allclose(answer, model.predict(x[i : i + 1]), rtol=1e-6, atol=1e-7)
+    assert run.calls == [1, 5], "the next call waited while requests kept arriving"
+
+
 def test_a_failing_call_fails_its_batch_and_the_batcher_keeps_going(model):
     x = digits().x[:4]
 

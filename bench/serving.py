@@ -3,11 +3,14 @@
     python bench/serving.py            # the full run: 10 s per measurement, 1/8/32/64 connections (~10 min)
     python bench/serving.py --quick    # 2 s per measurement, 1/8/32 connections (~3 min)
     python bench/serving.py --servers floor ours-batched --connections 1 32 --duration 5
+    python bench/serving.py --rounds 3 # every server three times, interleaved; figures from the medians
 
 Needs wrk (``apt-get update && apt-get install -y wrk``) and a trained model
 (``python -m training --if-missing``). Each server runs alone while it is measured: start, check
 its answers, warm up, measure every workload at every connection count with wrk, stop; then the
 next. So the ratios below compare numbers taken in one invocation, under the same conditions.
+On a shared machine one cell can be off by 20-30 %; ``--rounds N`` measures every server N times,
+one round after another, and takes each cell's median, so one slow stretch cannot decide a figure.
 
 Servers (one process each, loopback only, no access logs):
   floor           bare FastAPI app, one POST route returning a constant (bench/floor_app.py)
@@ -192,6 +195,19 @@ def ratios(runs: list[dict]) -> list[dict]:
     return entries
 
 
+def medians(runs: list[dict]) -> list[dict]:
+    """One run per cell: the median req/s and latencies over the rounds, the errors summed."""
+    cells: dict[tuple, list[dict]] = {}
+    for run in runs:
+        cells.setdefault((run["server"], run["workload"], run["connections"]), []).append(run)
+    merged = []
+    for (server, workload, connections), rounds in cells.items():
+        median = {key: float(np.median([r[key] for r in rounds])) for key in ("rps", "p50_ms", "p99_ms")}
+        errors = {key: sum(r[key] for r in rounds) for key in ("non_2xx", "socket_errors")}
+        merged.append({"server": server, "workload": workload, "connections": connections, **median, **errors})
+    return merged
+
+
 def tables(runs: list[dict], connections: list[int]) -> str:
     """Markdown: req/s, then p50 / p99 latency, one row per server and workload, one column per connection count."""
     cells = {(r["server"], r["workload"], r["connections"]): r for r in runs}
@@ -224,6 +240,16 @@ def ratio_table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def round_table(per_round: list[list[dict]]) -> str:
+    lines = ["| figure | " + " | ".join(f"round {k}" for k in range(1, len(per_round) + 1)) + " |"]
+    lines.append("|---|" + "---:|" * len(per_round))
+    for i, entry in enumerate(per_round[0]):
+        values = [figures[i]["value"] for figures in per_round]
+        shown = ["—" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in values]
+        lines.append(f"| {entry['name']} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
 def describe_run(args: argparse.Namespace, version_dir: Path) -> dict:
     def git(*command: str) -> str:
         return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -243,6 +269,7 @@ def describe_run(args: argparse.Namespace, version_dir: Path) -> dict:
         "warmup_s": args.warmup,
         "connections": args.connections,
         "mc_connections": args.mc_connections,
+        "rounds": args.rounds,
         "load_average_start": os.getloadavg(),
     }
 
@@ -257,6 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, help="seconds per measurement (default 10; quick 2)")
     parser.add_argument("--warmup", type=int, help="seconds of warm-up per workload (default 3; quick 1)")
     parser.add_argument("--quick", action="store_true", help="short measurements, fewer connection counts")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every server this many times (medians)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process timings (quick skips them)")
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/serving-<UTC time>.json)")
     args = parser.parse_args(argv)
@@ -284,32 +312,38 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {version_dir}, {os.cpu_count()} CPUs, commit {results['run']['commit'][:10]}", flush=True)
     reference: dict = {}  # the first server's inference-mode answers, which every other must match
     with tempfile.TemporaryDirectory() as scratch:
-        for name in args.servers:
-            status: dict = {"load_average_before": os.getloadavg()}
-            server = None
-            started = time.monotonic()
-            try:
-                server = build(name, args, version_dir, Path(scratch))
-                status["description"] = server.description
-                if name == "mlserver":
-                    status["versions"] = servers.mlserver_version(Path(server.command[0]))
-                load = status["load_average_before"][0]
-                print(f"\n{name}: {server.description} (load average {load:.1f})", flush=True)
-                server.start(args.out.parent / f"{args.out.stem}-logs" / f"{name}.log")
-                results["runs"] += measure(server, args, reference)
-                status["status"] = "ok"
-            except Exception as error:  # one server's failure must not lose the other servers' numbers
-                status.update(status="failed", reason=f"{type(error).__name__}: {error}")
-                print(f"  {name} FAILED: {error}", flush=True)
-            finally:
-                if server is not None:
-                    server.stop()
-            status["seconds"] = round(time.monotonic() - started, 1)
-            results["servers"][name] = status
+        for round_ in range(1, args.rounds + 1):
+            for name in args.servers:
+                if results["servers"].get(name, {}).get("status") == "failed":
+                    continue
+                status: dict = {"load_average_before": os.getloadavg()}
+                server = None
+                started = time.monotonic()
+                try:
+                    server = build(name, args, version_dir, Path(scratch))
+                    status["description"] = server.description
+                    if name == "mlserver":
+                        status["versions"] = servers.mlserver_version(Path(server.command[0]))
+                    load = status["load_average_before"][0]
+                    print(f"\n{name}, round {round_}: {server.description} (load average {load:.1f})", flush=True)
+                    server.start(args.out.parent / f"{args.out.stem}-logs" / f"{name}-{round_}.log")
+                    results["runs"] += [run | {"round": round_} for run in measure(server, args, reference)]
+                    status["status"] = "ok"
+                except Exception as error:  # one server's failure must not lose the other servers' numbers
+                    status.update(status="failed", reason=f"{type(error).__name__}: {error}")
+                    print(f"  {name} FAILED: {error}", flush=True)
+                finally:
+                    if server is not None:
+                        server.stop()
+                status["seconds"] = round(time.monotonic() - started, 1)
+                results["servers"].setdefault(name, status).update(status, rounds=round_)
     if args.in_process:
         results["in_process"] = in_process.measure(version_dir, DIGIT_ZERO)
     results["run"]["load_average_end"] = os.getloadavg()
-    results["ratios"] = ratios(results["runs"])
+    cells = medians(results["runs"])
+    results["ratios"] = ratios(cells)
+    rounds = range(1, args.rounds + 1)
+    results["ratios_per_round"] = [ratios([r for r in results["runs"] if r["round"] == k]) for k in rounds]
 
     run = results["run"]
     print(f"\n## Serving benchmark, {run['date']}, commit {run['commit'][:10]}", end="")
@@ -318,10 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{run['cpus']} CPUs, {run['duration_s']} s per measurement, wrk, one server process at a time;"
         f" 1-minute load average {min(loads, default=0):.1f}-{max(loads, default=0):.1f} when the servers started"
+        + (f"; medians of {args.rounds} rounds" if args.rounds > 1 else "")
     )
-    print(tables(results["runs"], sorted({*args.connections, *args.mc_connections})))
+    print(tables(cells, sorted({*args.connections, *args.mc_connections})))
     print("\nacceptance figures (issue 9), this server with default settings\n")
     print(ratio_table(results["ratios"]))
+    if args.rounds > 1:
+        print("\nthe same figures round by round\n")
+        print(round_table(results["ratios_per_round"]))
     for name, status in results["servers"].items():
         if status["status"] != "ok":
             print(f"\n{name} was not measured: {status['reason']}")

@@ -81,3 +81,25 @@ def test_ratios_follow_the_acceptance_figures():
     assert missing["value"] is None and missing["met"] is None
     assert figures["non-2xx answers and socket errors, all runs"]["value"] == 3
     assert figures["non-2xx answers and socket errors, all runs"]["met"] is False
+
+
+def test_medians_take_each_cell_over_the_rounds():
+    def run(round_, rps, p50, errors=0):
+        cell = dict(server="floor", workload="predict-1", connections=32, round=round_)
+        return cell | dict(rps=rps, p50_ms=p50, p99_ms=2 * p50, non_2xx=errors, socket_errors=0)
+
+    (cell,) = serving.medians([run(1, 1000, 1.0), run(2, 400, 3.0, errors=2), run(3, 900, 2.0)])
+    assert (cell["rps"], cell["p50_ms"], cell["p99_ms"]) == (900, 2.0, 4.0)
+    assert cell["non_2xx"] == 2  # errors from every round count
+
+
+def test_rounds_measure_every_server_again(tiny_classifier_dir, tmp_path):
+    repository = tiny_classifier_dir.parents[1]
+    args = ["--servers", "floor", "ours-batched", "--connections", "8", "--mc-connections", "1", "--rounds", "2"]
+    results = run_bench(repository, tmp_path / "r.json", *args)
+    rounds = {(r["server"], r["workload"], r["connections"], r["round"]) for r in results["runs"]}
+    cells = {("floor", "predict-1", 8), ("ours-batched", "predict-1", 8), ("ours-batched", "predict-32", 8)}
+    cells.add(("ours-batched", "mc-100", 1))
+    assert rounds == {(*cell, k) for cell in cells for k in (1, 2)}
+    assert len(results["ratios_per_round"]) == 2
+    assert [f["name"] for f in results["ratios_per_round"][1]] == [f["name"] for f in results["ratios"]]

@@ -2,7 +2,9 @@
 
 Middleware order, outermost first: request context (id, access log, metrics, so even refused
 requests are logged and counted), CORS (answers browser preflights, adds its headers to every
-answer including 401 and 503), API keys, overload and deadline, then the app.
+answer including 401 and 503), API keys, overload and deadline, then the app. They wrap the
+app from outside (``Service.wrap``), so the prediction shortcut and FastAPI's routes alike pass
+through them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from app.settings import Settings
 
 
 def install_operations(app: Service, settings: Settings) -> None:
-    """Call last in ``create_app``, after the app's own middleware, so these wrap it."""
+    """Call last in ``create_app``, after the app's own ``wrap`` calls, so these are outermost."""
     logs.configure(settings.log_format, settings.access_log)
     app.include_router(metrics.router)
     app.wrap(Overload, max_in_flight=settings.max_in_flight, timeout=settings.request_timeout)

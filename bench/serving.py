@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.schemas import DIGIT_ZERO  # noqa: E402
-from bench import in_process, servers, wrk  # noqa: E402
+from bench import cpu, in_process, servers, wrk  # noqa: E402
 from bench.servers import Workload  # noqa: E402
 
 SERVERS = ["floor", "minimal", "mlserver", "ours-unbatched", "ours-batched"]
@@ -103,12 +103,17 @@ def measure(server: servers.Server, args: argparse.Namespace, reference: dict) -
         counts = args.mc_connections if workload.startswith("mc") else args.connections
         wrk.run(server.url + path, body, max(counts), args.warmup)
         for connections in counts:
+            pid = server.process.pid
+            before = cpu.snapshot(pid) if cpu.available() else {}
             result = wrk.run(server.url + path, body, connections, args.duration)
-            runs.append({"server": server.name, "workload": workload, "connections": connections, **result.as_dict()})
+            spent = cpu.per_request(before, cpu.snapshot(pid), result.requests, pid) if before else None
+            run = {"server": server.name, "workload": workload, "connections": connections, **result.as_dict()}
+            runs.append(run | {"cpu_us_per_request": spent})
             print(
                 f"  {server.name:15}{workload:11}{connections:3} conn {result.rps:8.0f} req/s"
                 f"  p50 {result.p50_ms:7.2f}  p99 {result.p99_ms:7.2f} ms"
-                f"  non-2xx {result.non_2xx}  socket errors {result.socket_errors}",
+                f"  non-2xx {result.non_2xx}  socket errors {result.socket_errors}"
+                + (f"  CPU/request {spent['loop']:.0f} us loop + {spent['other']:.0f} us other" if spent else ""),
                 flush=True,
             )
     return runs
@@ -204,6 +209,8 @@ def medians(runs: list[dict]) -> list[dict]:
     for (server, workload, connections), rounds in cells.items():
         median = {key: float(np.median([r[key] for r in rounds])) for key in ("rps", "p50_ms", "p99_ms")}
         errors = {key: sum(r[key] for r in rounds) for key in ("non_2xx", "socket_errors")}
+        spent = [r["cpu_us_per_request"] for r in rounds if r.get("cpu_us_per_request")]
+        median["cpu_us_per_request"] = {k: float(np.median([s[k] for s in spent])) for k in spent[0]} if spent else None
         merged.append({"server": server, "workload": workload, "connections": connections, **median, **errors})
     return merged
 
@@ -220,9 +227,14 @@ def tables(runs: list[dict], connections: list[int]) -> str:
         errors = r["non_2xx"] + r["socket_errors"]
         return f"{r['rps']:,.0f}" + (f" ({errors} errors)" if errors else "")
 
+    def cpu_time(r: dict) -> str:
+        spent = r.get("cpu_us_per_request")
+        return f"{spent['loop']:.0f} + {spent['other']:.0f}" if spent else "—"
+
     for title, show in [
         ("req/s", throughput),
         ("latency p50 / p99, ms", lambda r: f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}"),
+        ("server CPU per request, µs: main (event-loop) thread + all other threads", cpu_time),
     ]:
         out += [f"\n{title}\n", header, rule]
         for server, workload in rows:

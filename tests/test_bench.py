@@ -8,6 +8,7 @@ connection count asked for, and that no answer was an error.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import serving, wrk
+from bench import cpu, serving, wrk
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,8 @@ def assert_complete(results: dict, expected: set[tuple[str, str, int]]) -> None:
     for run in results["runs"]:
         assert run["requests"] > 0 and run["rps"] > 0 and 0 < run["p50_ms"] <= run["p99_ms"], run
         assert run["non_2xx"] == 0 and run["socket_errors"] == 0, run
+        spent = run["cpu_us_per_request"]  # read from /proc for the server's threads
+        assert spent["loop"] > 0 and spent["total"] >= spent["loop"], run
 
 
 def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_path):
@@ -103,3 +106,17 @@ def test_rounds_measure_every_server_again(tiny_classifier_dir, tmp_path):
     assert rounds == {(*cell, k) for cell in cells for k in (1, 2)}
     assert len(results["ratios_per_round"]) == 2
     assert [f["name"] for f in results["ratios_per_round"][1]] == [f["name"] for f in results["ratios"]]
+
+
+def test_cpu_per_request_splits_the_event_loop_thread_from_the_others():
+    before = {(7, 7): ("python", 1.0), (7, 8): ("tf_Compute", 0.5), (9, 9): ("child", 0.0)}
+    after = {(7, 7): ("python", 1.3), (7, 8): ("tf_Compute", 0.6), (9, 9): ("child", 0.1), (7, 10): ("new", 0.05)}
+    spent = cpu.per_request(before, after, requests=1000, pid=7)
+    assert spent == pytest.approx({"loop": 300.0, "other": 250.0, "total": 550.0})
+    assert cpu.per_request(before, after, requests=0, pid=7)["total"] == 0
+
+
+def test_cpu_snapshot_reads_this_process():
+    assert cpu.available()
+    threads = cpu.snapshot(os.getpid())
+    assert (os.getpid(), os.getpid()) in threads and all(seconds >= 0 for _, seconds in threads.values())

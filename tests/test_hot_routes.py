@@ -77,3 +77,19 @@ def test_other_routes_and_methods_go_to_the_router(clients):
 def test_every_hot_endpoint_must_be_a_route():
     with pytest.raises(ValueError, match="every hot endpoint"):
         HotRoutes(lambda scope, receive, send: None, routers=[native.router], endpoints=[hot_routes.HotRoutes.__call__])
+
+
+def test_with_fastapi_telemetry_on_every_request_goes_through_fastapi(tiny_classifier_dir, monkeypatch):
+    app = create_app(Settings(model_dir=tiny_classifier_dir.parents[1], default_model="tiny", poll_seconds=0))
+    telemetry = getattr(app, "_native_telemetry", None)
+    if telemetry is None:  # a FastAPI without native telemetry: nothing to trace, the shortcut stays
+        assert not hot_routes._native_telemetry_on(app)
+        return
+    monkeypatch.setattr(telemetry, "enabled", lambda: True)  # as with a tracer provider configured
+    taken = []
+    serve = HotRoutes._serve
+    monkeypatch.setattr(HotRoutes, "_serve", staticmethod(lambda *args: taken.append(args[0].path) or serve(*args)))
+    with TestClient(app) as client:
+        answer = _send(client, "/predict", {"instances": [DIGIT_ZERO]}, "application/json")
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in "0123456789"
+    assert not taken, "the shortcut skipped FastAPI's span"

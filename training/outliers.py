@@ -3,14 +3,14 @@
 MC dropout flags an input as unfamiliar through the mutual information between the prediction
 and the sampled sub-network: it is high only where the samples disagree. A ReLU network trained
 on digits alone extrapolates confidently, and its sub-networks extrapolate alike: at some seeds
-the classic digits network calls almost every inverted digit a "4" with all samples agreeing
-(docs/benchmarks.md). Outlier exposure (Hendrycks et al., ICLR 2019) trains on outliers with a
+the classic digits network calls half or more of the inverted digits a "4" with all samples
+agreeing (docs/benchmarks.md). Outlier exposure (Hendrycks et al., ICLR 2019) trains on outliers with a
 uniform target, but a uniform target for every sub-network makes the samples *agree* on the
 outliers: predictive entropy rises while mutual information drops to zero, so the epistemic
 score the MC endpoint reports stops flagging them. The outlier term here instead maximizes the
 mutual information of two independently masked passes, as Jain et al. (AAAI 2020) maximize the
 disagreement of an ensemble away from the data; the samples disagree where no data constrains
-them, and the real rows are fitted exactly as before.
+them, while the real rows keep their usual loss.
 
 The outliers are made from each training batch: every row's features in a random order, drawn
 afresh at every step. They keep the value histogram of real inputs and none of their structure,

@@ -50,6 +50,13 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         default=True,
         help="classifiers: fit temperatures on the validation rows and apply them in the signatures (default: on)",
     )
+    p.add_argument(
+        "--outlier-weight",
+        type=float,
+        default=0.5,
+        help="classifiers: weight of the term that makes MC samples disagree on synthetic outliers "
+        "(pixel-permuted training rows; training/outliers.py); 0 turns it off (default: 0.5)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_train)
     return p
@@ -104,6 +111,7 @@ def _run_train(args: argparse.Namespace) -> None:
         tau=args.tau,
         mc_samples=args.mc_samples,
         calibrate=args.calibrate,
+        outlier_weight=args.outlier_weight,
         likelihood=args.likelihood,
         beta=args.beta,
     )

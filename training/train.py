@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import metrics
+from training import metrics, outliers
 from training.artifact import Likelihood, Preprocessing
 from training.data import Dataset, split
 from training.mc_dropout import sample
@@ -33,6 +33,8 @@ class TrainConfig:
     """Heteroscedastic: β of the β-NLL (``training.model.gaussian_nll``; 0 = Kendall & Gal's plain NLL)."""
     calibrate: bool = True
     """Classifiers: fit a temperature for the deterministic and one for the MC predictive on the validation rows."""
+    outlier_weight: float = 0.5
+    """Classifiers: weight of the outlier-disagreement term (``training.outliers``); 0 trains on the real rows only."""
 
 
 @dataclass
@@ -90,15 +92,30 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
     if config.concrete:
         config = replace(config, concrete_rows=len(fit_rows.y))
     network = build_network(config, data.x.shape[1:], outputs, data.task, settings.likelihood, settings.beta)
-    history = network.fit(
-        x_fit,
-        y_fit,
-        validation_data=(x_val, y_val),
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        shuffle=True,
-        verbose=1 if sys.stdout.isatty() else 2,
-    ).history
+    verbose = 1 if sys.stdout.isatty() else 2
+    if data.task == "classification" and settings.outlier_weight:
+        history = outliers.fit(
+            network,
+            x_fit,
+            y_fit,
+            (x_val, y_val),
+            weight=settings.outlier_weight,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            learning_rate=config.learning_rate,
+            seed=settings.seed,
+            verbose=verbose,
+        )
+    else:
+        history = network.fit(
+            x_fit,
+            y_fit,
+            validation_data=(x_val, y_val),
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            shuffle=True,
+            verbose=verbose,
+        ).history
     if data.task == "classification":
         served = with_preprocessing(network, shift, scale)
     else:

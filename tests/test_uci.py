@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from training import artifact, metrics, uci
 from training.__main__ import main as training_cli
+from training.concrete import ConcreteDropout, concrete_regularizers
 from training.data import DataError
 from training.model import ModelConfig, build_network
 
@@ -125,6 +126,65 @@ def test_heteroscedastic_trainer_equals_keras_fit_with_the_gaussian_nll(beta):
         for got, expected in zip(ours.keras(g), model.get_weights(), strict=True):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
         assert not np.allclose(init.keras(g)[2], model.get_weights()[2], atol=1e-3)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_concrete_trainer_equals_keras_fit_of_the_concrete_dropout_network(outputs, monkeypatch):
+    # Learned rates: two networks with their own start rate and regularizers (N = 20 and 5, strong enough
+    # to matter) trained together, each compared with Keras fit of build_network(concrete=True) alone.
+    # Keras' ConcreteDropout draws its noise from keras.random.uniform; the fake below hands it the
+    # stacked trainer's noise for each batch and layer, so both see the same relaxed masks (eager fit,
+    # so the fake runs at every step rather than once when a graph is traced).
+    n, d, hidden, epochs, beta = 200, 3, 8, 3, 0.5
+    rows = [_toy_rows(seed, n, d) for seed in (9, 10)]
+    x, y = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    keys = np.stack([uci.network_key(9, 0, 0, i) for i in range(2)])
+    rates, sizes = np.array([0.1, 0.3]), (20, 5)
+    factors = np.array([concrete_regularizers(size) for size in sizes])
+    decays, regularizers = factors[:, [0, 0]], factors[:, 1]
+    init = uci.Weights.glorot(keys, d, hidden, outputs)
+    ours = uci.train_networks(
+        x,
+        y,
+        rates,
+        decays,
+        keys,
+        epochs,
+        init=init,
+        hidden=hidden,
+        outputs=outputs,
+        beta=beta,
+        dropout_regularizers=regularizers,
+    )
+    draws = [uci.epoch_draw(tf.constant(keys), tf.constant(e, tf.int64), n, d + hidden) for e in range(epochs)]
+    queue: list[np.ndarray] = []
+
+    def noise(shape, *args, **kwargs):
+        u = queue.pop(0)
+        assert u.shape == tuple(shape)
+        return tf.constant(u)
+
+    monkeypatch.setattr(keras.random, "uniform", noise)
+    likelihood = "heteroscedastic" if outputs == 2 else "homoscedastic"
+    for g in range(2):
+        config = ModelConfig(
+            hidden=(hidden,), dropout=rates[g], input_dropout=rates[g], concrete=True, concrete_rows=sizes[g]
+        )
+        model = build_network(config, (d,), 1, "regression", likelihood, beta)
+        start = [layer.p_logit.numpy() for layer in model.layers if isinstance(layer, ConcreteDropout)]
+        model.set_weights([start[0], *init.keras(g)[:2], start[1], *init.keras(g)[2:]])
+        model.run_eagerly = True
+        for order, epoch_noise in draws:
+            order, epoch_noise = order.numpy()[g], epoch_noise.numpy()[g]
+            for first in range(0, n, 128):  # per batch: the input layer's noise, then the hidden layer's
+                queue += [epoch_noise[first : first + 128, :d], epoch_noise[first : first + 128, d:]]
+            model.fit(x[g][order], y[g][order], batch_size=128, epochs=1, shuffle=False, verbose=0)
+            assert not queue
+        for got, expected in zip(ours.keras(g), model.get_weights(), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
+        learned = [layer.rate for layer in model.layers if isinstance(layer, ConcreteDropout)]
+        np.testing.assert_allclose(ours.rates()[g], learned, rtol=1e-5)
+        assert abs(learned[1] - rates[g]) > 1e-4  # the rates did move
 
 
 def test_each_network_trains_as_if_alone_and_deterministically():

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -362,3 +363,49 @@ def test_heteroscedastic_protocol_scores_through_the_exported_mean_and_variance(
     ll = metrics.gaussian_mixture_log_likelihood(data.y[test][:, None], out["outputs"].numpy(), out["variance"].numpy())
     assert ll == split["ll"] and -20 < ll < 0
     assert "-heteroscedastic" in uci.write_results(result, tmp_path / "out")[0].name
+
+
+@pytest.mark.parametrize("likelihood", ["homoscedastic", "heteroscedastic"])
+def test_concrete_protocol_publishes_the_learned_rates(likelihood, tmp_path):
+    # p is learned, so the grid keeps only τ (homoscedastic; one network per split, scored with each τ) or
+    # nothing; the split model's ConcreteDropout layers carry the trained rates into metadata and mc_dropout.
+    folder = _synthetic_folder(tmp_path, splits=1)
+    data = uci.load_dataset(folder)
+    result = uci.run(
+        data,
+        epochs_multiplier=2,
+        samples=200,
+        likelihood=likelihood,
+        dropout="concrete",
+        repository=tmp_path / "models",
+        log=lambda line: None,
+    )
+    (split,) = result["splits"]
+    grid = split["grid"]
+    assert [point["tau"] for point in grid] == ([0.5, 1.0] if likelihood == "homoscedastic" else [None])
+    for point in grid:  # τ does not enter training: one network, scored with each τ (same masks: same RMSE)
+        assert point["val_rmse"] == pytest.approx(grid[0]["val_rmse"], rel=1e-9)
+    assert split["p"] is None and len(split["learned_rates"]) == 2
+    assert all(rate != pytest.approx(0.1, abs=1e-6) for rate in split["learned_rates"]), split["learned_rates"]
+    meta = artifact.read_metadata(Path(split["artifact"]))
+    assert [(layer.type, layer.rate) for layer in meta.dropout_layers] == [
+        ("ConcreteDropout", rate) for rate in split["learned_rates"]
+    ]
+    assert meta.training["learned_rates"] == split["learned_rates"] and meta.training["dropout"] == "concrete"
+    summary = result["summary"]
+    assert [summary["rate_input"]["mean"], summary["rate_hidden"]["mean"]] == split["learned_rates"]
+    test = data.splits[0][1]
+    out = tf.saved_model.load(split["artifact"]).signatures["mc_dropout"](
+        inputs=tf.constant(data.x[test], tf.float32),
+        samples=tf.constant(200, tf.int32),
+        seed=tf.constant(split["mc_seed"], tf.int64),
+    )
+    targets = data.y[test][:, None]
+    if likelihood == "homoscedastic":
+        ll = metrics.mc_log_likelihood(targets, out["outputs"].numpy(), split["tau"])
+    else:
+        ll = metrics.gaussian_mixture_log_likelihood(targets, out["outputs"].numpy(), out["variance"].numpy())
+    assert ll == split["ll"] and -20 < ll < 0
+    files = uci.write_results(result, tmp_path / "out")
+    suffix = "-heteroscedastic-concrete" if likelihood == "heteroscedastic" else "-concrete"
+    assert files[0].name == f"toy{suffix}.json" and "learned" in files[1].read_text()

@@ -18,13 +18,15 @@ import numpy as np
 
 _TEMPERATURE = 0.1
 """Temperature of the relaxed Bernoulli (the paper's value)."""
+INITIAL_RATE = 0.1
+"""Where learned rates start (``python -m training --dropout concrete`` and ``uci --dropout concrete``)."""
 _EPS = 1e-7
 
 
 class ConcreteDropout(keras.layers.Layer):
     """Dropout with a learned rate ``p = sigmoid(p_logit)``, started at ``initial_rate``."""
 
-    def __init__(self, initial_rate: float = 0.1, dropout_regularizer: float = 1e-5, **kwargs) -> None:
+    def __init__(self, initial_rate: float = INITIAL_RATE, dropout_regularizer: float = 1e-5, **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0.0 < initial_rate < 1.0:
             raise ValueError(f"concrete dropout needs an initial rate in (0, 1), got {initial_rate}")

@@ -365,10 +365,11 @@ def test_heteroscedastic_protocol_scores_through_the_exported_mean_and_variance(
     assert "-heteroscedastic" in uci.write_results(result, tmp_path / "out")[0].name
 
 
-@pytest.mark.parametrize("likelihood", ["homoscedastic", "heteroscedastic"])
-def test_concrete_protocol_publishes_the_learned_rates(likelihood, tmp_path):
-    # p is learned, so the grid keeps only τ (homoscedastic; one network per split, scored with each τ) or
-    # nothing; the split model's ConcreteDropout layers carry the trained rates into metadata and mc_dropout.
+@pytest.mark.parametrize(("likelihood", "scales"), [("homoscedastic", (1.0,)), ("heteroscedastic", (1.0, 30.0))])
+def test_concrete_protocol_publishes_the_learned_rates(likelihood, scales, tmp_path):
+    # p is learned, so the grid keeps only τ (homoscedastic; it divides the regularizers) or nothing, unless
+    # regularizer scales are asked for; the split model's ConcreteDropout layers carry the trained rates
+    # into metadata and mc_dropout.
     folder = _synthetic_folder(tmp_path, splits=1)
     data = uci.load_dataset(folder)
     result = uci.run(
@@ -377,14 +378,21 @@ def test_concrete_protocol_publishes_the_learned_rates(likelihood, tmp_path):
         samples=200,
         likelihood=likelihood,
         dropout="concrete",
+        concrete_scales=scales,
         repository=tmp_path / "models",
         log=lambda line: None,
     )
     (split,) = result["splits"]
     grid = split["grid"]
-    assert [point["tau"] for point in grid] == ([0.5, 1.0] if likelihood == "homoscedastic" else [None])
-    for point in grid:  # τ does not enter training: one network, scored with each τ (same masks: same RMSE)
-        assert point["val_rmse"] == pytest.approx(grid[0]["val_rmse"], rel=1e-9)
+    if likelihood == "homoscedastic":
+        y_var = data.y[data.splits[0][0][: int(48 * 0.8)]].var()  # the grid's training rows
+        assert [point["tau"] for point in grid] == [0.5, 1.0]
+        assert [point["concrete_scale"] for point in grid] == pytest.approx([1 / (0.5 * y_var), 1 / y_var])
+    else:  # the scales are the grid: networks trained with each, the best validation LL chosen
+        assert [(point["tau"], point["concrete_scale"]) for point in grid] == [(None, 1.0), (None, 30.0)]
+        assert grid[0]["val_rmse"] != grid[1]["val_rmse"]
+        best = max(grid, key=lambda point: point["val_ll"])
+        assert split["concrete_scale"] == best["concrete_scale"] and split["log_likelihood"] == best["val_ll"]
     assert split["p"] is None and len(split["learned_rates"]) == 2
     assert all(rate != pytest.approx(0.1, abs=1e-6) for rate in split["learned_rates"]), split["learned_rates"]
     meta = artifact.read_metadata(Path(split["artifact"]))
@@ -392,6 +400,7 @@ def test_concrete_protocol_publishes_the_learned_rates(likelihood, tmp_path):
         ("ConcreteDropout", rate) for rate in split["learned_rates"]
     ]
     assert meta.training["learned_rates"] == split["learned_rates"] and meta.training["dropout"] == "concrete"
+    assert meta.training["concrete_scale"] == split["concrete_scale"]
     summary = result["summary"]
     assert [summary["rate_input"]["mean"], summary["rate_hidden"]["mean"]] == split["learned_rates"]
     test = data.splits[0][1]

@@ -199,6 +199,13 @@ def _uci_parser(sub) -> None:
         help="grid: the paper's fixed rate, chosen from dropout_rates.txt; concrete: each layer learns its rate "
         "(Concrete Dropout, start 0.1), so p is no grid axis (homoscedastic: grid tau; heteroscedastic: none)",
     )
+    p.add_argument(
+        "--concrete-scale",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="concrete: factor(s) s on both regularizers (s l²/N, s 2/N); several make a grid axis (default: 1)",
+    )
     p.add_argument("--beta", type=float, default=0.5, help="heteroscedastic: β of the β-NLL (0 = plain NLL; 0.5)")
     p.add_argument("--samples", type=int, default=10_000, help="MC samples T, validation and test (default: 10000)")
     p.add_argument("--out", type=Path, default=Path("bench/results/uci"), help="<out>/<data set>.json and .md")
@@ -223,6 +230,7 @@ def _run_uci(args: argparse.Namespace) -> None:
         seed=args.seed,
         likelihood=args.likelihood,
         dropout=args.dropout,
+        concrete_scales=args.concrete_scale,
         beta=args.beta,
         out=args.out,
         repository=args.repository,

@@ -14,9 +14,14 @@ p only, λ = l² (1 - p) / (2 N)), trained with the β-NLL (``beta``, 0.5 by def
 Dropout: ``grid`` (the paper's: p from ``dropout_rates.txt`` is a grid axis) or ``concrete`` (Gal,
 Hron & Kendall 2017: each dropout layer of each network learns its rate, starting at 0.1, with the
 regularizers ``python -m training --dropout concrete`` uses: weights l² / N, rates 2 / N). p is then
-no grid axis; what is left to choose is τ for the homoscedastic model (it does not enter training,
-as in ``python -m training``, so the split's one network is scored with every τ) and nothing for the
-heteroscedastic one (its grid phase only yields the validation scores).
+no grid axis; what is left to choose is τ for the homoscedastic model and nothing for the
+heteroscedastic one (its grid phase only yields the validation scores). The homoscedastic model is
+trained on the MSE, which is the Gaussian NLL divided by τ/2, so both regularizers are divided by
+the precision in the units it trains in, τ y_std² (the paper's ``2 / (N τ)`` form): without that the
+rate regularizer outweighs the MSE of a low-noise target (Energy) and the rates grow far too large.
+``concrete_scales`` (default 1, the paper's) optionally makes a grid axis of a factor s on both
+regularizers (N / s effective rows: a stronger prior keeps the rates from collapsing to 0), chosen
+like the rest on validation rows.
 
 Randomness: each network has its own key, derived from the run seed, the phase, the split and the
 dropout rate. Its initial weights, shuffles, training masks and validation MC masks come from that
@@ -72,17 +77,12 @@ def _print(line: str) -> None:
 
 
 def _train_jobs(jobs: list[Job], epochs: int, hidden: int, outputs: int, beta: float, label: str, log: Log) -> Weights:
-    """Train every job, grouped by row count (networks of a group are stacked); returns weights in job order.
-
-    Jobs whose training is identical (same split, rate, regularizers and key: concrete networks that
-    differ only in the τ they are scored with) are trained once.
-    """
+    """Train every job, grouped by row count (networks of a group are stacked); returns weights in job order."""
     result: list[Weights | None] = [None] * len(jobs)
-    identity = [(job.split, job.rate, job.decay, job.dropout_regularizer, job.key.tobytes()) for job in jobs]
     for n in sorted({len(job.y) for job in jobs}):
-        members = [i for i, job in enumerate(jobs) if len(job.y) == n and identity.index(identity[i]) == i]
+        members = [i for i, job in enumerate(jobs) if len(job.y) == n]
         group = [jobs[i] for i in members]
-        concrete = group[0].dropout_regularizer is not None
+        concrete = group[0].concrete_scale is not None
         started = time.perf_counter()
 
         def progress(chunk: int, chunks: int, done: int, epochs: int, n=n, group=group, started=started) -> None:
@@ -105,7 +105,7 @@ def _train_jobs(jobs: list[Job], epochs: int, hidden: int, outputs: int, beta: f
         )
         for place, i in enumerate(members):
             result[i] = weights.take([place])
-    return Weights.concat([result[identity.index(key)] for key in identity])
+    return Weights.concat(result)
 
 
 def _score_jobs(jobs: list[Job], weights: Weights, x_val: list[np.ndarray], y_val: list[np.ndarray], samples: int):
@@ -138,6 +138,7 @@ def run(
     seed: int = 0,
     likelihood: Likelihood = "homoscedastic",
     dropout: Dropout = "grid",
+    concrete_scales: Sequence[float] = (1.0,),
     beta: float = DEFAULT_BETA,
     repository: str | Path,
     log: Log = _print,
@@ -153,11 +154,15 @@ def run(
     heteroscedastic, concrete = likelihood == "heteroscedastic", dropout == "concrete"
     taus: list[float | None] = [None] if heteroscedastic else list(data.tau_values)
     rates = [INITIAL_RATE] if concrete else data.dropout_rates
-    grid = [(p, tau) for p in rates for tau in taus]
+    scales: list[float | None] = list(concrete_scales) if concrete else [None]
+    if concrete and (not concrete_scales or min(concrete_scales) <= 0):
+        raise ValueError(f"concrete regularizer scales must be positive, got {list(concrete_scales)}")
+    grid = [(p, scale, tau) for p in rates for scale in scales for tau in taus]
     hidden, outputs = data.n_hidden, 2 if heteroscedastic else 1
     timings: dict[str, float] = {}
     started, cpu_started = time.perf_counter(), time.process_time()
-    axes = " x ".join(name for name, free in (("p", not concrete), ("tau", not heteroscedastic)) if free)
+    free = (("p", not concrete), ("scale", len(scales) > 1), ("tau", not heteroscedastic))
+    axes = " x ".join(name for name, on in free if on)
     log(
         f"{data.name}: {len(data.y)} rows, {data.x.shape[1]} features, splits {splits}, {likelihood}, "
         f"{dropout} dropout, grid {len(grid)} ({axes or 'nothing to choose'}), {epochs} epochs, T = {samples}"
@@ -170,10 +175,10 @@ def run(
         n_fit = int(len(train) * (1 - VALIDATION_FRACTION))
         fit, val = train[:n_fit], train[n_fit:]
         scaling = Standardization.fit(data.x[fit], data.y[fit])
-        for p, tau in grid:
-            key = network_key(seed, _GRID, k, rates.index(p))  # shared by the split's taus, see above
+        for p, scale, tau in grid:
+            key = network_key(seed, _GRID, k, rates.index(p))  # shared by the split's taus (and scales), see above
             network_rows = scaling.inputs(data.x[fit]), scaling.target(data.y[fit]), scaling
-            jobs.append(_job(k, p, tau, *network_rows, key, concrete, hidden))
+            jobs.append(_job(k, p, tau, *network_rows, key, scale, hidden))
             x_val.append(data.x[val])
             y_val.append(data.y[val])
     t0 = time.perf_counter()
@@ -191,16 +196,22 @@ def run(
         best = members[int(np.argmax(val_ll[members]))]
         chosen[k] = {
             "grid": [
-                {"p": jobs[i].rate, "tau": jobs[i].tau, "val_ll": float(val_ll[i]), "val_rmse": float(val_rmse[i])}
+                {
+                    "p": jobs[i].rate,
+                    **({"concrete_scale": jobs[i].concrete_scale} if concrete else {}),
+                    "tau": jobs[i].tau,
+                    "val_ll": float(val_ll[i]),
+                    "val_rmse": float(val_rmse[i]),
+                }
                 for i in members
             ],
             "validation": {"log_likelihood": float(val_ll[best]), "rmse": float(val_rmse[best])},
         }
         train = data.splits[k][0]
-        p, tau = jobs[best].rate, jobs[best].tau
+        p, scale, tau = jobs[best].rate, jobs[best].concrete_scale, jobs[best].tau
         scaling = Standardization.fit(data.x[train], data.y[train])
         network_rows = scaling.inputs(data.x[train]), scaling.target(data.y[train]), scaling
-        finals.append(_job(k, p, tau, *network_rows, network_key(seed, _FINAL, k, 0), concrete, hidden))
+        finals.append(_job(k, p, tau, *network_rows, network_key(seed, _FINAL, k, 0), scale, hidden))
     t0 = time.perf_counter()
     final_weights = _train_jobs(finals, epochs, hidden, outputs, beta, "retrain", log)
     timings["retrain_s"] = time.perf_counter() - t0
@@ -249,6 +260,7 @@ def run(
             "likelihood": likelihood,
             "dropout": dropout,
             "initial_rate": INITIAL_RATE if concrete else None,
+            "concrete_scales": scales if concrete else None,
             "beta": beta if heteroscedastic else None,
             "hidden": hidden,
             "batch_size": BATCH_SIZE,
@@ -273,13 +285,19 @@ def _job(
     y: np.ndarray,
     scaling: Standardization,
     key: np.ndarray,
-    concrete: bool,
+    concrete_scale: float | None,
     hidden: int,
 ) -> Job:
-    """A network on ``x``, ``y`` with its regularizers: the paper's weight decay, or the concrete factors."""
-    if concrete:
-        weights, rates = concrete_regularizers(len(y))
-        return Job(split, rate, tau, x, y, scaling, (weights, weights), key, rates)
+    """A network on ``x``, ``y`` with its regularizers: the paper's weight decay, or the concrete factors.
+
+    A homoscedastic concrete network's factors are divided by its precision in standardized units,
+    ``tau * y_std²`` (``tau`` is in the target's units), see the module docstring.
+    """
+    if concrete_scale is not None:
+        if tau is not None:
+            concrete_scale /= tau * scaling.y_std**2
+        weights = concrete_scale * concrete_regularizers(len(y))[0]
+        return Job(split, rate, tau, x, y, scaling, (weights, weights), key, concrete_scale)
     return Job(split, rate, tau, x, y, scaling, weight_decay(rate, 1.0 if tau is None else tau, len(y), hidden), key)
 
 
@@ -296,6 +314,7 @@ def main(
     seed: int,
     likelihood: Likelihood = "homoscedastic",
     dropout: Dropout = "grid",
+    concrete_scales: Sequence[float] = (1.0,),
     beta: float = DEFAULT_BETA,
     out: str | Path,
     repository: str | Path | None,
@@ -319,6 +338,7 @@ def main(
         seed=seed,
         likelihood=likelihood,
         dropout=dropout,
+        concrete_scales=concrete_scales,
         beta=beta,
         out=Path(out),
         repository=Path(repository or Path(out) / "models"),

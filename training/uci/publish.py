@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from training import artifact, metrics, signatures
 from training.artifact import Likelihood
+from training.concrete import concrete_regularizers
 from training.uci.data import Standardization, UciDataset
 from training.uci.report import variant
 from training.uci.trainer import Weights
@@ -36,8 +37,14 @@ class Job:
     decay: tuple[float, float]
     """L2 factors of the two kernels (concrete: the ``ConcreteL2`` factors, λ ΣW² / (1 - p))."""
     key: np.ndarray
-    dropout_regularizer: float | None = None
-    """Concrete networks: the factor of the rates' negative entropy (2 / N); None: fixed rates."""
+    concrete_scale: float | None = None
+    """Concrete networks: both regularizers' factor (``s l² / N`` and ``s 2 / N``; homoscedastic:
+    ``s / (τ y_std²)``); None: fixed rates."""
+
+    @property
+    def dropout_regularizer(self) -> float | None:
+        """The factor of the rates' negative entropy (``s 2 / N``), None for fixed rates."""
+        return None if self.concrete_scale is None else self.concrete_scale * concrete_regularizers(len(self.y))[1]
 
     @property
     def likelihood(self) -> Likelihood:
@@ -54,7 +61,7 @@ def score_through_saved_model(
     from training.artifact import Preprocessing
     from training.model import ModelConfig, build_network, with_preprocessing
 
-    concrete = job.dropout_regularizer is not None
+    concrete = job.concrete_scale is not None
     config = ModelConfig(
         hidden=(data.n_hidden,),
         dropout=job.rate,
@@ -74,7 +81,7 @@ def score_through_saved_model(
     network.set_weights(weights.keras(0))
     s = job.scaling
     served = with_preprocessing(network, s.x_mean, s.x_std, np.array([s.y_mean]), np.array([s.y_std]), job.likelihood)
-    learned = {"learned_rates": weights.rates()[0].tolist()} if concrete else {}
+    learned = {"learned_rates": weights.rates()[0].tolist(), "concrete_scale": job.concrete_scale} if concrete else {}
     path = export_model(
         served,
         repository,

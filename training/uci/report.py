@@ -33,7 +33,8 @@ def variant(likelihood: str, dropout: str) -> str:
 def rates_text(row: dict) -> str:
     """A split's dropout: its fixed p, or its learned rates (input / hidden)."""
     if row.get("learned_rates"):
-        return " / ".join(f"{rate:.3g}" for rate in row["learned_rates"])
+        scale = f" (s = {row['concrete_scale']:g})" if row.get("concrete_scale", 1.0) != 1.0 else ""
+        return " / ".join(f"{rate:.3g}" for rate in row["learned_rates"]) + scale
     return format(row["p"], "g")
 
 
@@ -44,6 +45,8 @@ def markdown(result: dict) -> str:
     likelihood = proto.get("likelihood", "homoscedastic")
     concrete = proto.get("dropout") == "concrete"
     grid = f"p ∈ {proto['dropout_rates']}" if not concrete else f"none for p (learned from {proto['initial_rate']:g})"
+    if len(proto.get("concrete_scales") or []) > 1:
+        grid += f" x regularizer scale s ∈ {proto['concrete_scales']}"
     if proto.get("tau_values"):
         grid += f" x τ ∈ {proto['tau_values']}"
 

@@ -388,6 +388,8 @@ def test_concrete_protocol_publishes_the_learned_rates(likelihood, scales, tmp_p
         y_var = data.y[data.splits[0][0][: int(48 * 0.8)]].var()  # the grid's training rows
         assert [point["tau"] for point in grid] == [0.5, 1.0]
         assert [point["concrete_scale"] for point in grid] == pytest.approx([1 / (0.5 * y_var), 1 / y_var])
+        final_var = data.y[data.splits[0][0]].var()  # the final network trains on all training rows
+        assert split["concrete_scale"] == pytest.approx(1 / (split["tau"] * final_var))
     else:  # the scales are the grid: networks trained with each, the best validation LL chosen
         assert [(point["tau"], point["concrete_scale"]) for point in grid] == [(None, 1.0), (None, 30.0)]
         assert grid[0]["val_rmse"] != grid[1]["val_rmse"]

@@ -208,7 +208,7 @@ def run(
             "validation": {"log_likelihood": float(val_ll[best]), "rmse": float(val_rmse[best])},
         }
         train = data.splits[k][0]
-        p, scale, tau = jobs[best].rate, jobs[best].concrete_scale, jobs[best].tau
+        p, scale, tau = grid[members.index(best)]  # the grid point, not the job: a job's scale already has 1 / τ
         scaling = Standardization.fit(data.x[train], data.y[train])
         network_rows = scaling.inputs(data.x[train]), scaling.target(data.y[train]), scaling
         finals.append(_job(k, p, tau, *network_rows, network_key(seed, _FINAL, k, 0), scale, hidden))

@@ -33,7 +33,7 @@ def variant(likelihood: str, dropout: str) -> str:
 def rates_text(row: dict) -> str:
     """A split's dropout: its fixed p, or its learned rates (input / hidden)."""
     if row.get("learned_rates"):
-        scale = f" (s = {row['concrete_scale']:g})" if row.get("concrete_scale", 1.0) != 1.0 else ""
+        scale = f" (s = {row['concrete_scale']:.3g})" if row.get("concrete_scale", 1.0) != 1.0 else ""
         return " / ".join(f"{rate:.3g}" for rate in row["learned_rates"]) + scale
     return format(row["p"], "g")
 

@@ -27,9 +27,10 @@ Randomness: each network has its own key, derived from the run seed, the phase, 
 dropout rate. Its initial weights, shuffles, training masks and validation MC masks come from that
 key alone, so a split's results do not depend on which other splits run or how networks are chunked
 (up to float rounding: batched matmuls of other batch sizes may round differently). A run is
-deterministic for its seed and splits. Grid networks that differ only in tau share their key (common
-random numbers): each is still trained exactly as alone, the tau comparison is not blurred by
-different draws, and the trainer draws the shared noise once, which is most of an epoch's cost.
+deterministic for its seed and splits. Grid networks that differ only in tau (or in the concrete
+scale) share their key (common random numbers): each is still trained exactly as alone, the
+comparison is not blurred by different draws, and the trainer draws the shared noise once, which
+is most of an epoch's cost.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -14,6 +15,7 @@ import tensorflow as tf
 
 from training import artifact, metrics, uci
 from training.__main__ import main as training_cli
+from training.concrete import ConcreteDropout, concrete_regularizers
 from training.data import DataError
 from training.model import ModelConfig, build_network
 
@@ -125,6 +127,65 @@ def test_heteroscedastic_trainer_equals_keras_fit_with_the_gaussian_nll(beta):
         for got, expected in zip(ours.keras(g), model.get_weights(), strict=True):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
         assert not np.allclose(init.keras(g)[2], model.get_weights()[2], atol=1e-3)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_concrete_trainer_equals_keras_fit_of_the_concrete_dropout_network(outputs, monkeypatch):
+    # Learned rates: two networks with their own start rate and regularizers (N = 20 and 5, strong enough
+    # to matter) trained together, each compared with Keras fit of build_network(concrete=True) alone.
+    # Keras' ConcreteDropout draws its noise from keras.random.uniform; the fake below hands it the
+    # stacked trainer's noise for each batch and layer, so both see the same relaxed masks (eager fit,
+    # so the fake runs at every step rather than once when a graph is traced).
+    n, d, hidden, epochs, beta = 200, 3, 8, 3, 0.5
+    rows = [_toy_rows(seed, n, d) for seed in (9, 10)]
+    x, y = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    keys = np.stack([uci.network_key(9, 0, 0, i) for i in range(2)])
+    rates, sizes = np.array([0.1, 0.3]), (20, 5)
+    factors = np.array([concrete_regularizers(size) for size in sizes])
+    decays, regularizers = factors[:, [0, 0]], factors[:, 1]
+    init = uci.Weights.glorot(keys, d, hidden, outputs)
+    ours = uci.train_networks(
+        x,
+        y,
+        rates,
+        decays,
+        keys,
+        epochs,
+        init=init,
+        hidden=hidden,
+        outputs=outputs,
+        beta=beta,
+        dropout_regularizers=regularizers,
+    )
+    draws = [uci.epoch_draw(tf.constant(keys), tf.constant(e, tf.int64), n, d + hidden) for e in range(epochs)]
+    queue: list[np.ndarray] = []
+
+    def noise(shape, *args, **kwargs):
+        u = queue.pop(0)
+        assert u.shape == tuple(shape)
+        return tf.constant(u)
+
+    monkeypatch.setattr(keras.random, "uniform", noise)
+    likelihood = "heteroscedastic" if outputs == 2 else "homoscedastic"
+    for g in range(2):
+        config = ModelConfig(
+            hidden=(hidden,), dropout=rates[g], input_dropout=rates[g], concrete=True, concrete_rows=sizes[g]
+        )
+        model = build_network(config, (d,), 1, "regression", likelihood, beta)
+        start = [layer.p_logit.numpy() for layer in model.layers if isinstance(layer, ConcreteDropout)]
+        model.set_weights([start[0], *init.keras(g)[:2], start[1], *init.keras(g)[2:]])
+        model.run_eagerly = True
+        for order, epoch_noise in draws:
+            order, epoch_noise = order.numpy()[g], epoch_noise.numpy()[g]
+            for first in range(0, n, 128):  # per batch: the input layer's noise, then the hidden layer's
+                queue += [epoch_noise[first : first + 128, :d], epoch_noise[first : first + 128, d:]]
+            model.fit(x[g][order], y[g][order], batch_size=128, epochs=1, shuffle=False, verbose=0)
+            assert not queue
+        for got, expected in zip(ours.keras(g), model.get_weights(), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
+        learned = [layer.rate for layer in model.layers if isinstance(layer, ConcreteDropout)]
+        np.testing.assert_allclose(ours.rates()[g], learned, rtol=1e-5)
+        assert abs(learned[1] - rates[g]) > 1e-4  # the rates did move
 
 
 def test_each_network_trains_as_if_alone_and_deterministically():
@@ -302,3 +363,60 @@ def test_heteroscedastic_protocol_scores_through_the_exported_mean_and_variance(
     ll = metrics.gaussian_mixture_log_likelihood(data.y[test][:, None], out["outputs"].numpy(), out["variance"].numpy())
     assert ll == split["ll"] and -20 < ll < 0
     assert "-heteroscedastic" in uci.write_results(result, tmp_path / "out")[0].name
+
+
+@pytest.mark.parametrize(("likelihood", "scales"), [("homoscedastic", (1.0,)), ("heteroscedastic", (1.0, 30.0))])
+def test_concrete_protocol_publishes_the_learned_rates(likelihood, scales, tmp_path):
+    # p is learned, so the grid keeps only τ (homoscedastic; it divides the regularizers) or nothing, unless
+    # regularizer scales are asked for; the split model's ConcreteDropout layers carry the trained rates
+    # into metadata and mc_dropout.
+    folder = _synthetic_folder(tmp_path, splits=1)
+    data = uci.load_dataset(folder)
+    result = uci.run(
+        data,
+        epochs_multiplier=2,
+        samples=200,
+        likelihood=likelihood,
+        dropout="concrete",
+        concrete_scales=scales,
+        repository=tmp_path / "models",
+        log=lambda line: None,
+    )
+    (split,) = result["splits"]
+    grid = split["grid"]
+    if likelihood == "homoscedastic":
+        y_var = data.y[data.splits[0][0][: int(48 * 0.8)]].var()  # the grid's training rows
+        assert [point["tau"] for point in grid] == [0.5, 1.0]
+        assert [point["concrete_scale"] for point in grid] == pytest.approx([1 / (0.5 * y_var), 1 / y_var])
+        final_var = data.y[data.splits[0][0]].var()  # the final network trains on all training rows
+        assert split["concrete_scale"] == pytest.approx(1 / (split["tau"] * final_var))
+    else:  # the scales are the grid: networks trained with each, the best validation LL chosen
+        assert [(point["tau"], point["concrete_scale"]) for point in grid] == [(None, 1.0), (None, 30.0)]
+        assert grid[0]["val_rmse"] != grid[1]["val_rmse"]
+        best = max(grid, key=lambda point: point["val_ll"])
+        assert split["concrete_scale"] == best["concrete_scale"] and split["log_likelihood"] == best["val_ll"]
+    assert split["p"] is None and len(split["learned_rates"]) == 2
+    assert all(rate != pytest.approx(0.1, abs=1e-6) for rate in split["learned_rates"]), split["learned_rates"]
+    meta = artifact.read_metadata(Path(split["artifact"]))
+    assert [(layer.type, layer.rate) for layer in meta.dropout_layers] == [
+        ("ConcreteDropout", rate) for rate in split["learned_rates"]
+    ]
+    assert meta.training["learned_rates"] == split["learned_rates"] and meta.training["dropout"] == "concrete"
+    assert meta.training["concrete_scale"] == split["concrete_scale"]
+    summary = result["summary"]
+    assert [summary["rate_input"]["mean"], summary["rate_hidden"]["mean"]] == split["learned_rates"]
+    test = data.splits[0][1]
+    out = tf.saved_model.load(split["artifact"]).signatures["mc_dropout"](
+        inputs=tf.constant(data.x[test], tf.float32),
+        samples=tf.constant(200, tf.int32),
+        seed=tf.constant(split["mc_seed"], tf.int64),
+    )
+    targets = data.y[test][:, None]
+    if likelihood == "homoscedastic":
+        ll = metrics.mc_log_likelihood(targets, out["outputs"].numpy(), split["tau"])
+    else:
+        ll = metrics.gaussian_mixture_log_likelihood(targets, out["outputs"].numpy(), out["variance"].numpy())
+    assert ll == split["ll"] and -20 < ll < 0
+    files = uci.write_results(result, tmp_path / "out")
+    suffix = "-heteroscedastic-concrete" if likelihood == "heteroscedastic" else "-concrete"
+    assert files[0].name == f"toy{suffix}.json" and "learned" in files[1].read_text()

@@ -85,13 +85,14 @@ def _run_train(args: argparse.Namespace) -> None:
         print(f"{name}: version {existing[-1]} exists in {args.artifacts}; not training (--if-missing)")
         return
 
+    from training.concrete import INITIAL_RATE
     from training.export import export_model
     from training.model import ModelConfig
     from training.train import TrainConfig, train
 
     regression = dataset.task == "regression"
     concrete = args.dropout == "concrete"
-    dropout = 0.1 if concrete else args.dropout if args.dropout is not None else (0.05 if regression else 0.5)
+    dropout = INITIAL_RATE if concrete else args.dropout if args.dropout is not None else (0.05 if regression else 0.5)
     config = ModelConfig(
         architecture=args.architecture,
         hidden=tuple(args.hidden or ((50,) if regression else (128, 64))),
@@ -199,6 +200,20 @@ def _uci_parser(sub) -> None:
         default="homoscedastic",
         help="one noise level tau (the paper's; grid p x tau) or a predicted variance per instance (grid p)",
     )
+    p.add_argument(
+        "--dropout",
+        choices=["grid", "concrete"],
+        default="grid",
+        help="grid: the paper's fixed rate, chosen from dropout_rates.txt; concrete: each layer learns its rate "
+        "(Concrete Dropout, start 0.1), so p is no grid axis (homoscedastic: grid tau; heteroscedastic: none)",
+    )
+    p.add_argument(
+        "--concrete-scale",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="concrete: factor(s) s on both regularizers (s l²/N, s 2/N); several make a grid axis (default: 1)",
+    )
     p.add_argument("--beta", type=float, default=0.5, help="heteroscedastic: β of the β-NLL (0 = plain NLL; 0.5)")
     p.add_argument("--samples", type=int, default=10_000, help="MC samples T, validation and test (default: 10000)")
     p.add_argument("--out", type=Path, default=Path("bench/results/uci"), help="<out>/<data set>.json and .md")
@@ -222,6 +237,8 @@ def _run_uci(args: argparse.Namespace) -> None:
         samples=args.samples,
         seed=args.seed,
         likelihood=args.likelihood,
+        dropout=args.dropout,
+        concrete_scales=args.concrete_scale,
         beta=args.beta,
         out=args.out,
         repository=args.repository,

@@ -18,13 +18,15 @@ import numpy as np
 
 _TEMPERATURE = 0.1
 """Temperature of the relaxed Bernoulli (the paper's value)."""
+INITIAL_RATE = 0.1
+"""Where learned rates start (``python -m training --dropout concrete`` and ``uci --dropout concrete``)."""
 _EPS = 1e-7
 
 
 class ConcreteDropout(keras.layers.Layer):
     """Dropout with a learned rate ``p = sigmoid(p_logit)``, started at ``initial_rate``."""
 
-    def __init__(self, initial_rate: float = 0.1, dropout_regularizer: float = 1e-5, **kwargs) -> None:
+    def __init__(self, initial_rate: float = INITIAL_RATE, dropout_regularizer: float = 1e-5, **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0.0 < initial_rate < 1.0:
             raise ValueError(f"concrete dropout needs an initial rate in (0, 1), got {initial_rate}")
@@ -48,18 +50,38 @@ class ConcreteDropout(keras.layers.Layer):
         if not training:
             return inputs
         p = self.probability()
-        width = float(np.prod(inputs.shape[1:]))
-        entropy = p * keras.ops.log(p + _EPS) + (1.0 - p) * keras.ops.log(1.0 - p + _EPS)
-        self.add_loss(self.dropout_regularizer * width * entropy)
-        u = keras.random.uniform(keras.ops.shape(inputs), seed=self.seed_generator)
-        logits = (
-            keras.ops.log(p + _EPS)
-            - keras.ops.log(1.0 - p + _EPS)
-            + keras.ops.log(u + _EPS)
-            - keras.ops.log(1.0 - u + _EPS)
-        )
-        dropped = keras.ops.sigmoid(logits / _TEMPERATURE)
-        return inputs * (1.0 - dropped) / (1.0 - p)
+        self.add_loss(self.dropout_regularizer * float(np.prod(inputs.shape[1:])) * negative_entropy(p))
+        return relaxed_dropout(inputs, p, keras.random.uniform(keras.ops.shape(inputs), seed=self.seed_generator))
+
+
+def concrete_regularizers(rows: int, length_scale: float = 1e-2) -> tuple[float, float]:
+    """Gal, Hron & Kendall's factors for ``rows`` training rows: weights ``l² / N``, rates ``2 / N``.
+
+    ``length_scale`` is the prior length-scale l (1e-2, as for the fixed-rate networks' weight decay).
+    """
+    return length_scale**2 / rows, 2.0 / rows
+
+
+def negative_entropy(p):
+    """``p log p + (1 - p) log(1 - p)`` of a rate (elementwise): the dropout regularizer per input unit."""
+    return p * keras.ops.log(p + _EPS) + (1.0 - p) * keras.ops.log(1.0 - p + _EPS)
+
+
+def relaxed_dropout(inputs, p, u):
+    """Training-mode concrete dropout of ``inputs`` at rate ``p`` (broadcastable), with ``u`` its uniform noise.
+
+    A unit is (softly) dropped where ``u`` is below ``p``: the relaxed Bernoulli mask at temperature 0.1,
+    then inverted-dropout scaling ``1 / (1 - p)``. Shared by the layer and the UCI stacked trainer
+    (``training.uci.trainer``), which must compute exactly what the layer does.
+    """
+    logits = (
+        keras.ops.log(p + _EPS)
+        - keras.ops.log(1.0 - p + _EPS)
+        + keras.ops.log(u + _EPS)
+        - keras.ops.log(1.0 - u + _EPS)
+    )
+    dropped = keras.ops.sigmoid(logits / _TEMPERATURE)
+    return inputs * (1.0 - dropped) / (1.0 - p)
 
 
 class ConcreteL2(keras.regularizers.Regularizer):

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 from training.artifact import Likelihood, Task
-from training.concrete import ConcreteDropout, ConcreteL2
+from training.concrete import ConcreteDropout, ConcreteL2, concrete_regularizers
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,12 @@ def build_network(
                 x = keras.layers.MaxPooling2D()(x)
         x = keras.layers.Flatten()(x)
     feeding: ConcreteDropout | None = None  # the concrete dropout layer in front of the next kernel
+    weight_factor, rate_factor = concrete_regularizers(config.concrete_rows)
 
     def dropout(rate: float):
         nonlocal feeding
         if config.concrete:
-            feeding = ConcreteDropout(rate, dropout_regularizer=2.0 / config.concrete_rows)
+            feeding = ConcreteDropout(rate, dropout_regularizer=rate_factor)
             return feeding
         return keras.layers.Dropout(rate)
 
@@ -115,7 +116,7 @@ def build_network(
         if feeding is None:
             return regularizer()
         fed, feeding = feeding, None
-        return ConcreteL2(1e-4 / config.concrete_rows, fed)  # l² / N with the prior length-scale l = 1e-2
+        return ConcreteL2(weight_factor, fed)
 
     if config.input_dropout:
         x = dropout(config.input_dropout)(x)

@@ -5,7 +5,8 @@
 - ``data``: the data set folders (the paper's code's layout), standardization, weight decay, keys;
 - ``trainer``: the stacked trainer (all networks of a phase at once, each as Keras ``fit`` alone);
 - ``scoring``: validation MC log-likelihood and RMSE of the in-memory networks;
-- ``protocol``: grid search, retraining, export and test scoring through the SavedModels;
+- ``publish``: a split's final network exported with the project's code, test scores from the SavedModel;
+- ``protocol``: grid search, retraining and the runs (``--likelihood``, ``--dropout grid|concrete``);
 - ``report``: mean ± standard error, the published numbers, JSON and Markdown files.
 """
 

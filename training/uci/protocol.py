@@ -11,13 +11,26 @@ Likelihoods: ``homoscedastic`` (the paper's: MSE, grid p x tau, one noise level 
 ``heteroscedastic`` (Kendall & Gal 2017: the net predicts mean and log-variance, Gaussian NLL, grid
 p only, λ = l² (1 - p) / (2 N)), trained with the β-NLL (``beta``, 0.5 by default; 0 = plain NLL).
 
+Dropout: ``grid`` (the paper's: p from ``dropout_rates.txt`` is a grid axis) or ``concrete`` (Gal,
+Hron & Kendall 2017: each dropout layer of each network learns its rate, starting at 0.1, with the
+regularizers ``python -m training --dropout concrete`` uses: weights l² / N, rates 2 / N). p is then
+no grid axis; what is left to choose is τ for the homoscedastic model and nothing for the
+heteroscedastic one (its grid phase only yields the validation scores). The homoscedastic model is
+trained on the MSE, which is the Gaussian NLL divided by τ/2, so both regularizers are divided by
+the precision in the units it trains in, τ y_std² (the paper's ``2 / (N τ)`` form): without that the
+rate regularizer outweighs the MSE of a low-noise target (Energy) and the rates grow far too large.
+``concrete_scales`` (default 1, the paper's) optionally makes a grid axis of a factor s on both
+regularizers (N / s effective rows: a stronger prior keeps the rates from collapsing to 0), chosen
+like the rest on validation rows.
+
 Randomness: each network has its own key, derived from the run seed, the phase, the split and the
 dropout rate. Its initial weights, shuffles, training masks and validation MC masks come from that
 key alone, so a split's results do not depend on which other splits run or how networks are chunked
 (up to float rounding: batched matmuls of other batch sizes may round differently). A run is
-deterministic for its seed and splits. Grid networks that differ only in tau share their key (common
-random numbers): each is still trained exactly as alone, the tau comparison is not blurred by
-different draws, and the trainer draws the shared noise once, which is most of an epoch's cost.
+deterministic for its seed and splits. Grid networks that differ only in tau (or in the concrete
+scale) share their key (common random numbers): each is still trained exactly as alone, the
+comparison is not blurred by different draws, and the trainer draws the shared noise once, which
+is most of an epoch's cost.
 """
 
 from __future__ import annotations
@@ -27,15 +40,15 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import tensorflow as tf
 
-from training import artifact, metrics, signatures
 from training.artifact import Likelihood
+from training.concrete import INITIAL_RATE, concrete_regularizers
 from training.model import DEFAULT_BETA
 from training.uci.data import (
     LENGTH_SCALE,
@@ -47,7 +60,8 @@ from training.uci.data import (
     network_key,
     weight_decay,
 )
-from training.uci.report import PUBLISHED, mean_and_standard_error, write_results
+from training.uci.publish import Job, score_through_saved_model
+from training.uci.report import PUBLISHED, mean_and_standard_error, rates_text, write_results
 from training.uci.scoring import mc_scores
 from training.uci.trainer import BATCH_SIZE, Weights, train_networks
 
@@ -56,33 +70,20 @@ DEFAULT_EPOCHS_MULTIPLIER = 100
 """The published table's epochs (4,000 for n_epochs 40); see docs/benchmarks.md."""
 
 Log = Callable[[str], None]
+Dropout = Literal["grid", "concrete"]
 
 
 def _print(line: str) -> None:
     print(line, flush=True)
 
 
-@dataclass
-class _Job:
-    """One network to train: its rows (standardized by ``scaling``), hyper-parameters and key."""
-
-    split: int
-    rate: float
-    tau: float | None
-    """None: heteroscedastic (the network predicts its noise)."""
-    x: np.ndarray
-    y: np.ndarray
-    scaling: Standardization
-    decay: tuple[float, float]
-    key: np.ndarray
-
-
-def _train_jobs(jobs: list[_Job], epochs: int, hidden: int, outputs: int, beta: float, label: str, log: Log) -> Weights:
+def _train_jobs(jobs: list[Job], epochs: int, hidden: int, outputs: int, beta: float, label: str, log: Log) -> Weights:
     """Train every job, grouped by row count (networks of a group are stacked); returns weights in job order."""
     result: list[Weights | None] = [None] * len(jobs)
     for n in sorted({len(job.y) for job in jobs}):
         members = [i for i, job in enumerate(jobs) if len(job.y) == n]
         group = [jobs[i] for i in members]
+        concrete = group[0].concrete_scale is not None
         started = time.perf_counter()
 
         def progress(chunk: int, chunks: int, done: int, epochs: int, n=n, group=group, started=started) -> None:
@@ -100,6 +101,7 @@ def _train_jobs(jobs: list[_Job], epochs: int, hidden: int, outputs: int, beta: 
             hidden=hidden,
             outputs=outputs,
             beta=beta,
+            dropout_regularizers=np.array([job.dropout_regularizer for job in group]) if concrete else None,
             progress=progress,
         )
         for place, i in enumerate(members):
@@ -107,90 +109,25 @@ def _train_jobs(jobs: list[_Job], epochs: int, hidden: int, outputs: int, beta: 
     return Weights.concat(result)
 
 
-def _score_jobs(jobs: list[_Job], weights: Weights, x_val: list[np.ndarray], y_val: list[np.ndarray], samples: int):
+def _score_jobs(jobs: list[Job], weights: Weights, x_val: list[np.ndarray], y_val: list[np.ndarray], samples: int):
     """Validation (LL, RMSE) per job, networks grouped by validation row count."""
     ll, rmse = np.empty(len(jobs)), np.empty(len(jobs))
     for n in sorted({len(y) for y in y_val}):
         members = np.array([i for i, y in enumerate(y_val) if len(y) == n])
         group = [jobs[i] for i in members]
+        part = weights.take(members)
         ll[members], rmse[members] = mc_scores(
-            weights.take(members),
+            part,
             np.stack([job.scaling.inputs(x_val[i]) for i, job in zip(members, group, strict=True)]),
             np.stack([y_val[i] for i in members]),
             np.array([job.scaling.y_mean for job in group]),
             np.array([job.scaling.y_std for job in group]),
-            np.array([job.rate for job in group]),
+            part.rates() if part.p_logit is not None else np.array([job.rate for job in group]),
             np.array([1.0 if job.tau is None else job.tau for job in group]),
             np.stack([job.key for job in group]),
             samples,
         )
     return ll, rmse
-
-
-def _test_through_saved_model(
-    data: UciDataset, job: _Job, weights: Weights, repository: Path, samples: int, seed: int, validation: dict
-) -> dict:
-    """Export the retrained network with the project's code, load it back, score the test rows with it."""
-    import keras
-
-    from training import export_model
-    from training.artifact import Preprocessing
-    from training.model import ModelConfig, build_network, with_preprocessing
-
-    likelihood: Likelihood = "homoscedastic" if job.tau is not None else "heteroscedastic"
-    config = ModelConfig(hidden=(data.n_hidden,), dropout=job.rate, input_dropout=job.rate, weight_decay=job.decay)
-    network = build_network(config, (data.x.shape[1],), 1, "regression", likelihood)
-    kinds = [type(layer).__name__ for layer in network.layers]
-    expected = ["InputLayer", *(["Dropout"] if job.rate else []), "Dense", "Dropout", "Dense"]
-    if kinds != expected or network.layers[-3].activation is not keras.activations.relu:
-        raise RuntimeError(f"build_network no longer makes the paper's network: {kinds}")
-    dense = [layer for layer in network.layers if isinstance(layer, keras.layers.Dense)]
-    w = weights.keras(0)
-    dense[0].set_weights(w[:2])
-    dense[1].set_weights(w[2:])
-    s = job.scaling
-    served = with_preprocessing(network, s.x_mean, s.x_std, np.array([s.y_mean]), np.array([s.y_std]), likelihood)
-    path = export_model(
-        served,
-        repository,
-        f"{data.name}-split{job.split}" if job.tau is not None else f"{data.name}-heteroscedastic-split{job.split}",
-        task="regression",
-        tau=job.tau,
-        likelihood=likelihood,
-        preprocessing=Preprocessing(
-            inputs="standardized per feature (training split mean, std)",
-            outputs="network predicts the standardized target; the graph restores its units",
-            input_shift=s.x_mean.tolist(),
-            input_scale=s.x_std.tolist(),
-            target_shift=[s.y_mean],
-            target_scale=[s.y_std],
-        ),
-        metrics={"validation_mc": validation},
-        training={
-            "protocol": "Gal & Ghahramani UCI",
-            "split": job.split,
-            "dropout": job.rate,
-            "tau": job.tau,
-            "likelihood": likelihood,
-        },
-    )
-    loaded = tf.saved_model.load(str(path))
-    test = data.splits[job.split][1]
-    targets = data.y[test][:, None]
-    draws = signatures.mc_draws(loaded.signatures[artifact.MC_SIGNATURE], data.x[test], samples, seed)
-    mc, variance = draws.outputs, draws.variance
-    deterministic = signatures.infer(loaded.signatures[artifact.SERVING_SIGNATURE], data.x[test])
-    if variance is None:
-        ll = metrics.mc_log_likelihood(targets, mc, job.tau)
-    else:
-        ll = metrics.gaussian_mixture_log_likelihood(targets, mc, variance)
-    return {
-        "rmse_mc": metrics.rmse(mc.mean(axis=0), targets),
-        "rmse_deterministic": metrics.rmse(deterministic, targets),
-        "ll": ll,
-        "mc_seed": seed,
-        "artifact": str(path),
-    }
 
 
 def run(
@@ -201,6 +138,8 @@ def run(
     samples: int = 10_000,
     seed: int = 0,
     likelihood: Likelihood = "homoscedastic",
+    dropout: Dropout = "grid",
+    concrete_scales: Sequence[float] = (1.0,),
     beta: float = DEFAULT_BETA,
     repository: str | Path,
     log: Log = _print,
@@ -213,15 +152,21 @@ def run(
         raise ValueError("epochs multiplier and samples must be at least 1, seed at least 0")
     tf.config.experimental.enable_op_determinism()
     epochs = data.n_epochs * epochs_multiplier
-    heteroscedastic = likelihood == "heteroscedastic"
+    heteroscedastic, concrete = likelihood == "heteroscedastic", dropout == "concrete"
     taus: list[float | None] = [None] if heteroscedastic else list(data.tau_values)
-    grid = [(p, tau) for p in data.dropout_rates for tau in taus]
+    rates = [INITIAL_RATE] if concrete else data.dropout_rates
+    scales: list[float | None] = list(concrete_scales) if concrete else [None]
+    if concrete and (not concrete_scales or min(concrete_scales) <= 0):
+        raise ValueError(f"concrete regularizer scales must be positive, got {list(concrete_scales)}")
+    grid = [(p, scale, tau) for p in rates for scale in scales for tau in taus]
     hidden, outputs = data.n_hidden, 2 if heteroscedastic else 1
     timings: dict[str, float] = {}
     started, cpu_started = time.perf_counter(), time.process_time()
+    free = (("p", not concrete), ("scale", len(scales) > 1), ("tau", not heteroscedastic))
+    axes = " x ".join(name for name, on in free if on)
     log(
-        f"{data.name}: {len(data.y)} rows, {data.x.shape[1]} features, splits {splits}, "
-        f"{likelihood}, grid {len(grid)} ({'p' if heteroscedastic else 'p x tau'}), {epochs} epochs, T = {samples}"
+        f"{data.name}: {len(data.y)} rows, {data.x.shape[1]} features, splits {splits}, {likelihood}, "
+        f"{dropout} dropout, grid {len(grid)} ({axes or 'nothing to choose'}), {epochs} epochs, T = {samples}"
     )
 
     # Grid search: every (split, p, tau) on the split's first 80 %, scored on the last 20 %.
@@ -231,10 +176,10 @@ def run(
         n_fit = int(len(train) * (1 - VALIDATION_FRACTION))
         fit, val = train[:n_fit], train[n_fit:]
         scaling = Standardization.fit(data.x[fit], data.y[fit])
-        for p, tau in grid:
-            decay = weight_decay(p, 1.0 if tau is None else tau, n_fit, hidden)
-            key = network_key(seed, _GRID, k, data.dropout_rates.index(p))  # shared by the split's taus, see above
-            jobs.append(_Job(k, p, tau, scaling.inputs(data.x[fit]), scaling.target(data.y[fit]), scaling, decay, key))
+        for p, scale, tau in grid:
+            key = network_key(seed, _GRID, k, rates.index(p))  # shared by the split's taus (and scales), see above
+            network_rows = scaling.inputs(data.x[fit]), scaling.target(data.y[fit]), scaling
+            jobs.append(_job(k, p, tau, *network_rows, key, scale, hidden))
             x_val.append(data.x[val])
             y_val.append(data.y[val])
     t0 = time.perf_counter()
@@ -252,19 +197,22 @@ def run(
         best = members[int(np.argmax(val_ll[members]))]
         chosen[k] = {
             "grid": [
-                {"p": jobs[i].rate, "tau": jobs[i].tau, "val_ll": float(val_ll[i]), "val_rmse": float(val_rmse[i])}
+                {
+                    "p": jobs[i].rate,
+                    **({"concrete_scale": jobs[i].concrete_scale} if concrete else {}),
+                    "tau": jobs[i].tau,
+                    "val_ll": float(val_ll[i]),
+                    "val_rmse": float(val_rmse[i]),
+                }
                 for i in members
             ],
             "validation": {"log_likelihood": float(val_ll[best]), "rmse": float(val_rmse[best])},
         }
         train = data.splits[k][0]
-        p, tau = jobs[best].rate, jobs[best].tau
+        p, scale, tau = grid[members.index(best)]  # the grid point, not the job: a job's scale already has 1 / τ
         scaling = Standardization.fit(data.x[train], data.y[train])
-        decay = weight_decay(p, 1.0 if tau is None else tau, len(train), hidden)
-        key = network_key(seed, _FINAL, k, 0)
-        finals.append(
-            _Job(k, p, tau, scaling.inputs(data.x[train]), scaling.target(data.y[train]), scaling, decay, key)
-        )
+        network_rows = scaling.inputs(data.x[train]), scaling.target(data.y[train]), scaling
+        finals.append(_job(k, p, tau, *network_rows, network_key(seed, _FINAL, k, 0), scale, hidden))
     t0 = time.perf_counter()
     final_weights = _train_jobs(finals, epochs, hidden, outputs, beta, "retrain", log)
     timings["retrain_s"] = time.perf_counter() - t0
@@ -274,13 +222,14 @@ def run(
     rows = []
     for place, job in enumerate(finals):
         mc_seed = int(np.random.SeedSequence([seed, job.split, 2]).generate_state(1, np.uint32)[0])
-        test = _test_through_saved_model(
+        test = score_through_saved_model(
             data, job, final_weights.take([place]), Path(repository), samples, mc_seed, chosen[job.split]["validation"]
         )
-        rows.append({"split": job.split, "p": job.rate, "tau": job.tau, **chosen[job.split]["validation"], **test})
+        p = None if concrete else job.rate
+        rows.append({"split": job.split, "p": p, "tau": job.tau, **chosen[job.split]["validation"], **test})
         rows[-1]["grid"] = chosen[job.split]["grid"]
         log(
-            f"  split {job.split}: p={job.rate:g}, tau={'-' if job.tau is None else f'{job.tau:g}'}, "
+            f"  split {job.split}: p={rates_text(rows[-1])}, tau={'-' if job.tau is None else f'{job.tau:g}'}, "
             f"rmse={test['rmse_mc']:.3f} "
             f"(deterministic {test['rmse_deterministic']:.3f}), ll={test['ll']:.3f}"
         )
@@ -292,6 +241,10 @@ def run(
         key: dict(zip(("mean", "standard_error"), mean_and_standard_error([r[key] for r in rows]), strict=True))
         for key in ("rmse_mc", "rmse_deterministic", "ll")
     }
+    if concrete:
+        for layer, place in (("input", 0), ("hidden", 1)):
+            mean, error = mean_and_standard_error([r["learned_rates"][place] for r in rows])
+            summary[f"rate_{layer}"] = {"mean": mean, "standard_error": error}
     log(
         f"{data.name}: rmse {summary['rmse_mc']['mean']:.2f} ± {summary['rmse_mc']['standard_error']:.2f}, "
         f"ll {summary['ll']['mean']:.2f} ± {summary['ll']['standard_error']:.2f} "
@@ -306,12 +259,15 @@ def run(
             "samples": samples,
             "seed": seed,
             "likelihood": likelihood,
+            "dropout": dropout,
+            "initial_rate": INITIAL_RATE if concrete else None,
+            "concrete_scales": scales if concrete else None,
             "beta": beta if heteroscedastic else None,
             "hidden": hidden,
             "batch_size": BATCH_SIZE,
             "length_scale": LENGTH_SCALE,
             "validation_fraction": VALIDATION_FRACTION,
-            "dropout_rates": data.dropout_rates,
+            "dropout_rates": data.dropout_rates if not concrete else None,
             "tau_values": data.tau_values if not heteroscedastic else None,
         },
         "summary": summary,
@@ -320,6 +276,30 @@ def run(
         "splits": rows,
         "machine": {"cpus": _cpus(), "tensorflow": tf.__version__, "gpus": len(tf.config.list_physical_devices("GPU"))},
     }
+
+
+def _job(
+    split: int,
+    rate: float,
+    tau: float | None,
+    x: np.ndarray,
+    y: np.ndarray,
+    scaling: Standardization,
+    key: np.ndarray,
+    concrete_scale: float | None,
+    hidden: int,
+) -> Job:
+    """A network on ``x``, ``y`` with its regularizers: the paper's weight decay, or the concrete factors.
+
+    A homoscedastic concrete network's factors are divided by its precision in standardized units,
+    ``tau * y_std²`` (``tau`` is in the target's units), see the module docstring.
+    """
+    if concrete_scale is not None:
+        if tau is not None:
+            concrete_scale /= tau * scaling.y_std**2
+        weights = concrete_scale * concrete_regularizers(len(y))[0]
+        return Job(split, rate, tau, x, y, scaling, (weights, weights), key, concrete_scale)
+    return Job(split, rate, tau, x, y, scaling, weight_decay(rate, 1.0 if tau is None else tau, len(y), hidden), key)
 
 
 def _cpus() -> int:
@@ -334,6 +314,8 @@ def main(
     samples: int,
     seed: int,
     likelihood: Likelihood = "homoscedastic",
+    dropout: Dropout = "grid",
+    concrete_scales: Sequence[float] = (1.0,),
     beta: float = DEFAULT_BETA,
     out: str | Path,
     repository: str | Path | None,
@@ -356,6 +338,8 @@ def main(
         samples=samples,
         seed=seed,
         likelihood=likelihood,
+        dropout=dropout,
+        concrete_scales=concrete_scales,
         beta=beta,
         out=Path(out),
         repository=Path(repository or Path(out) / "models"),

@@ -23,12 +23,30 @@ def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float]:
     return float(values.mean()), float(values.std() / math.sqrt(len(values)))
 
 
+def variant(likelihood: str, dropout: str) -> str:
+    """The suffix naming a model variant's files and split models: ``-heteroscedastic``, ``-concrete``, both or none."""
+    return ("-heteroscedastic" if likelihood == "heteroscedastic" else "") + (
+        "-concrete" if dropout == "concrete" else ""
+    )
+
+
+def rates_text(row: dict) -> str:
+    """A split's dropout: its fixed p, or its learned rates (input / hidden)."""
+    if row.get("learned_rates"):
+        scale = f" (s = {row['concrete_scale']:.3g})" if row.get("concrete_scale", 1.0) != 1.0 else ""
+        return " / ".join(f"{rate:.3g}" for rate in row["learned_rates"]) + scale
+    return format(row["p"], "g")
+
+
 def markdown(result: dict) -> str:
     """The results as a Markdown table: mean ± standard error, the published numbers, then every split."""
     s, proto, t = result["summary"], result["protocol"], result["timings"]
 
     likelihood = proto.get("likelihood", "homoscedastic")
-    grid = f"p ∈ {proto['dropout_rates']}"
+    concrete = proto.get("dropout") == "concrete"
+    grid = f"p ∈ {proto['dropout_rates']}" if not concrete else f"none for p (learned from {proto['initial_rate']:g})"
+    if len(proto.get("concrete_scales") or []) > 1:
+        grid += f" x regularizer scale s ∈ {proto['concrete_scales']}"
     if proto.get("tau_values"):
         grid += f" x τ ∈ {proto['tau_values']}"
 
@@ -36,7 +54,8 @@ def markdown(result: dict) -> str:
         return f"{entry['mean']:.2f} ± {entry['standard_error']:.2f}"
 
     lines = [
-        f"# {result['dataset']}: MC dropout ({likelihood}), Gal & Ghahramani's UCI protocol",
+        f"# {result['dataset']}: MC {'concrete ' if concrete else ''}dropout ({likelihood}), "
+        "Gal & Ghahramani's UCI protocol",
         "",
         f"{len(result['splits'])} splits, {proto['epochs']} epochs, grid {grid}, "
         f"T = {proto['samples']:,} test samples from the exported `mc_dropout` "
@@ -53,13 +72,19 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| published | {ref['rmse'][0]:.2f} ± {ref['rmse'][1]:.2f} | | {ref['ll'][0]:.2f} ± {ref['ll'][1]:.2f} |"
         )
+    if concrete:
+        rates = ", ".join(
+            f"{layer} {s[f'rate_{layer}']['mean']:.4f} ± {s[f'rate_{layer}']['standard_error']:.4f}"
+            for layer in ("input", "hidden")
+        )
+        lines += ["", f"Learned dropout rates of the final networks (mean ± s.e. over splits): {rates}."]
     lines += [
         "",
-        "| split | p | τ | validation LL | MC RMSE | deterministic RMSE | test LL |",
+        "| split | p (learned: input / hidden) | τ | validation LL | MC RMSE | deterministic RMSE | test LL |",
         "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['split']} | {r['p']:g} | {'—' if r['tau'] is None else format(r['tau'], 'g')} | "
+        f"| {r['split']} | {rates_text(r)} | {'—' if r['tau'] is None else format(r['tau'], 'g')} | "
         f"{r['log_likelihood']:.3f} | {r['rmse_mc']:.3f} | {r['rmse_deterministic']:.3f} | {r['ll']:.3f} |"
         for r in result["splits"]
     ]
@@ -67,12 +92,11 @@ def markdown(result: dict) -> str:
 
 
 def write_results(result: dict, out: str | Path) -> tuple[Path, Path]:
-    """``<out>/<dataset>.json`` and ``<out>/<dataset>.md`` (``<dataset>-heteroscedastic.*`` for that likelihood)."""
+    """``<out>/<dataset><variant>.json`` and ``.md`` (``variant``: e.g. ``-heteroscedastic-concrete``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = result["dataset"]
-    if result["protocol"].get("likelihood", "homoscedastic") != "homoscedastic":
-        stem += f"-{result['protocol']['likelihood']}"
+    proto = result["protocol"]
+    stem = result["dataset"] + variant(proto.get("likelihood", "homoscedastic"), proto.get("dropout", "grid"))
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(markdown(result))

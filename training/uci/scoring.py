@@ -23,13 +23,15 @@ _MC_BUDGET = 2**23
 def _mc_chunk(params, x, y, y_mean, y_std, rates, taus, u, heteroscedastic: bool):
     """One chunk of S network draws (``u [G, S, d + H]``, one mask per draw shared by the n rows).
 
+    ``rates [G, 2]``: each network's rate on the input and on the hidden layer.
+
     Returns, per network and row, ``logsumexp_s(-tau/2 (y - ŷ_s)²)`` and ``Σ_s ŷ_s`` in original units;
     heteroscedastic: ``logsumexp_s log N(y; ŷ_s, σ²_s)`` (constants included) and ``Σ_s ŷ_s``.
     Both masks are folded into the kernels, so the only ``[G, S, n, H]`` work is one matmul and a relu.
     """
     w1, b1, w2, b2 = params
     d = tf.shape(x)[2]
-    rate = rates[:, None, None]
+    rate = tf.repeat(rates, tf.stack([d, tf.shape(w1)[2]]), axis=1)[:, None, :]  # [G, 1, d + H]: input, hidden
     keep = tf.cast(u >= rate, tf.float32) / (1.0 - rate)  # [G, S, d + H]
     h = tf.nn.relu(tf.matmul(x[:, None], keep[..., :d, None] * w1[:, None]) + b1[:, None, None, :])  # [G, S, n, H]
     out = tf.matmul(h, keep[..., d:, None] * w2[:, None]) + b2[:, None, None, :]  # [G, S, n, O]
@@ -82,11 +84,13 @@ def mc_scores(
     """Validation scores of G in-memory networks: (MC log-likelihood [G], MC-mean RMSE [G]).
 
     ``x [G, n, d]`` standardized, ``y [G, n]`` in original units; predictions are de-standardized
-    with ``y_mean``/``y_std`` so ``taus`` are in original units, as for the test scores. Each MC
+    with ``y_mean``/``y_std`` so ``taus`` are in original units, as for the test scores. ``rates``
+    are ``[G]`` (one rate for both layers) or ``[G, 2]`` (input, hidden: learned rates). Each MC
     sample is one network draw shared by the n rows, like the exported ``mc_dropout``. Networks with
     two outputs are heteroscedastic (``taus`` unused): the LL is the mixture of their Gaussians.
     """
     g, n, _ = x.shape
+    rates = np.broadcast_to(rates[:, None], (g, 2)) if rates.ndim == 1 else rates
     chunk = max(1, _MC_BUDGET // (MC_CHUNK * n * weights.w1.shape[2]))
     lls, rmses = [], []
     for start in range(0, g, chunk):

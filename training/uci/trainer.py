@@ -9,6 +9,9 @@ shuffle and dropout masks, so each follows exactly the math of training it alone
 
 Two likelihoods: homoscedastic (O = 1, MSE on the standardized target, the paper's model) and
 heteroscedastic (O = 2: mean and log-variance, Gaussian NLL, ``training.model.gaussian_nll``).
+Two kinds of dropout: a fixed rate per network, or learned rates (Concrete Dropout, Gal, Hron &
+Kendall 2017: one ``p_logit`` per dropout layer and network, the relaxed-Bernoulli mask and the
+concrete regularizers of ``training.concrete``), as ``build_network(ModelConfig(concrete=True))``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from training.concrete import negative_entropy, relaxed_dropout
 from training.model import gaussian_nll
 
 BATCH_SIZE = 128
@@ -37,18 +41,32 @@ class Weights:
     b1: np.ndarray  # [G, H]
     w2: np.ndarray  # [G, H, O]: O = 1 (homoscedastic) or 2 (mean, log-variance)
     b2: np.ndarray  # [G, O]
+    p_logit: np.ndarray | None = None
+    """Concrete dropout: ``[G, 2]`` logits of the learned rates (input layer, hidden layer); None: fixed rates."""
+
+    def arrays(self) -> list[np.ndarray]:
+        """The trained tensors: kernels and biases, then the rates' logits of a concrete network."""
+        return [self.w1, self.b1, self.w2, self.b2] + ([] if self.p_logit is None else [self.p_logit])
 
     def take(self, rows: Sequence[int] | np.ndarray) -> Weights:
         rows = np.asarray(rows)
-        return Weights(self.w1[rows], self.b1[rows], self.w2[rows], self.b2[rows])
+        return Weights(*(a[rows] for a in self.arrays()))
 
     def keras(self, g: int) -> list[np.ndarray]:
-        """Network ``g``'s weights in the order of ``build_network``'s Dense layers."""
-        return [self.w1[g], self.b1[g], self.w2[g], self.b2[g]]
+        """Network ``g``'s weights in ``build_network``'s order (a ConcreteDropout's ``p_logit`` before its Dense)."""
+        if self.p_logit is None:
+            return [self.w1[g], self.b1[g], self.w2[g], self.b2[g]]
+        return [self.p_logit[g, 0], self.w1[g], self.b1[g], self.p_logit[g, 1], self.w2[g], self.b2[g]]
+
+    def rates(self) -> np.ndarray:
+        """Learned rates ``[G, 2]`` (input, hidden), computed as ``ConcreteDropout.rate`` reports them."""
+        if self.p_logit is None:
+            raise ValueError("networks with fixed dropout rates have no learned rates")
+        return 1.0 / (1.0 + np.exp(-self.p_logit.astype(np.float64)))
 
     @classmethod
     def concat(cls, parts: Sequence[Weights]) -> Weights:
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("w1", "b1", "w2", "b2")))
+        return cls(*(np.concatenate(arrays) for arrays in zip(*(p.arrays() for p in parts), strict=True)))
 
     @classmethod
     def glorot(cls, keys: np.ndarray, inputs: int, hidden: int, outputs: int = 1) -> Weights:
@@ -68,7 +86,7 @@ class Weights:
         )
 
 
-def training_loss(params, x, y, noise, rates, decays, beta: float = 0.0) -> tf.Tensor:
+def training_loss(params, x, y, noise, rates, decays, beta: float = 0.0, dropout_regularizers=None) -> tf.Tensor:
     """Per-network Keras loss of one batch: MSE + Σ λ ΣW² (kernels only), inverted dropout from ``noise``.
 
     With two outputs per network (``w2 [G, H, 2]``) the data term is the Gaussian NLL of
@@ -76,21 +94,36 @@ def training_loss(params, x, y, noise, rates, decays, beta: float = 0.0) -> tf.T
 
     ``x [G, B, d]``, ``y [G, B, 1]``, ``noise [G, B, d + H]`` uniform in [0, 1) (an element is kept
     when its noise is >= p, as in ``tf.nn.dropout``), ``rates [G]``, ``decays [G, 2]``; returns ``[G]``.
+
+    Concrete networks (``params`` ends with ``p_logit [G, 2]``; ``rates`` unused): the relaxed
+    masks from the same noise, ``decays`` are the ``ConcreteL2`` factors (``λ ΣW² / (1 - p)``), and
+    ``dropout_regularizers [G]`` weighs each layer's ``width · negative_entropy(p)``, as the layers add them.
     """
-    w1, b1, w2, b2 = params
+    w1, b1, w2, b2 = params[:4]
     d = x.shape[-1]
-    rate = rates[:, None, None]
-    scale = 1.0 / (1.0 - rate)
-    x = x * scale * tf.cast(noise[..., :d] >= rate, x.dtype)
-    h = tf.nn.relu(tf.matmul(x, w1) + b1[:, None, :])
-    h = h * scale * tf.cast(noise[..., d:] >= rate, h.dtype)
+    if len(params) == 5:
+        p = tf.sigmoid(params[4])  # [G, 2]
+        p_in, p_hidden = p[:, 0, None, None], p[:, 1, None, None]
+        x = relaxed_dropout(x, p_in, noise[..., :d])
+        h = relaxed_dropout(tf.nn.relu(tf.matmul(x, w1) + b1[:, None, :]), p_hidden, noise[..., d:])
+        kept = 1.0 - p
+        widths = tf.constant([d, w1.shape[2]], tf.float32)
+        rate_terms = tf.reduce_sum(dropout_regularizers[:, None] * widths * negative_entropy(p), axis=1)
+    else:
+        rate = rates[:, None, None]
+        scale = 1.0 / (1.0 - rate)
+        x = x * scale * tf.cast(noise[..., :d] >= rate, x.dtype)
+        h = tf.nn.relu(tf.matmul(x, w1) + b1[:, None, :])
+        h = h * scale * tf.cast(noise[..., d:] >= rate, h.dtype)
+        kept, rate_terms = tf.ones_like(decays), 0.0
     out = tf.matmul(h, w2) + b2[:, None, :]
     if out.shape[-1] == 2:
         data = tf.reduce_mean(gaussian_nll(y, out[..., :1], out[..., 1:], beta), axis=1)
     else:
         data = tf.reduce_mean(tf.square(out - y), axis=[1, 2])
-    decay = decays[:, 0] * tf.reduce_sum(tf.square(w1), [1, 2]) + decays[:, 1] * tf.reduce_sum(tf.square(w2), [1, 2])
-    return data + decay
+    first = decays[:, 0] * tf.reduce_sum(tf.square(w1), [1, 2]) / kept[:, 0]
+    second = decays[:, 1] * tf.reduce_sum(tf.square(w2), [1, 2]) / kept[:, 1]
+    return data + first + second + rate_terms
 
 
 def stream_seed(key: tf.Tensor, *data) -> tf.Tensor:
@@ -117,10 +150,11 @@ def epoch_draw(keys: tf.Tensor, epoch: tf.Tensor, rows: int, width: int) -> tupl
     return tf.argsort(sort_keys, axis=-1), noise
 
 
-def _adam_step(params, m, v, iterations, x, y, noise, rates, decays, beta: float) -> None:
+def _adam_step(params, m, v, iterations, x, y, noise, rates, decays, beta: float, dropout_regularizers) -> None:
     """One Keras Adam step on G stacked networks; moments are elementwise, so each network has its own."""
     with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(training_loss(params, x, y, noise, rates, decays, beta))  # Σ_g: no cross-network terms
+        # Σ_g: no cross-network terms
+        loss = tf.reduce_sum(training_loss(params, x, y, noise, rates, decays, beta, dropout_regularizers))
     grads = tape.gradient(loss, params)
     iterations.assign_add(1)
     t = tf.cast(iterations, tf.float32)
@@ -133,7 +167,7 @@ def _adam_step(params, m, v, iterations, x, y, noise, rates, decays, beta: float
 
 @tf.function
 def _run_epochs(
-    params, m, v, iterations, x, y, rates, decays, keys, stream, first, count, batch_size: int, beta: float
+    params, m, v, iterations, x, y, rates, decays, dropout_regularizers, keys, stream, first, count, batch_size, beta
 ) -> None:
     """Epochs ``first .. first + count - 1``: shuffle each network's rows, then its batches in order.
 
@@ -142,12 +176,14 @@ def _run_epochs(
     n, d = x.shape[1], x.shape[2]
     for epoch in tf.range(first, first + count):
         order, noise = epoch_draw(keys, epoch, n, d + params[0].shape[2])
-        _epoch_steps(params, m, v, iterations, x, y, order, noise, stream, rates, decays, batch_size, beta)
+        _epoch_steps(
+            params, m, v, iterations, x, y, order, noise, stream, rates, decays, dropout_regularizers, batch_size, beta
+        )
 
 
 @tf.function(jit_compile=True)  # XLA fuses the many small ops of an epoch's steps: faster on CPU
 def _epoch_steps(
-    params, m, v, iterations, x, y, order, noise, stream, rates, decays, batch_size: int, beta: float
+    params, m, v, iterations, x, y, order, noise, stream, rates, decays, dropout_regularizers, batch_size, beta
 ) -> None:
     """One epoch's Adam steps: each network's rows in its shuffled order, batches in order, the last one smaller."""
     n = x.shape[1]
@@ -157,7 +193,7 @@ def _epoch_steps(
     for start in range(0, n, batch_size):  # unrolled: a handful of batches per epoch
         end = min(n, start + batch_size)
         batch = (xs[:, start:end], ys[:, start:end], noise[:, start:end])
-        _adam_step(params, m, v, iterations, *batch, rates, decays, beta)
+        _adam_step(params, m, v, iterations, *batch, rates, decays, beta, dropout_regularizers)
 
 
 def train_networks(
@@ -172,6 +208,7 @@ def train_networks(
     hidden: int = 50,
     outputs: int = 1,
     beta: float = 0.0,
+    dropout_regularizers: np.ndarray | None = None,
     batch_size: int = BATCH_SIZE,
     progress: Callable[[int, int, int, int], None] | None = None,
 ) -> Weights:
@@ -181,12 +218,17 @@ def train_networks(
     its dropout rate on the input and hidden layer, ``decays [G, 2]`` its L2 factors of the two
     kernels, ``keys [G, 2]`` its random key (init, shuffles, masks; networks given the same key share
     them, and each key's draws are made once per epoch); ``outputs`` 2 makes
-    heteroscedastic networks (mean, log-variance; ``beta`` of their β-NLL). ``init`` overrides the
-    glorot-uniform start. Networks are trained in chunks that bound memory; ``progress(chunk, chunks,
-    epochs_done, epochs)`` is called after each block of epochs.
+    heteroscedastic networks (mean, log-variance; ``beta`` of their β-NLL). ``dropout_regularizers
+    [G]`` makes concrete networks: their rates are learned, starting at ``rates``, and ``decays`` are
+    their ``ConcreteL2`` factors (see ``training_loss``). ``init`` overrides the glorot-uniform start.
+    Networks are trained in chunks that bound memory; ``progress(chunk, chunks, epochs_done, epochs)``
+    is called after each block of epochs.
     """
     g, n, d = x.shape
     init = init if init is not None else Weights.glorot(keys, d, hidden, outputs)
+    if dropout_regularizers is not None and init.p_logit is None:
+        logits = (np.log(rates) - np.log(1.0 - rates)).astype(np.float32)  # ConcreteDropout's initializer
+        init = Weights(init.w1, init.b1, init.w2, init.b2, np.stack([logits, logits], axis=1))
     chunk = max(1, _TRAIN_BUDGET // (n * (d + init.w1.shape[2])))  # an epoch's dropout noise is the largest tensor
     block = max(1, epochs // 10)
     parts = []
@@ -194,10 +236,11 @@ def train_networks(
     for start in range(0, g, chunk):
         rows = slice(start, start + chunk)
         part = init.take(range(g)[rows])
-        params = [tf.Variable(w) for w in (part.w1, part.b1, part.w2, part.b2)]
+        params = [tf.Variable(w) for w in part.arrays()]
         m, v = ([tf.Variable(tf.zeros_like(w)) for w in params] for _ in "mv")
         iterations = tf.Variable(0, dtype=tf.int64)
         data = [tf.constant(a, tf.float32) for a in (x[rows], y[rows][..., None], rates[rows], decays[rows])]
+        data.append(None if dropout_regularizers is None else tf.constant(dropout_regularizers[rows], tf.float32))
         distinct, stream = np.unique(keys[rows], axis=0, return_inverse=True)
         data += [tf.constant(distinct, tf.int64), tf.constant(stream.reshape(-1), tf.int32)]
         for first in range(0, epochs, block):

@@ -175,9 +175,7 @@ def observe_mc(model: str, version: int, task: str | None, summary: Classificati
 def observe_predict(model: str, version: int, task: str | None, outputs: np.ndarray) -> None:
     """Top-class probability of each instance a classifier answered on /predict (outputs [N, K])."""
     if task == "classification":
-        observe = _child(TOP_PROBABILITY, model, str(version)).observe
-        for probability in outputs.max(axis=-1).tolist():
-            observe(probability)
+        _observe_all(_child(TOP_PROBABILITY, model, str(version)), outputs.max(axis=-1))
 
 
 def observe_batch(name: str, version: int, rows: int, queue_wait_seconds: float) -> None:

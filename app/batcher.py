@@ -53,12 +53,15 @@ class Batcher:
         self._timeout = timeout
         self._observe = observe
         self._pending: deque[_Job] = deque()
+        self._pending_rows = 0
+        """Rows in ``_pending``, callers gone or not: counted as they come and go, not summed per loop turn."""
         self._draining: asyncio.Task | None = None
 
     async def __call__(self, rows: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
         job = _Job(rows, loop.create_future(), loop.time())
         self._pending.append(job)
+        self._pending_rows += len(rows)
         if self._draining is None:
             self._draining = loop.create_task(self._drain())
         return await job.future
@@ -68,7 +71,7 @@ class Batcher:
         called = False
         try:
             while self._pending:
-                if self._timeout and self._queued_rows() < self._max_rows:
+                if self._timeout and self._pending_rows < self._max_rows:
                     await asyncio.sleep(self._timeout)
                 elif called:
                     await self._gather()
@@ -97,13 +100,10 @@ class Batcher:
 
     async def _gather(self) -> None:
         quiet = 0
-        while quiet < QUIET_PASSES and self._queued_rows() < self._max_rows:
+        while quiet < QUIET_PASSES and self._pending_rows < self._max_rows:
             queued = len(self._pending)
             await asyncio.sleep(0)
             quiet = quiet + 1 if len(self._pending) == queued else 0
-
-    def _queued_rows(self) -> int:
-        return sum(len(job.rows) for job in self._pending if not job.future.done())
 
     def _take(self) -> list[_Job]:
         """The oldest live jobs that fit in one call (at least one, whatever its size)."""
@@ -111,11 +111,11 @@ class Batcher:
         rows = 0
         while self._pending:
             job = self._pending[0]
-            if job.future.done():  # its caller went away
-                self._pending.popleft()
-                continue
-            if batch and rows + len(job.rows) > self._max_rows:
+            if batch and not job.future.done() and rows + len(job.rows) > self._max_rows:
                 break
-            batch.append(self._pending.popleft())
-            rows += len(job.rows)
+            self._pending.popleft()
+            self._pending_rows -= len(job.rows)
+            if not job.future.done():  # else its caller went away
+                batch.append(job)
+                rows += len(job.rows)
         return batch

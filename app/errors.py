@@ -73,10 +73,15 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
 
+BODY_KEY = "dropout_serve.body"
+
+
 class BodySizeLimit:
     """Refuse request bodies over ``limit`` bytes with 413, reading no more than that.
 
-    The body is collected here (the route would buffer it anyway) and replayed to the app.
+    The body is collected here (the route would buffer it anyway) and replayed to the app; it is
+    also left in the scope under ``BODY_KEY``, so a route that wants the whole body takes it from
+    there instead of reading it once more through the replay.
     """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
@@ -103,7 +108,8 @@ class BodySizeLimit:
                 return
             if not message.get("more_body", False):
                 break
-        await self.app(scope, _replay({"type": "http.request", "body": bytes(body)}, receive), send)
+        scope[BODY_KEY] = whole = bytes(body)
+        await self.app(scope, _replay({"type": "http.request", "body": whole}, receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"request body is larger than {self.limit} bytes (DROPOUT_SERVE_MAX_BODY_BYTES)"

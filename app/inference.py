@@ -50,6 +50,8 @@ def to_array(instances: list[Any], shape: tuple[int, ...], may_hold_booleans: bo
 
 def _finite_float32(values: np.ndarray) -> np.ndarray:
     batch = values.astype(np.float32)
+    if values.dtype.kind in "iu":  # every int64 is finite in float32 (2^63 < float32's largest)
+        return batch
     if not np.isfinite(batch).all():
         where = np.argwhere(~np.isfinite(batch))[0]
         position = "".join(f"[{i}]" for i in where)
@@ -108,7 +110,12 @@ def check_mc(model: ServedModel, count: int, samples: int | None, settings: Sett
 
 async def predict(model: ServedModel, batch: np.ndarray) -> np.ndarray:
     """Inference-mode outputs ``[N, ...]`` (dropout off), batched with concurrent callers."""
-    outputs = await model.run_predict(batch)
+    return await model.run_predict(batch)
+
+
+def _predict_observed(model: ServedModel, batch: np.ndarray) -> np.ndarray:
+    """One model call, its outputs observed for the metrics once per call, not once per request."""
+    outputs = model.predict(batch)
     metrics.observe_predict(model.name, model.version, model.task, outputs)
     return outputs
 
@@ -148,14 +155,14 @@ class Engine:
         """Give a freshly loaded version its batcher (or a plain call, with batching off)."""
         if self._settings.max_batch_size > 1:
             model.run_predict = Batcher(
-                model.predict,
+                partial(_predict_observed, model),
                 self._predict_pool,
                 self._settings.max_batch_size,
                 self._settings.batch_timeout_ms / 1000,
                 observe=partial(metrics.observe_batch, model.name, model.version),
             )
         else:
-            model.run_predict = partial(self._in_pool, self._predict_pool, model.predict)
+            model.run_predict = partial(self._in_pool, self._predict_pool, _predict_observed, model)
         model.run_sample = partial(self._in_pool, self._mc_pool, _sample_then, model)
 
     @staticmethod

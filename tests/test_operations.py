@@ -307,6 +307,29 @@ def test_uncertainty_histograms_for_regression_and_batching():
     assert value(samples, "dropout_serve_model_loaded", model="reg", version="4") == 0
 
 
+def test_fast_observations_equal_prometheus_observe():
+    """metrics' bisection and whole-array observations count exactly as Histogram.observe does."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from app import metrics
+
+    bounds = (0.1, 0.5, 0.9, 0.99)
+    values = [0.05, 0.1, 0.3, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0, 7.0, 0.5, float("nan")]
+
+    def exposition(observe) -> dict:
+        histogram = Histogram("h", "h", buckets=bounds, registry=CollectorRegistry())
+        observe(histogram)
+        return {(s.name, s.labels.get("le")): s.value for family in histogram.collect() for s in family.samples}
+
+    expected = exposition(lambda h: [h.observe(v) for v in values])
+    finite = exposition(lambda h: [h.observe(v) for v in values[:-1]])
+    assert expected[("h_bucket", "0.5")] == 5 and expected[("h_bucket", "+Inf")] == 11
+    assert exposition(lambda h: [metrics._observe(h, v) for v in values[:-1]]) == finite
+    one_by_one = exposition(lambda h: metrics._observe_all(h, np.array(values).reshape(3, 4)))
+    assert np.isnan(one_by_one.pop(("h_sum", None))) and np.isnan(expected.pop(("h_sum", None)))
+    assert one_by_one == expected
+
+
 def test_metrics_add_up_across_worker_processes(repository, tmp_path_factory):
     """Two workers (python -m app): whichever answers /metrics reports the requests both served."""
     root = tmp_path_factory.mktemp("workers") / "models"

@@ -15,7 +15,7 @@ import orjson
 from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
 
-from app.errors import ApiError
+from app.errors import BODY_KEY, ApiError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -29,8 +29,14 @@ async def read_json(request: Request, check_content_type: bool = True) -> tuple[
     content_type = request.headers.get("content-type", "")
     if check_content_type and content_type and "json" not in content_type:
         raise ApiError(415, f"send the body as JSON with 'Content-Type: application/json' (got {content_type!r})")
-    raw = await request.body()
+    raw = await body_bytes(request)
     return parse_json(raw), raw
+
+
+async def body_bytes(request: Request) -> bytes:
+    """The whole body, as ``BodySizeLimit`` left it in the scope (or read here when it did not run)."""
+    raw = request.scope.get(BODY_KEY)
+    return await request.body() if raw is None else raw
 
 
 def parse_json(raw: bytes) -> Any:

@@ -122,10 +122,10 @@ def _predictions(model: ServedModel, outputs: np.ndarray) -> list[dict[str, Any]
     outputs = outputs.astype(np.float64)
     if model.task == "classification":
         labels = model.class_labels
-        best = outputs.argmax(axis=-1)
+        best = outputs.argmax(axis=-1).tolist()
         return [
-            {"label": labels[k], "probability": float(p[k]), "probabilities": p.tolist()}
-            for k, p in zip(best, outputs, strict=True)
+            {"label": labels[k], "probability": p[k], "probabilities": p}
+            for k, p in zip(best, outputs.tolist(), strict=True)
         ]
     if model.task == "regression":
         return [{"value": _scalar_or_list(row.reshape(-1))} for row in outputs]

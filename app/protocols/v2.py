@@ -33,6 +33,7 @@ from app.limits import check_mc_enabled
 from app.loading import ServedModel
 from app.protocols import v2_codec as codec
 from app.protocols import v2_schemas as docs
+from app.protocols.body import body_bytes
 from app.registry import Registry
 from app.settings import Settings
 from training import artifact, signatures
@@ -169,7 +170,7 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
 
 async def _infer(request: Request, name: str, number: int | None) -> Response:
     settings = _settings(request)
-    body = codec.decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
+    body = codec.decompress(await body_bytes(request), request.headers.get("content-encoding"), settings.max_body_bytes)
     parsed = codec.parse_infer_request(body, request.headers.get(codec.HEADER_LENGTH))
     mc = _mc_parameters(parsed.parameters)
     if mc is not None:

@@ -54,12 +54,16 @@ class ConcreteDropout(keras.layers.Layer):
         return relaxed_dropout(inputs, p, keras.random.uniform(keras.ops.shape(inputs), seed=self.seed_generator))
 
 
-def concrete_regularizers(rows: int, length_scale: float = 1e-2) -> tuple[float, float]:
-    """Gal, Hron & Kendall's factors for ``rows`` training rows: weights ``l² / N``, rates ``2 / N``.
+def concrete_regularizers(rows: int, length_scale: float = 1e-2, tau: float = 1.0) -> tuple[float, float]:
+    """Gal, Hron & Kendall's factors for ``rows`` training rows: weights ``l² / (τN)``, rates ``2 / (τN)``.
 
     ``length_scale`` is the prior length-scale l (1e-2, as for the fixed-rate networks' weight decay).
+    ``tau`` is the precision of a homoscedastic Gaussian likelihood in the units the network trains in:
+    its loss, the MSE, is the Gaussian NLL divided by τ/2, so the regularizers are divided by τ too.
+    It is 1 for losses that are the whole NLL (classifiers, heteroscedastic networks); ``tau=1``
+    gives exactly ``l² / N`` and ``2 / N``.
     """
-    return length_scale**2 / rows, 2.0 / rows
+    return length_scale**2 / (tau * rows), 2.0 / (tau * rows)
 
 
 def negative_entropy(p):

@@ -28,7 +28,10 @@ class ModelConfig:
     concrete: bool = False
     """Learn the dense layers' dropout rates (Concrete Dropout); ``dropout``/``input_dropout`` are the start."""
     concrete_rows: int = 1000
-    """Training rows N, for the concrete regularizers ``l² / N`` (weights) and ``2 / N`` (rates)."""
+    """Training rows N, for the concrete regularizers ``l² / (τN)`` (weights) and ``2 / (τN)`` (rates)."""
+    concrete_tau: float = 1.0
+    """τ of the concrete regularizers: a homoscedastic regression network's noise precision in the units it
+    trains in (standardized targets; see ``training.train``), 1 for classifiers and heteroscedastic networks."""
 
 
 def mc_weight_decay(config: ModelConfig, rows: int, tau: float, length_scale: float = 1e-2) -> tuple[float, ...]:
@@ -102,7 +105,7 @@ def build_network(
                 x = keras.layers.MaxPooling2D()(x)
         x = keras.layers.Flatten()(x)
     feeding: ConcreteDropout | None = None  # the concrete dropout layer in front of the next kernel
-    weight_factor, rate_factor = concrete_regularizers(config.concrete_rows)
+    weight_factor, rate_factor = concrete_regularizers(config.concrete_rows, tau=config.concrete_tau)
 
     def dropout(rate: float):
         nonlocal feeding

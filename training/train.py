@@ -76,6 +76,7 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
     heteroscedastic = data.task == "regression" and settings.likelihood == "heteroscedastic"
     if heteroscedastic and settings.tau is not None:
         raise ValueError("a heteroscedastic model predicts its own noise: --tau does not apply")
+    concrete_tau = 1.0  # classifiers and heteroscedastic networks: the loss is the whole NLL
     if data.task == "regression":
         y_shift, y_scale = (
             fit_rows.y.mean(axis=0),
@@ -88,9 +89,14 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
             # Heteroscedastic: the NLL carries the noise, so λ is the KL term l²(1-p)/(2N) (tau 1).
             prior_tau = 1.0 if heteroscedastic else settings.tau or float(1.0 / np.mean(y_scale**2))
             config = replace(config, weight_decay=mc_weight_decay(config, len(y_fit), prior_tau))
+        if settings.tau and not heteroscedastic:
+            # The network trains on the MSE of the standardized target, the Gaussian NLL divided by τ/2, so the
+            # concrete regularizers are divided by the prior τ in those units, τ·y_std² (as training.uci.protocol
+            # does). Without --tau the prior above is 1/y_std² (target units): 1 in standardized units, the default.
+            concrete_tau = settings.tau * float(np.mean(y_scale**2))
 
     if config.concrete:
-        config = replace(config, concrete_rows=len(fit_rows.y))
+        config = replace(config, concrete_rows=len(fit_rows.y), concrete_tau=concrete_tau)
     network = build_network(config, data.x.shape[1:], outputs, data.task, settings.likelihood, settings.beta)
     verbose = 1 if sys.stdout.isatty() else 2
     if data.task == "classification" and settings.outlier_weight:

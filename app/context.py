@@ -67,6 +67,12 @@ def annotate(
         record.samples = samples
 
 
+def response_started(scope: Scope) -> bool:
+    """Whether the response to this request has begun (``RequestContext`` records its status line)."""
+    record: RequestRecord | None = scope.get(_SCOPE_KEY)
+    return record is not None and record.status != 0
+
+
 async def reply(scope: Scope, send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
     """Answer an error from a middleware, before the app has seen the request, in its door's error shape."""
     response = error_response(scope["path"], status, message)
@@ -86,8 +92,13 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"").decode("latin-1")
-        request_id = given if _SANE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+                break
+        if not _SANE_ID.fullmatch(request_id):
+            request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
         record = RequestRecord(request_id, scope["method"], scope["path"], time.perf_counter())
         scope[_SCOPE_KEY] = record
         token = logs.request_id.set(request_id)

@@ -6,7 +6,8 @@ It also gives every request a deadline (``REQUEST_TIMEOUT``): past it the client
 away and its slot is freed. A request still waiting (for its body, or for a batch) simply stops;
 TensorFlow work already running in a thread cannot be interrupted, so it finishes in the
 background and its batch-mates still get their answers. The deadline is a timer that cancels
-the request's own task, disarmed once the response starts: a response under way is let finish.
+the request's own task unless its response has started (``RequestContext`` records the status
+line): a response under way is let finish.
 Health probes and ``/metrics`` are exempt, so an overloaded server still reports that it is alive.
 
 ``check_mc_enabled`` and ``check_return_samples`` are called by every door that serves MC dropout.
@@ -17,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import math
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.context import reply
+from app.context import reply, response_started
 from app.errors import ApiError
 from app.settings import Settings
 
@@ -66,15 +67,9 @@ class Overload:
             await reply(scope, send, 503, message, {"Retry-After": str(RETRY_AFTER_SECONDS)})
             return
         self.in_flight += 1
-        deadline = _Deadline(asyncio.current_task(), self.timeout) if self.timeout else None
-
-        async def send_and_keep_going(message: Message) -> None:
-            if deadline is not None and message["type"] == "http.response.start":
-                deadline.disarm()
-            await send(message)
-
+        deadline = _Deadline(asyncio.current_task(), scope, self.timeout) if self.timeout else None
         try:
-            await self.app(scope, receive, send_and_keep_going)
+            await self.app(scope, receive, send)
         except asyncio.CancelledError:
             if deadline is None or not deadline.expired or deadline.task.uncancel() > 0:
                 raise  # not (only) ours: the server is shutting the request down
@@ -87,18 +82,21 @@ class Overload:
 
 
 class _Deadline:
-    """Cancels ``task`` after ``seconds`` unless disarmed first: one timer, cheaper than ``asyncio.timeout``."""
+    """Cancels ``task`` after ``seconds`` unless disarmed first or its response has started (then it is
+    let finish): one timer, cheaper than ``asyncio.timeout`` and than watching every message sent."""
 
-    __slots__ = ("_timer", "expired", "task")
+    __slots__ = ("_scope", "_timer", "expired", "task")
 
-    def __init__(self, task: asyncio.Task, seconds: float) -> None:
+    def __init__(self, task: asyncio.Task, scope: Scope, seconds: float) -> None:
         self.task = task
         self.expired = False
+        self._scope = scope
         self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
 
     def _expire(self) -> None:
-        self.expired = True
-        self.task.cancel()
+        if not response_started(self._scope):
+            self.expired = True
+            self.task.cancel()
 
     def disarm(self) -> None:
         self._timer.cancel()

@@ -10,7 +10,7 @@ import tensorflow as tf
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from app import openapi
+from app import memory, openapi
 from app.errors import BodySizeLimit, install_error_handlers
 from app.hot_routes import Service
 from app.inference import Engine
@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None) -> Service:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _limit_tf_threads(settings.tf_threads)
+        memory.relax_young_collections()
         engine = Engine(settings)
         app.state.registry = await run_in_threadpool(start_registry, settings, engine.prepare)
         try:

@@ -2,7 +2,7 @@
 
 Middleware order, outermost first: request context (id, access log, metrics, so even refused
 requests are logged and counted), CORS (answers browser preflights, adds its headers to every
-answer including 401 and 503), API keys, overload and deadline, then the app. They wrap the
+answer including 401 and 503), API keys (when any are configured), overload and deadline, then the app. They wrap the
 app from outside (``Service.wrap``), so the prediction shortcut and FastAPI's routes alike pass
 through them.
 """
@@ -24,7 +24,8 @@ def install_operations(app: Service, settings: Settings) -> None:
     logs.configure(settings.log_format, settings.access_log)
     app.include_router(metrics.router)
     app.wrap(Overload, max_in_flight=settings.max_in_flight, timeout=settings.request_timeout)
-    app.wrap(ApiKeyAuth, keys=settings.api_key_list(), metrics_require_key=settings.metrics_require_key)
+    if keys := settings.api_key_list():
+        app.wrap(ApiKeyAuth, keys=keys, metrics_require_key=settings.metrics_require_key)
     if origins := settings.cors_origin_list():
         app.wrap(
             CORSMiddleware,

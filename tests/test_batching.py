@@ -39,6 +39,16 @@ class CountingRun:
         return self.model.predict(rows)
 
 
+def test_the_flat_signature_call_answers_as_the_keyword_call(model):
+    from training import signatures
+
+    x = digits().x[:33].astype(np.float32)
+    for rows in (x[:1], x[:7], x):
+        by_keyword = signatures.infer(model.serving, rows, model.input_key, model.output_key)
+        assert by_keyword.shape == (len(rows), 10) and np.allclose(by_keyword.sum(axis=1), 1, atol=1e-5)
+        assert np.array_equal(model.predict(rows), by_keyword)
+
+
 def test_batched_answers_equal_unbatched_ones_for_a_mix_of_sizes(model):
     x = digits().x[:200]
     sizes = [1, 3, 1, 7, 2, 1, 16, 5, 1, 40, 1, 4]

@@ -31,7 +31,7 @@ QUIET_PASSES = 3
 turns from the socket to the queue: one reads it, one runs its handler)."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Job:
     rows: np.ndarray
     future: asyncio.Future[np.ndarray]

@@ -29,7 +29,7 @@ _ID_PREFIX = secrets.token_hex(8)
 _ID_COUNTER = itertools.count(1)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
     request_id: str
     method: str
@@ -97,7 +97,7 @@ class RequestContext:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
                 break
-        if not _SANE_ID.fullmatch(request_id):
+        if not (request_id and _SANE_ID.fullmatch(request_id)):
             request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
         record = RequestRecord(request_id, scope["method"], scope["path"], time.perf_counter())
         scope[_SCOPE_KEY] = record

@@ -96,19 +96,21 @@ class BodySizeLimit:
         if declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, receive, send)
             return
-        body = bytearray()
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
                 await self.app(scope, _replay(message, receive), send)
                 return
-            body += message.get("body", b"")
-            if len(body) > self.limit:
+            chunks.append(chunk := message.get("body", b""))
+            size += len(chunk)
+            if size > self.limit:
                 await self._refuse(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
-        scope[BODY_KEY] = whole = bytes(body)
+        scope[BODY_KEY] = whole = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         await self.app(scope, _replay({"type": "http.request", "body": whole}, receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:

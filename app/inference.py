@@ -23,6 +23,12 @@ from app.errors import ApiError
 from app.loading import ServedModel
 from app.settings import Settings
 from training import signatures
+from training.uncertainty import (
+    ClassificationSummary,
+    RegressionSummary,
+    summarize_classification,
+    summarize_regression,
+)
 
 _NUMBER_TYPES = (int, float)
 R = TypeVar("R")
@@ -135,6 +141,21 @@ async def sample(
     cheaper than two.
     """
     return await model.run_sample(batch, samples, seed, finish)
+
+
+def summarize(model: ServedModel, sampled: signatures.Samples) -> ClassificationSummary | RegressionSummary | None:
+    """The per-instance MC summaries of ``sampled`` (None for a model without a task), observed for
+    the uncertainty histograms here, so that every door's MC traffic is counted the same way."""
+    draws = sampled.outputs.astype(np.float64)
+    summary: ClassificationSummary | RegressionSummary
+    if model.task == "classification":
+        summary = summarize_classification(draws, sampled.predictive)  # predictive: calibrated, if the model is
+    elif model.task == "regression":
+        summary = summarize_regression(draws, model.tau, sampled.variance)  # variance: heteroscedastic noise
+    else:
+        return None
+    metrics.observe_mc(model.name, model.version, model.task, summary)
+    return summary
 
 
 def _sample_then(

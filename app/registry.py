@@ -24,8 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -304,28 +303,42 @@ class Registry:
             raise ApiError(404, f"model {name!r} has no loaded version {version}; loaded: {loaded}")
         return name, version
 
-    @contextmanager
-    def lease(self, name: str | None, version: int | None = None, label: str | None = None) -> Iterator[ServedModel]:
-        """The model a request means, held until the request ends so it is not unloaded under it."""
+    def lease(self, name: str | None, version: int | None = None, label: str | None = None) -> _Lease:
+        """The model a request means (``with registry.lease(...) as model``), held until the request
+        ends so it is not unloaded under it."""
         with self._lock:  # resolving and counting in one step, so a swap cannot slip in between
             name, version = self.resolve(name, version, label)
             entry = self._serving[name][version]
             entry.leases += 1
-            model = entry.model
-        try:
-            yield model
-        finally:
-            with self._lock:
-                entry.leases -= 1
-                if entry.state == "UNLOADING" and entry.leases == 0:
-                    entry.state, entry.model = "END", None
-                    self._changes += 1
-                    log.info("unloaded %s version %d", name, version)
+            return _Lease(self, name, entry, entry.model)
+
+    def _release(self, name: str, entry: _Version) -> None:
+        with self._lock:
+            entry.leases -= 1
+            if entry.state == "UNLOADING" and entry.leases == 0:
+                entry.state, entry.model = "END", None
+                self._changes += 1
+                log.info("unloaded %s version %d", name, entry.version)
 
     def get(self, name: str | None, version: int | None = None) -> ServedModel:
         """The model without a lease: for reading metadata, not for running it."""
         name, version = self.resolve(name, version)
         return self.versions(name)[version]
+
+
+class _Lease:
+    """One request's hold on a version (a class, not ``@contextmanager``: every request takes one)."""
+
+    __slots__ = ("_entry", "_model", "_name", "_registry")
+
+    def __init__(self, registry: Registry, name: str, entry: _Version, model: ServedModel) -> None:
+        self._registry, self._name, self._entry, self._model = registry, name, entry, model
+
+    def __enter__(self) -> ServedModel:
+        return self._model
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._registry._release(self._name, self._entry)
 
 
 def _describe(error: Exception) -> str:

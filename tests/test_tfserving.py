@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import Server
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.schemas import DIGIT_ZERO
 from training.data import digits
@@ -69,6 +70,21 @@ def test_mc_dropout_signature_gives_the_native_endpoints_samples(client):
     for i, answer in enumerate(native.json()["predictions"]):
         np.testing.assert_array_equal(np.array(answer["samples"]), samples[:, i])
         np.testing.assert_array_equal(np.array(answer["probabilities"]), predictive[i])
+
+
+def test_mc_dropout_signature_traffic_is_counted_in_the_uncertainty_histograms(client):
+    def counted() -> float:
+        text = client.get("/metrics").text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        family = families.get("dropout_serve_mc_mutual_information_nats")
+        labels = {"model": "digits", "version": "2"}
+        samples = family.samples if family else []
+        return sum(s.value for s in samples if s.name.endswith("_count") and s.labels == labels)
+
+    before = counted()
+    request = {"signature_name": "mc_dropout", "inputs": {"inputs": ROWS, "samples": 10, "seed": 1}}
+    assert client.post("/v1/models/digits:predict", json=request).status_code == 200
+    assert counted() == before + len(ROWS)
 
 
 def test_status_lists_versions_and_labels_resolve(client):

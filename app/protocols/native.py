@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from app import inference, metrics
+from app import inference
 from app.context import annotate
 from app.limits import check_mc_enabled, check_return_samples
 from app.loading import ServedModel
@@ -30,7 +30,7 @@ from app.schemas import (
 )
 from app.settings import Settings
 from training import signatures
-from training.uncertainty import summarize_classification, summarize_regression
+from training.uncertainty import ClassificationSummary, RegressionSummary
 
 router = APIRouter()
 
@@ -133,11 +133,10 @@ def _predictions(model: ServedModel, outputs: np.ndarray) -> list[dict[str, Any]
 
 
 def _mc_predictions(model: ServedModel, sampled: signatures.Samples, return_samples: bool) -> list[dict[str, Any]]:
-    draws, variance = sampled.outputs.astype(np.float64), sampled.variance
+    draws = sampled.outputs.astype(np.float64)
     count = draws.shape[1]
-    if model.task == "classification":
-        s = summarize_classification(draws, sampled.predictive)  # predictive: calibrated, if the model is
-        metrics.observe_mc(model.name, model.version, model.task, s)
+    s = inference.summarize(model, sampled)
+    if isinstance(s, ClassificationSummary):
         labels = model.class_labels
         answers = [
             {
@@ -152,10 +151,8 @@ def _mc_predictions(model: ServedModel, sampled: signatures.Samples, return_samp
             }
             for i in range(count)
         ]
-    elif model.task == "regression":
-        r = summarize_regression(draws, model.tau, variance)  # variance: per-instance noise (heteroscedastic)
-        metrics.observe_mc(model.name, model.version, model.task, r)
-        answers = [r.answer(i) for i in range(count)]
+    elif isinstance(s, RegressionSummary):
+        answers = [s.answer(i) for i in range(count)]
     else:
         mean, std = draws.mean(axis=0), draws.std(axis=0)
         answers = [{"mean": mean[i].tolist(), "std": std[i].tolist()} for i in range(count)]

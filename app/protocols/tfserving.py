@@ -12,7 +12,7 @@ status codes: an invalid argument is a 400, not a 422.
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -259,11 +259,15 @@ async def _mc_dropout(request: Request, model: ServedModel, data: dict[str, Any]
     annotate(request, instances=len(rows), samples=samples)
     check_return_samples(settings, samples, len(rows), model.output_shape)  # every sample is returned
     batch = inference.to_array(rows, model.input_shape, booleans)
-    return await inference.sample(model, batch, samples, seed, _signature_outputs)
+    return await inference.sample(model, batch, samples, seed, partial(_signature_outputs, model))
 
 
-def _signature_outputs(draws: signatures.Samples) -> Response:
-    """TF Serving's columnar answer: one output tensor as a list, several as an object by name."""
+def _signature_outputs(model: ServedModel, draws: signatures.Samples) -> Response:
+    """TF Serving's columnar answer: one output tensor as a list, several as an object by name.
+
+    The answer is the raw samples, but the uncertainty histograms still count them, like every door's.
+    """
+    inference.summarize(model, draws)
     named = {
         artifact.OUTPUTS_KEY: draws.outputs,
         artifact.VARIANCE_KEY: draws.variance,

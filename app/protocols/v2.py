@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app import inference, metrics
+from app import inference
 from app.context import annotate
 from app.errors import ApiError
 from app.limits import check_mc_enabled
@@ -37,7 +37,7 @@ from app.protocols.body import body_bytes
 from app.registry import Registry
 from app.settings import Settings
 from training import artifact, signatures
-from training.uncertainty import summarize_classification, summarize_regression
+from training.uncertainty import ClassificationSummary, RegressionSummary
 
 router = APIRouter(prefix="/v2", tags=["v2 (KServe, Triton)"])
 
@@ -265,10 +265,9 @@ def _requested(parsed: codec.InferRequest, names: list[str], mc: bool) -> list[t
 
 def _summaries(model: ServedModel, sampled: signatures.Samples) -> dict[str, np.ndarray]:
     """MC summaries as tensors, from the same functions as the native ``/predict/mc-dropout``."""
-    draws, variance = sampled.outputs.astype(np.float64), sampled.variance
-    if model.task == "classification":
-        s = summarize_classification(draws, sampled.predictive)
-        metrics.observe_mc(model.name, model.version, model.task, s)
+    draws = sampled.outputs.astype(np.float64)
+    s = inference.summarize(model, sampled)
+    if isinstance(s, ClassificationSummary):
         return {
             "probabilities": s.mean,
             "std": s.std,
@@ -277,9 +276,7 @@ def _summaries(model: ServedModel, sampled: signatures.Samples) -> dict[str, np.
             "mutual_information": s.mutual_information,
             "variation_ratio": s.variation_ratio,
         }
-    if model.task == "regression":
-        s = summarize_regression(draws, model.tau, variance)
-        metrics.observe_mc(model.name, model.version, model.task, s)
+    if isinstance(s, RegressionSummary):
         shape = draws.shape[1:]
         tensors = {
             "mean": s.mean,

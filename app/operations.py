@@ -2,9 +2,9 @@
 
 Middleware order, outermost first: request context (id, access log, metrics, so even refused
 requests are logged and counted), CORS (answers browser preflights, adds its headers to every
-answer including 401 and 503), API keys (when any are configured), overload and deadline, then the app. They wrap the
-app from outside (``Service.wrap``), so the prediction shortcut and FastAPI's routes alike pass
-through them.
+answer including 401 and 503), API keys (only when any are configured), overload and deadline,
+then the app. They wrap the app from outside (``Service.wrap``), so the prediction shortcut and
+FastAPI's routes alike pass through them.
 """
 
 from __future__ import annotations

@@ -204,3 +204,20 @@ def test_loaded_models_are_frozen_out_of_collection_and_a_retired_one_is_freed(t
     assert answer(registry) == 2.0
     assert retired() is None
     assert gc.get_freeze_count() > 10_000
+
+
+def test_the_service_collects_the_young_generation_less_often(tmp_path, source):
+    from fastapi.testclient import TestClient
+
+    from app import memory
+    from app.main import create_app
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, *before[1:])  # CPython's default, whatever an earlier test left
+    try:
+        app = create_app(Settings(model_dir=repository_with(tmp_path, source, [1]), poll_seconds=0))
+        with TestClient(app) as client:
+            assert client.get("/health/ready").status_code == 200
+            assert gc.get_threshold() == (memory.YOUNG_THRESHOLD, *before[1:])
+    finally:
+        gc.set_threshold(*before)

@@ -133,8 +133,7 @@ def _predictions(model: ServedModel, outputs: np.ndarray) -> list[dict[str, Any]
 
 
 def _mc_predictions(model: ServedModel, sampled: signatures.Samples, return_samples: bool) -> list[dict[str, Any]]:
-    draws = sampled.outputs.astype(np.float64)
-    count = draws.shape[1]
+    count = sampled.outputs.shape[1]
     s = inference.summarize(model, sampled)
     if isinstance(s, ClassificationSummary):
         labels = model.class_labels
@@ -154,9 +153,11 @@ def _mc_predictions(model: ServedModel, sampled: signatures.Samples, return_samp
     elif isinstance(s, RegressionSummary):
         answers = [s.answer(i) for i in range(count)]
     else:
+        draws = sampled.outputs.astype(np.float64)
         mean, std = draws.mean(axis=0), draws.std(axis=0)
         answers = [{"mean": mean[i].tolist(), "std": std[i].tolist()} for i in range(count)]
     if return_samples:
+        draws = sampled.outputs.astype(np.float64)
         for i, answer in enumerate(answers):
             answer["samples"] = draws[:, i].tolist()
     return answers

@@ -265,7 +265,6 @@ def _requested(parsed: codec.InferRequest, names: list[str], mc: bool) -> list[t
 
 def _summaries(model: ServedModel, sampled: signatures.Samples) -> dict[str, np.ndarray]:
     """MC summaries as tensors, from the same functions as the native ``/predict/mc-dropout``."""
-    draws = sampled.outputs.astype(np.float64)
     s = inference.summarize(model, sampled)
     if isinstance(s, ClassificationSummary):
         return {
@@ -277,7 +276,7 @@ def _summaries(model: ServedModel, sampled: signatures.Samples) -> dict[str, np.
             "variation_ratio": s.variation_ratio,
         }
     if isinstance(s, RegressionSummary):
-        shape = draws.shape[1:]
+        shape = sampled.outputs.shape[1:]
         tensors = {
             "mean": s.mean,
             "epistemic_std": s.epistemic_std,
@@ -288,6 +287,7 @@ def _summaries(model: ServedModel, sampled: signatures.Samples) -> dict[str, np.
         if s.aleatoric_std is not None:
             tensors["aleatoric_std"] = np.broadcast_to(s.aleatoric_std, s.total_std.shape)  # one value or per instance
         return {name: value.reshape(shape) for name, value in tensors.items()}
+    draws = sampled.outputs.astype(np.float64)
     return {"mean": draws.mean(axis=0), "std": draws.std(axis=0)}
 
 

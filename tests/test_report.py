@@ -32,6 +32,12 @@ def test_evaluate_writes_scores_auroc_and_plots(tmp_path):
         key = "test_deterministic" + ("_uncalibrated" if "uncalibrated" in kind else "")
         assert report["scores"][kind] == pytest.approx(meta["metrics"][key], abs=1e-4)
     assert "uncalibrated" in result.stdout
+    assert set(report["mc_against"]) == set(report["scores"]) - {"mc"}
+    for kind, by_score in report["mc_against"].items():
+        for name, compared in by_score.items():
+            assert compared["difference"] == pytest.approx(report["scores"]["mc"][name] - report["scores"][kind][name])
+            assert compared["low"] <= compared["high"] and 0.0 <= compared["share_lower"] <= 1.0
+    assert "| MC minus |" in result.stdout
 
 
 def test_evaluate_refuses_unknown_models(tmp_path):
@@ -48,3 +54,16 @@ def test_calibration_scores_on_a_hand_made_case():
     # bins of width 0.25: {0.6, 0.7} -> confidence 0.65, accuracy 0.5; {0.9, 0.8} -> 0.85, accuracy 1.
     assert np.isclose(metrics.ece(probs, labels, bins=4), 0.5 * 0.15 + 0.5 * 0.15)
     assert metrics.ece(probs, labels, bins=2) == 0.0  # one bin: mean confidence 0.75 = accuracy
+
+
+def test_paired_bootstrap_tells_a_real_difference_from_none():
+    rng = np.random.default_rng(0)
+    labels = (rng.uniform(size=400) > 0.8).astype(int)  # class 0 on about 80 % of the rows
+    calibrated = np.tile([0.8, 0.2], (400, 1))  # right about 80 % of the time, says 0.8
+    overconfident = np.tile([0.99, 0.01], (400, 1))
+    better = metrics.paired_bootstrap(metrics.ece, calibrated, overconfident, labels, rounds=200)
+    assert better["difference"] == metrics.ece(calibrated, labels) - metrics.ece(overconfident, labels) < -0.1
+    assert better["low"] <= better["difference"] <= better["high"] < 0 and better["share_lower"] == 1.0
+    assert metrics.paired_bootstrap(metrics.nll, calibrated, overconfident, labels, rounds=200)["share_lower"] == 1.0
+    same = metrics.paired_bootstrap(metrics.ece, calibrated, calibrated, labels, rounds=200)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0, "share_lower": 0.0}

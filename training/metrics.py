@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp
@@ -57,6 +59,36 @@ def temper(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     """``softmax(log p / temperature)`` over the last axis (what the exported signatures apply)."""
     log_p = np.log(np.maximum(np.asarray(probabilities, dtype=np.float64), 1e-30))
     return np.exp(log_softmax(log_p / temperature, axis=-1))
+
+
+def paired_bootstrap(
+    score: Callable[[np.ndarray, np.ndarray], float],
+    first: np.ndarray,
+    second: np.ndarray,
+    labels: np.ndarray,
+    rounds: int = 1000,
+    seed: int = 0,
+    level: float = 0.9,
+) -> dict[str, float]:
+    """How sure a test set can be that ``first`` scores below ``second`` (Efron's paired bootstrap).
+
+    Both predictions of the same rows are resampled together, so the interval is of the
+    difference ``score(first) - score(second)`` and not of two separately noisy scores. On a few
+    hundred rows of a 98 % accurate classifier, ECE rests on a handful of errors: a difference
+    of a few thousandths can then be noise, and this says so (``share_lower`` near 0.5).
+    """
+    rng = np.random.default_rng(seed)
+    differences = np.empty(rounds)
+    for i in range(rounds):
+        rows = rng.integers(0, len(labels), len(labels))
+        differences[i] = score(first[rows], labels[rows]) - score(second[rows], labels[rows])
+    low, high = np.quantile(differences, [(1 - level) / 2, (1 + level) / 2])
+    return {
+        "difference": score(first, labels) - score(second, labels),
+        "low": float(low),
+        "high": float(high),
+        "share_lower": float(np.mean(differences < 0)),
+    }
 
 
 TEMPERATURE_PRIOR_STD = 1.0

@@ -38,7 +38,12 @@ def test_seeds_are_trained_scored_and_counted(tmp_path):
         assert 0.0 <= verdict["ece_lower_share"] <= 1.0
     summary = record["summary"]["0"]
     assert summary["seeds"] == 2 and summary["ece_met"] == sum(v["ece_met"] for v in by_seed.values())
-    assert "## Evaluation seed 0" in result.stdout
+    pooled = summary["pooled"]
+    assert pooled["rows"] == 720  # both seeds' 360 test rows
+    for name in ("nll", "ece"):
+        assert pooled[name]["difference"] == pytest.approx(pooled[name]["mc"] - pooled[name]["reference"])
+        assert pooled[name]["low"] <= pooled[name]["high"]
+    assert "## Evaluation seed 0" in result.stdout and "All seeds' test rows as one set (720 rows)" in result.stdout
 
     again = run(tmp_path)  # trained models are reused, not trained again
     assert again.returncode == 0, again.stderr[-3000:]
@@ -47,7 +52,8 @@ def test_seeds_are_trained_scored_and_counted(tmp_path):
 
 def test_summary_counts_bars_over_all_seeds_and_per_block_of_five():
     def verdict(ece_met: bool) -> dict:
-        return {"nll": [0.05, 0.07], "ece": [0.01, 0.02], "nll_met": True, "ece_met": ece_met, "ood_met": True}
+        scores = {"nll": [0.05, 0.07], "ece": [0.01, 0.02], "ece_floor": [0.012, 0.008]}
+        return {**scores, "nll_met": True, "ece_met": ece_met, "ood_met": True}
 
     met = [True, False, True, True, True, False, False, True, True, True, True]
     results = {0: {seed: verdict(m) for seed, m in enumerate(met)}}

@@ -9,6 +9,7 @@ import pytest
 from conftest import run_training
 
 from training import metrics
+from training.report import PREDICTIONS, prediction_key
 
 
 def test_evaluate_writes_scores_auroc_and_plots(tmp_path):
@@ -30,7 +31,14 @@ def test_evaluate_writes_scores_auroc_and_plots(tmp_path):
     meta = json.loads((tmp_path / "tiny" / "1" / "metadata.json").read_text())
     for kind in ("deterministic", "deterministic (uncalibrated)"):  # the same test rows, as served and raw
         key = "test_deterministic" + ("_uncalibrated" if "uncalibrated" in kind else "")
-        assert report["scores"][kind] == pytest.approx(meta["metrics"][key], abs=1e-4)
+        scores = {name: value for name, value in report["scores"][kind].items() if name != "ece_floor"}
+        assert scores == pytest.approx(meta["metrics"][key], abs=1e-4)
+    for kind, scores in report["scores"].items():
+        assert 0.0 < scores["ece_floor"] < 1.0, kind
+    saved = np.load(out / PREDICTIONS)
+    assert set(saved.files) == {"labels", *map(prediction_key, report["scores"])}
+    for kind, scores in report["scores"].items():
+        assert metrics.ece(saved[prediction_key(kind)], saved["labels"]) == pytest.approx(scores["ece"])
     assert "uncalibrated" in result.stdout
     assert set(report["mc_against"]) == set(report["scores"]) - {"mc"}
     for kind, by_score in report["mc_against"].items():
@@ -67,3 +75,18 @@ def test_paired_bootstrap_tells_a_real_difference_from_none():
     assert metrics.paired_bootstrap(metrics.nll, calibrated, overconfident, labels, rounds=200)["share_lower"] == 1.0
     same = metrics.paired_bootstrap(metrics.ece, calibrated, calibrated, labels, rounds=200)
     assert same == {"difference": 0.0, "low": 0.0, "high": 0.0, "share_lower": 0.0}
+
+
+def test_ece_floor_is_the_noise_of_a_calibrated_prediction():
+    certain = np.tile([1.0, 0.0], (50, 1))
+    assert metrics.ece_floor(certain) == 0.0  # always right, and says so: no noise
+    one_row = np.array([[0.5, 0.5]])  # right or wrong, its bin's gap is 0.5 either way
+    assert metrics.ece_floor(one_row) == 0.5
+    two_rows = np.array([[0.5, 0.5], [0.5, 0.5]])  # both right or both wrong (half the time): 0.5, else 0
+    assert abs(metrics.ece_floor(two_rows, draws=4000) - 0.25) < 0.02
+    # a calibrated prediction's ECE on its own drawn labels averages to its floor
+    rng = np.random.default_rng(1)
+    confident = rng.uniform(0.5, 1.0, 300)
+    probs = np.stack([confident, 1 - confident], axis=-1)
+    drawn = [metrics.ece(probs, (rng.uniform(size=300) >= confident).astype(int)) for _ in range(400)]
+    assert abs(np.mean(drawn) - metrics.ece_floor(probs, draws=400)) < 0.003

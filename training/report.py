@@ -47,6 +47,9 @@ def out_of_distribution(train: Dataset, like: np.ndarray, seed: int) -> dict[str
     }
 
 
+PREDICTIONS = "predictions.npz"
+"""Test labels and each kind of prediction's probabilities, keyed by ``prediction_key(kind)``."""
+
 COMPARED = ("nll", "ece")
 """Scores the MC predictive is compared on, against each other prediction of the same test rows."""
 
@@ -76,7 +79,10 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
         predictions["mc (uncalibrated)"] = mc_draws.outputs.mean(axis=0)
     predictions["deterministic"] = det_probs
     predictions["mc"] = mc_summary.mean
-    scores = {kind: metrics.classification_scores(p, test.y) for kind, p in predictions.items()}
+    scores = {
+        kind: {**metrics.classification_scores(p, test.y), "ece_floor": metrics.ece_floor(p, seed=seed)}
+        for kind, p in predictions.items()
+    }
 
     inputs = {"in-distribution": test.x, **out_of_distribution(train, test.x, seed)}
     uncertainty, uncalibrated = {}, {}
@@ -108,8 +114,16 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
     if calibrated:
         report["ood_auroc_uncalibrated"] = _aurocs(uncalibrated)
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    np.savez_compressed(
+        out / PREDICTIONS, labels=test.y, **{prediction_key(kind): p for kind, p in predictions.items()}
+    )
     (out / "report.md").write_text(markdown(report))
     return report
+
+
+def prediction_key(kind: str) -> str:
+    """``deterministic (uncalibrated)`` -> ``deterministic_uncalibrated``: a name .npz files accept."""
+    return kind.replace(" (", "_").rstrip(")")
 
 
 def _mc_against(predictions: dict[str, np.ndarray], labels: np.ndarray, seed: int) -> dict[str, dict]:
@@ -159,11 +173,13 @@ def markdown(report: dict) -> str:
         if report.get("temperature") is not None
         else "Not calibrated (trained with --no-calibrate).",
         "",
-        "| predictions | accuracy | NLL | Brier | ECE |",
-        "|---|---|---|---|---|",
+        "| predictions | accuracy | NLL | Brier | ECE | ECE floor |",
+        "|---|---|---|---|---|---|",
     ]
     for kind, s in report["scores"].items():
-        lines.append(f"| {kind} | {s['accuracy']:.4f} | {s['nll']:.4f} | {s['brier']:.4f} | {s['ece']:.4f} |")
+        floor = f"{s['ece_floor']:.4f}" if "ece_floor" in s else "-"
+        lines.append(f"| {kind} | {s['accuracy']:.4f} | {s['nll']:.4f} | {s['brier']:.4f} | {s['ece']:.4f} | {floor} |")
+    lines += ["", _FLOOR_NOTE]
     if "mc_against" in report:
         lines += [
             "",
@@ -187,6 +203,12 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name}, uncalibrated | " + " | ".join(f"{values[m]:.3f}" for m in measures) + " |")
     return "\n".join(lines) + "\n"
 
+
+_FLOOR_NOTE = (
+    "ECE floor: the ECE a perfectly calibrated prediction with the same confidences would show on this "
+    "many rows (binned ECE is biased upward on few rows, most for predictions with many rows at middling "
+    "confidence). ECE near its floor is noise; predictions with different floors are not ranked by ECE."
+)
 
 _COMPARISON_NOTE = (
     "MC dropout as served against the other predictions of the same test rows: the score's difference "

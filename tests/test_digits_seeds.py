@@ -35,7 +35,9 @@ def test_seeds_are_trained_scored_and_counted(tmp_path):
         mc, reference = report["scores"]["mc"], report["scores"]["deterministic (uncalibrated)"]
         assert verdict["ece"] == [mc["ece"], reference["ece"]] and verdict["nll"] == [mc["nll"], reference["nll"]]
         assert verdict["ece_met"] == (mc["ece"] < reference["ece"])
-        assert 0.0 <= verdict["ece_lower_share"] <= 1.0
+        assert verdict["ece_floor"] == [mc["ece_floor"], reference["ece_floor"]]
+        above = (mc["ece"] - mc["ece_floor"], reference["ece"] - reference["ece_floor"])
+        assert verdict["ece_above_floor_lower"] == (above[0] < above[1])
     summary = record["summary"]["0"]
     assert summary["seeds"] == 2 and summary["ece_met"] == sum(v["ece_met"] for v in by_seed.values())
     pooled = summary["pooled"]
@@ -53,11 +55,12 @@ def test_seeds_are_trained_scored_and_counted(tmp_path):
 def test_summary_counts_bars_over_all_seeds_and_per_block_of_five():
     def verdict(ece_met: bool) -> dict:
         scores = {"nll": [0.05, 0.07], "ece": [0.01, 0.02], "ece_floor": [0.012, 0.008]}
-        return {**scores, "nll_met": True, "ece_met": ece_met, "ood_met": True}
+        return {**scores, "nll_met": True, "ece_met": ece_met, "ood_met": True, "ece_above_floor_lower": True}
 
     met = [True, False, True, True, True, False, False, True, True, True, True]
     results = {0: {seed: verdict(m) for seed, m in enumerate(met)}}
     summary = digits_seeds.summary(results, list(range(11)))[0]
     assert summary["seeds"] == 11 and summary["ece_met"] == 8 and summary["nll_met"] == 11
     assert summary["ece_met_per_block_of_five"] == [4, 3]  # the 11th seed is in no full block
+    assert summary["ece_above_floor_lower"] == 11
     assert summary["mean_ece"] == pytest.approx([0.01, 0.02])

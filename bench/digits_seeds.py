@@ -70,9 +70,14 @@ def pooled(report_dirs: list[Path]) -> dict:
     """Every seed's test rows as one test set: MC as served against the reference, with enough rows for ECE."""
     files = [np.load(folder / PREDICTIONS) for folder in report_dirs]
     labels = np.concatenate([f["labels"] for f in files])
-    mc, reference = (np.concatenate([f[prediction_key(kind)] for f in files]) for kind in ("mc", REFERENCE))
+    kinds = {key: np.concatenate([f[key] for f in files]) for key in files[0].files if key != "labels"}
+    mc, reference = kinds[prediction_key("mc")], kinds[prediction_key(REFERENCE)]
     return {
         "rows": len(labels),
+        "by_prediction": {
+            key: {"nll": metrics.nll(p, labels), "ece": metrics.ece(p, labels), "ece_floor": metrics.ece_floor(p)}
+            for key, p in kinds.items()
+        },
         **{
             name: {
                 "mc": float(getattr(metrics, name)(mc, labels)),
@@ -128,6 +133,13 @@ def markdown(results: dict[int, dict[int, dict]], summaries: dict[int, dict]) ->
                     for name in ("nll", "ece")
                 )
                 + ".",
+                "",
+                "| pooled test rows | NLL | ECE | ECE floor |",
+                "|---|---|---|---|",
+                *(
+                    f"| {key} | {v['nll']:.4f} | {v['ece']:.4f} | {v['ece_floor']:.4f} |"
+                    for key, v in p["by_prediction"].items()
+                ),
                 "",
             ]
         lines += [

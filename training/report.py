@@ -214,7 +214,8 @@ _COMPARISON_NOTE = (
     "MC dropout as served against the other predictions of the same test rows: the score's difference "
     "(negative: MC is lower, better), its 90 % paired-bootstrap interval and the share of 1,000 resamples "
     "of the test rows in which MC scores lower. An interval across zero is a difference the test set "
-    "cannot tell from noise."
+    "cannot tell from noise. ECE's interval inherits ECE's bias: between predictions with different "
+    "floors it leans toward the one with the lower floor."
 )
 
 

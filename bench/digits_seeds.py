@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 
-from training import artifact, metrics  # noqa: E402
-from training.report import PREDICTIONS, evaluate, prediction_key  # noqa: E402
+from bench import trained  # noqa: E402
+from training import metrics  # noqa: E402
+from training.report import evaluate, load_predictions, prediction_key  # noqa: E402
 
 REFERENCE = "deterministic (uncalibrated)"
 OOD_MEASURE = "mc mutual information"
@@ -41,13 +40,7 @@ OOD_BAR = 0.9
 
 def train(seed: int, repository: Path, extra: list[str]) -> Path:
     """The seed's model (trained unless the repository has it): its version folder."""
-    name = f"digits-seed-{seed}"
-    command = [sys.executable, "-m", "training", "--seed", str(seed), "--name", name]
-    command += ["--artifacts", str(repository), "--if-missing", *extra]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"seed {seed}: training failed\n{result.stderr[-2000:]}")
-    return repository / name / str(artifact.versions(repository / name)[-1])
+    return trained.train(repository, f"digits-seed-{seed}", ["--seed", str(seed), *extra])[0]
 
 
 def verdict(report: dict) -> dict:
@@ -68,9 +61,7 @@ def verdict(report: dict) -> dict:
 
 def pooled(report_dirs: list[Path]) -> dict:
     """Every seed's test rows as one test set: MC as served against the reference, with enough rows for ECE."""
-    files = [np.load(folder / PREDICTIONS) for folder in report_dirs]
-    labels = np.concatenate([f["labels"] for f in files])
-    kinds = {key: np.concatenate([f[key] for f in files]) for key in files[0].files if key != "labels"}
+    labels, kinds = load_predictions(report_dirs)
     mc, reference = kinds[prediction_key("mc")], kinds[prediction_key(REFERENCE)]
     return {
         "rows": len(labels),

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+
+from bench import trained  # noqa: E402
 
 DATASETS = ("wine", "breast_cancer", "iris")
 BASELINE = 0.0
@@ -91,17 +92,8 @@ def model_name(dataset: str, weight: float, seed: int) -> str:
 
 def train(data: Path, repository: Path, name: str, weight: float, seed: int, extra: list[str]) -> tuple[Path, float]:
     """The model's version folder (trained unless the repository has it) and the training's wall time."""
-    from training import artifact
-
-    command = [sys.executable, "-m", "training", "--data", str(data), "--target", "target"]
-    command += ["--artifacts", str(repository), "--name", name, "--seed", str(seed)]
-    command += ["--outlier-weight", f"{weight:g}", "--if-missing", *extra]
-    started = time.monotonic()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.monotonic() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"{name}: training failed\n{result.stderr[-3000:]}")
-    return repository / name / str(artifact.versions(repository / name)[-1]), seconds
+    arguments = ["--data", str(data), "--target", "target", "--seed", str(seed), "--outlier-weight", f"{weight:g}"]
+    return trained.train(repository, name, [*arguments, *extra])
 
 
 def box_auroc(version: Path, samples: int, seed: int) -> float:
@@ -109,7 +101,7 @@ def box_auroc(version: Path, samples: int, seed: int) -> float:
     import tensorflow as tf
 
     from training import artifact, signatures
-    from training.report import _auroc, held_out_rows
+    from training.report import held_out_rows, ood_auroc
     from training.uncertainty import summarize_classification
 
     meta = artifact.read_metadata(version)
@@ -122,7 +114,7 @@ def box_auroc(version: Path, samples: int, seed: int) -> float:
         draws = signatures.mc_draws(mc, x.astype(np.float32), samples, seed)
         return summarize_classification(draws.outputs, draws.predictive).mutual_information
 
-    return _auroc(information(test.x), information(box))
+    return ood_auroc(information(test.x), information(box))
 
 
 def score(version: Path, report_dir: Path, samples: int) -> dict[str, float]:
@@ -161,11 +153,11 @@ def wins(results: dict, dataset: str, weights: list[float], seeds: list[int]) ->
 def pooled(report_root: Path, dataset: str, weights: list[float], seeds: list[int]) -> dict[str, dict]:
     """All seeds' test rows as one set, MC as served: each weight against the baseline, paired bootstrap."""
     from training import metrics
-    from training.report import PREDICTIONS, prediction_key
+    from training.report import load_predictions, prediction_key
 
     def rows(weight: float) -> tuple[np.ndarray, np.ndarray]:
-        files = [np.load(report_root / model_name(dataset, weight, s) / PREDICTIONS) for s in seeds]
-        return np.concatenate([f["labels"] for f in files]), np.concatenate([f[prediction_key("mc")] for f in files])
+        labels, predictions = load_predictions(report_root / model_name(dataset, weight, s) for s in seeds)
+        return labels, predictions[prediction_key("mc")]
 
     labels, baseline = rows(BASELINE)
     out = {}

@@ -14,6 +14,7 @@ clipped at 1e-30 anyway); the raw MC predictive is the mean of ``mc_dropout``'s 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,13 @@ def prediction_key(kind: str) -> str:
     return kind.replace(" (", "_").rstrip(")")
 
 
+def load_predictions(report_dirs: Iterable[Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Several reports' test labels and predictions (``PREDICTIONS``), concatenated: one larger test set."""
+    files = [np.load(folder / PREDICTIONS) for folder in report_dirs]
+    labels = np.concatenate([f["labels"] for f in files])
+    return labels, {key: np.concatenate([f[key] for f in files]) for key in files[0].files if key != "labels"}
+
+
 def _mc_against(predictions: dict[str, np.ndarray], labels: np.ndarray, seed: int) -> dict[str, dict]:
     """The served MC predictive's NLL and ECE minus each other prediction's, with paired-bootstrap intervals."""
     mc = predictions["mc"]
@@ -149,13 +157,13 @@ def _uncertainties(det_probs: np.ndarray, summary) -> dict[str, np.ndarray]:
 def _aurocs(uncertainty: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
     inside = uncertainty["in-distribution"]
     return {
-        name: {measure: _auroc(inside[measure], values[measure]) for measure in inside}
+        name: {measure: ood_auroc(inside[measure], values[measure]) for measure in inside}
         for name, values in uncertainty.items()
         if name != "in-distribution"
     }
 
 
-def _auroc(in_distribution: np.ndarray, outside: np.ndarray) -> float:
+def ood_auroc(in_distribution: np.ndarray, outside: np.ndarray) -> float:
     """Chance that an out-of-distribution input gets more uncertainty than a test input."""
     labels = np.r_[np.zeros(len(in_distribution)), np.ones(len(outside))]
     return float(roc_auc_score(labels, np.r_[in_distribution, outside]))

@@ -67,6 +67,15 @@ def annotate(
         record.samples = samples
 
 
+def header(scope: Scope, name: bytes) -> str:
+    """The first value of header ``name`` (lower case), or "": straight from the scope, cheaper than
+    building Starlette's ``Headers`` on every request."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
 def response_started(scope: Scope) -> bool:
     """Whether the response to this request has begun (``RequestContext`` records its status line)."""
     record: RequestRecord | None = scope.get(_SCOPE_KEY)
@@ -92,11 +101,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value.decode("latin-1")
-                break
+        request_id = header(scope, b"x-request-id")
         if not (request_id and _SANE_ID.fullmatch(request_id)):
             request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
         record = RequestRecord(request_id, scope["method"], scope["path"], time.perf_counter())

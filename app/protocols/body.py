@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import orjson
 from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
-from starlette.types import Scope
 
+from app.context import header
 from app.errors import BODY_KEY, ApiError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -27,7 +27,7 @@ async def read_json(request: Request, check_content_type: bool = True) -> tuple[
     TF Serving ignores the content type (its documented ``curl -d`` examples send a form type),
     so its door passes ``check_content_type=False``.
     """
-    content_type = _content_type(request.scope) if check_content_type else ""
+    content_type = header(request.scope, b"content-type") if check_content_type else ""
     if content_type and "json" not in content_type:
         raise ApiError(415, f"send the body as JSON with 'Content-Type: application/json' (got {content_type!r})")
     raw = await body_bytes(request)
@@ -38,14 +38,6 @@ async def body_bytes(request: Request) -> bytes:
     """The whole body, as ``BodySizeLimit`` left it in the scope (or read here when it did not run)."""
     raw = request.scope.get(BODY_KEY)
     return await request.body() if raw is None else raw
-
-
-def _content_type(scope: Scope) -> str:
-    """The content type, read straight from the scope (building ``request.headers`` costs more)."""
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            return value.decode("latin-1")
-    return ""
 
 
 def parse_json(raw: bytes) -> Any:

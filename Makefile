@@ -9,6 +9,9 @@ BIN := $(VENV)/bin
 # Debian tools the tests drive: haproxy (tests/test_replicas.py) and wrk (tests/test_bench.py).
 TEST_TOOLS := haproxy wrk
 
+# pyproject.toml's [tool.dropout-serve] no-deps: packages installed without their requirements (why: there).
+export NO_DEPS := import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["dropout-serve"]["no-deps"])
+
 .PHONY: serve test test-tools lint bench bench-replicas clean
 
 serve: $(VENV)/.installed
@@ -33,6 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $$($(BIN)/python -c "$$NO_DEPS")
 	touch $@
 
 bench: $(VENV)/.installed

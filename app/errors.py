@@ -125,3 +125,21 @@ def _replay(first: Message, receive: Receive) -> Receive:
         return pending.pop() if pending else await receive()
 
     return replay
+
+
+GRPC_STATUS: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    499: "CANCELLED",
+    501: "UNIMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+"""The gRPC status code (``grpc.StatusCode`` member name) of each HTTP status an ``ApiError`` carries,
+as TF Serving and Triton map their errors; anything else is INTERNAL. The HTTP status stays the one
+meaning of a failure: the gRPC doors translate it here, and count and log the HTTP status."""

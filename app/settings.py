@@ -25,6 +25,13 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(2.0, ge=0, description="how often the repository is rescanned; 0 = never")
     host: str = "0.0.0.0"
     port: int = 8000
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="gRPC port (Open Inference Protocol v2, TF Serving, grpc.health.v1) beside REST's; "
+        "0 switches gRPC off. 8001 pairs with REST's 8000 as Triton's gRPC and HTTP ports do",
+    )
     workers: int = Field(1, ge=1, description="server processes on one port (python -m app)")
     tf_threads: int = Field(
         1,

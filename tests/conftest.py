@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,10 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tests start many servers side by side, in-process and as processes: the gRPC port (default 8001)
+# is off unless a test gives one (tests/test_grpc.py gives its servers free ports).
+os.environ["DROPOUT_SERVE_GRPC_PORT"] = "0"
 
 
 def run_training(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -40,14 +40,11 @@ _MC_INPUTS = (artifact.INPUTS_KEY, artifact.SAMPLES_KEY, artifact.SEED_KEY)
 
 
 def _spec(spec: Any) -> tuple[str, int | None, str | None]:
-    """Model name, version and label of a ``ModelSpec``; a version and a label together are refused."""
+    """Model name, and version or label (one ``oneof``) of a ``ModelSpec``; neither means the latest."""
     if not spec.name:
         raise ApiError(400, "model_spec.name is required")
     version = spec.version.value if spec.HasField("version") else None
-    label = spec.version_label or None
-    if version is not None and label is not None:
-        raise ApiError(400, "model_spec: give version or version_label, not both")
-    return spec.name, version, label
+    return spec.name, version, spec.version_label or None
 
 
 @cache

@@ -28,12 +28,13 @@ LOOPBACK = "127.0.0.1"
 
 async def _drive(call: grpc.aio.UnaryUnaryMultiCallable, payload: bytes, concurrency: int, seconds: float, limit: int):
     latencies: list[float] = []
-    failed = 0
+    failed = issued = 0
     deadline = time.perf_counter() + seconds
 
     async def caller() -> None:
-        nonlocal failed
-        while time.perf_counter() < deadline and len(latencies) + failed < limit:
+        nonlocal failed, issued
+        while time.perf_counter() < deadline and issued < limit:
+            issued += 1
             start = time.perf_counter()
             try:
                 await call(payload, timeout=10)

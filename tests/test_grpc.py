@@ -359,3 +359,38 @@ def test_health_serving_once_the_default_model_loads_and_sigterm_drains_calls(ti
     log = Path(server.log.name).read_text()
     shutdown = log.index("Shutting down")
     assert log.index("GRPC /inference.GRPCInferenceService/ModelInfer 200", shutdown) > shutdown
+
+
+def test_overload_deadline_and_message_size(tiny_classifier_dir, tmp_path):
+    repository = tmp_path / "models"
+    shutil.copytree(tiny_classifier_dir, repository / "tiny" / "1")
+    port = free_port()
+    server = Server(repository, grpc_port=port, max_in_flight=1, request_timeout=1, max_mc_rows=10**6)
+    triton = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        answers: list = []
+        parameters = {"mc_dropout": True, "samples": 10_000, "seed": 1}  # seconds of work, past the 1 s deadline
+        x = triton_input(np.zeros((100, 64), np.float32))
+        triton.async_infer("tiny", [x], lambda result, error: answers.append(error), parameters=parameters)
+        refused = None
+        deadline = time.monotonic() + 1
+        while refused is None and time.monotonic() < deadline:  # while the long call holds the only slot
+            try:
+                triton.is_server_live()
+            except InferenceServerException as error:
+                refused = error
+            time.sleep(0.01)
+        assert refused is not None and status_of(refused) == "RESOURCE_EXHAUSTED"
+        assert "DROPOUT_SERVE_MAX_IN_FLIGHT" in refused.message()
+        deadline = time.monotonic() + 30
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status_of(answers[0]) == "DEADLINE_EXCEEDED" and "DROPOUT_SERVE_REQUEST_TIMEOUT" in answers[0].message()
+        big = triton_input(np.zeros((20_000, 64), np.float32))  # 5.1 MB, over the 4 MiB DROPOUT_SERVE_MAX_BODY_BYTES
+        with pytest.raises(InferenceServerException) as too_large:
+            triton.infer("tiny", [big])
+        assert status_of(too_large.value) == "RESOURCE_EXHAUSTED"
+        assert triton.is_server_live()  # and the server keeps serving
+    finally:
+        triton.close()
+        server.stop()

@@ -123,15 +123,18 @@ def measure(server: servers.Server, args: argparse.Namespace, reference: dict) -
         for connections in counts:
             pid = server.process.pid
             before = cpu.snapshot(pid) if cpu.available() else {}
+            client_before = cpu.children()
             result = load(connections, args.duration)
             spent = cpu.per_request(before, cpu.snapshot(pid), result.requests, pid) if before else None
+            client = (cpu.children() - client_before) * 1e6 / max(result.requests, 1)
             run = {"server": server.name, "workload": workload, "connections": connections, **result.as_dict()}
-            runs.append(run | {"cpu_us_per_request": spent})
+            runs.append(run | {"cpu_us_per_request": spent, "client_cpu_us_per_request": client})
             print(
                 f"  {server.name:15}{workload:11}{connections:3} conn {result.rps:8.0f} req/s"
                 f"  p50 {result.p50_ms:7.2f}  p99 {result.p99_ms:7.2f} ms"
                 f"  non-2xx {result.non_2xx}  socket errors {result.socket_errors}"
-                + (f"  CPU/request {spent['loop']:.0f} us loop + {spent['other']:.0f} us other" if spent else ""),
+                + (f"  CPU/request {spent['loop']:.0f} us loop + {spent['other']:.0f} us other" if spent else "")
+                + f", load generator {client:.0f} us",
                 flush=True,
             )
     return runs
@@ -272,6 +275,8 @@ def medians(runs: list[dict]) -> list[dict]:
         errors = {key: sum(r[key] for r in rounds) for key in ("non_2xx", "socket_errors")}
         spent = [r["cpu_us_per_request"] for r in rounds if r.get("cpu_us_per_request")]
         median["cpu_us_per_request"] = {k: float(np.median([s[k] for s in spent])) for k in spent[0]} if spent else None
+        clients = [r["client_cpu_us_per_request"] for r in rounds if r.get("client_cpu_us_per_request") is not None]
+        median["client_cpu_us_per_request"] = float(np.median(clients)) if clients else None
         merged.append({"server": server, "workload": workload, "connections": connections, **median, **errors})
     return merged
 
@@ -292,10 +297,15 @@ def tables(runs: list[dict], connections: list[int]) -> str:
         spent = r.get("cpu_us_per_request")
         return f"{spent['loop']:.0f} + {spent['other']:.0f}" if spent else "—"
 
+    def client_time(r: dict) -> str:
+        spent = r.get("client_cpu_us_per_request")
+        return "—" if spent is None else f"{spent:.0f}"
+
     for title, show in [
         ("req/s", throughput),
         ("latency p50 / p99, ms", lambda r: f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}"),
         ("server CPU per request, µs: main (event-loop) thread + all other threads", cpu_time),
+        ("load generator CPU per request, µs (wrk; bench/grpc_load.py for grpc-*)", client_time),
     ]:
         out += [f"\n{title}\n", header, rule]
         for server, workload in rows:

@@ -41,6 +41,7 @@ def assert_complete(results: dict, expected: set[tuple[str, str, int]]) -> None:
         assert run["non_2xx"] == 0 and run["socket_errors"] == 0, run
         spent = run["cpu_us_per_request"]  # read from /proc for the server's threads
         assert spent["loop"] > 0 and spent["total"] >= spent["loop"], run
+        assert run["client_cpu_us_per_request"] > 0, run  # wrk's or bench/grpc_load.py's own CPU
 
 
 def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_path):
@@ -52,6 +53,7 @@ def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_p
     expected = {("floor", "predict-1", c) for c in (1, 8)} | {("minimal", w, c) for w, c in predict}
     for ours in servers[2:]:
         expected |= {(ours, w, c) for w, c in [*predict, ("mc-100", 1), ("mc-100", 8)]}
+    expected |= {("ours-batched", w, c) for w in ("v2-1", "grpc-v2-1") for c in (1, 8)}  # the default configuration
     assert_complete(results, expected)
     assert results["run"]["model"] == str(tiny_classifier_dir)
     figures = {f["name"]: f for f in results["ratios"]}
@@ -104,7 +106,7 @@ def test_rounds_measure_every_server_again(tiny_classifier_dir, tmp_path):
     results = run_bench(repository, tmp_path / "r.json", *args)
     rounds = {(r["server"], r["workload"], r["connections"], r["round"]) for r in results["runs"]}
     cells = {("floor", "predict-1", 8), ("ours-batched", "predict-1", 8), ("ours-batched", "predict-32", 8)}
-    cells.add(("ours-batched", "mc-100", 1))
+    cells |= {("ours-batched", "mc-100", 1), ("ours-batched", "v2-1", 8), ("ours-batched", "grpc-v2-1", 8)}
     assert rounds == {(*cell, k) for cell in cells for k in (1, 2)}
     assert len(results["ratios_per_round"]) == 2
     assert [f["name"] for f in results["ratios_per_round"][1]] == [f["name"] for f in results["ratios"]]

@@ -66,6 +66,15 @@ def digit_rows() -> np.ndarray:
     return digits().x[:16]
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server's gRPC port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
     """A real service process on a free loopback port: ``uvicorn app.main:app``, or with
     ``entry="app"`` the production entry ``python -m app`` (host and port from the settings);
@@ -79,6 +88,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = int(settings.get("grpc_port", 0))
         env = {**os.environ, "DROPOUT_SERVE_MODEL_DIR": str(model_dir)}
         env.update({f"DROPOUT_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
         command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)]

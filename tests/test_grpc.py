@@ -7,7 +7,6 @@ every gRPC answer is compared with the REST door that must agree with it.
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tritonclient.grpc as grpcclient
-from conftest import Server
+from conftest import Server, free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import (
@@ -36,12 +35,6 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 METADATA = (("x-api-key", KEY),)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def repository(tiny_classifier_dir, tmp_path_factory):
     """The tiny classifier as model 'tiny' version 1, labelled 'stable'."""
@@ -55,7 +48,6 @@ def repository(tiny_classifier_dir, tmp_path_factory):
 def server(repository):
     port = free_port()
     server = Server(repository, grpc_port=port, api_keys=KEY, model_config=repository.parent / "models.yaml")
-    server.grpc_port = port
     yield server
     server.stop()
 

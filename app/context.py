@@ -75,6 +75,11 @@ def request_id_from(given: str) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
+def record_of(scope: Scope) -> RequestRecord | None:
+    """This request's record, for the data plane to fill in (None without ``RequestContext``)."""
+    return scope.get(_SCOPE_KEY)
+
+
 def header(scope: Scope, name: bytes) -> str:
     """The first value of header ``name`` (lower case), or "": straight from the scope, cheaper than
     building Starlette's ``Headers`` on every request."""

@@ -38,7 +38,7 @@ def repository(digits_repository, tmp_path_factory):
     trained = train(
         diabetes, ModelConfig(hidden=(16,), dropout=0.1, input_dropout=0.1), TrainConfig(epochs=20, tau=0.001)
     )
-    export_model(trained.model, root, "diabetes", task="regression", tau=trained.calibration.tau)
+    export_model(trained.model, root, "diabetes", task="regression", tau=trained.tau)
 
     inputs = keras.Input((64,))
     plain = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(inputs))

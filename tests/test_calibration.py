@@ -34,7 +34,7 @@ def test_temperatures_lower_validation_nll_of_a_tiny_model(tiny_classifier):
     model = tiny_classifier.model
     deterministic = model(validation.x, training=False).numpy()
     predictive = sample(model, validation.x, 20, 0).mean(axis=0)  # the MC predictive it was fitted on (mc_samples)
-    t, t_mc = tiny_classifier.calibration.temperature, tiny_classifier.calibration.predictive_temperature
+    t, t_mc = tiny_classifier.temperature, tiny_classifier.predictive_temperature
     assert t is not None and t_mc is not None and abs(np.log(t)) > 0.05
     before = metrics.nll(deterministic, validation.y)
     assert metrics.nll(metrics.temper(deterministic, t), validation.y) < before - 1e-3

@@ -45,7 +45,7 @@ def repository(digits_repository, tmp_path_factory):
     bunch = load_diabetes(scaled=False)
     data = Dataset("diabetes", bunch.data.astype(np.float32), bunch.target[:, None].astype(np.float32), "regression")
     trained = train(data, ModelConfig(hidden=(16,), dropout=0.1, input_dropout=0.1), TrainConfig(epochs=5, tau=0.001))
-    export_model(trained.model, root, "diabetes", task="regression", tau=trained.calibration.tau)
+    export_model(trained.model, root, "diabetes", task="regression", tau=trained.tau)
     inputs = keras.Input((64,))
     export_model(
         keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(inputs)), root, "plain", task="classification"

@@ -5,13 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from training import artifact
 from training.data import DIGITS, DataError
-
-if TYPE_CHECKING:
-    from training.calibrate import Calibration
 
 COMMANDS = ("train", "import", "evaluate", "uci")
 
@@ -130,8 +126,10 @@ def _run_train(args: argparse.Namespace) -> None:
         class_labels=dataset.class_labels,
         feature_names=dataset.feature_names,
         target_names=dataset.target_names,
+        tau=trained.tau,
         likelihood=args.likelihood if regression else "homoscedastic",
-        **trained.calibration.export_arguments(),
+        temperature=trained.temperature,
+        predictive_temperature=trained.predictive_temperature,
         preprocessing=trained.preprocessing,
         metrics=trained.metrics,
         training={
@@ -142,17 +140,22 @@ def _run_train(args: argparse.Namespace) -> None:
         },
         history=trained.history,
     )
-    _print_summary(trained.metrics, trained.calibration)
+    _print_summary(trained.metrics, trained.tau, trained.temperature, trained.predictive_temperature)
     print(f"published {path}")
 
 
-def _print_summary(scores: dict[str, dict[str, float]], calibration: Calibration) -> None:
+def _print_summary(
+    scores: dict[str, dict[str, float]],
+    tau: float | None,
+    temperature: float | None,
+    predictive_temperature: float | None,
+) -> None:
     names = list(next(iter(scores.values())))
-    note = f" (tau = {calibration.tau:.4g})" if calibration.tau else ""
-    if calibration.temperature is not None:
+    note = f" (tau = {tau:.4g})" if tau else ""
+    if temperature is not None:
         note = (
-            f" (temperature {calibration.temperature:.3f}, MC predictive temperature "
-            f"{calibration.predictive_temperature:.3f}, fitted on validation rows)"
+            f" (temperature {temperature:.3f}, MC predictive temperature {predictive_temperature:.3f},"
+            " fitted on validation rows)"
         )
     print("\nheld-out test set" + note)
     print(f"{'':32}" + "".join(f"{n:>16}" for n in names))

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from training import metrics, outliers
 from training.artifact import Likelihood, Preprocessing
-from training.calibrate import Calibration, calibrate
+from training.calibration import fit_calibration
 from training.data import Dataset, split
 from training.mc_dropout import sample
 from training.model import ModelConfig, build_network, mc_weight_decay, with_preprocessing
@@ -45,8 +45,11 @@ class TrainedModel:
     preprocessing: Preprocessing
     history: dict[str, list[float]]
     metrics: dict[str, dict[str, float]]
-    calibration: Calibration = field(default_factory=Calibration)
-    """tau or temperatures, fitted on the validation rows (``training.calibrate``)."""
+    tau: float | None = None
+    temperature: float | None = None
+    """Classifier temperature of the inference-mode prediction (None: not calibrated)."""
+    predictive_temperature: float | None = None
+    """Classifier temperature of the MC predictive, applied after averaging the samples (None: not calibrated)."""
     test: Dataset | None = field(default=None, repr=False)
 
 
@@ -125,7 +128,7 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
     else:
         served = with_preprocessing(network, shift, scale, y_shift, y_scale, settings.likelihood)
 
-    fitted = calibrate(
+    fitted = fit_calibration(
         served,
         validation.x,
         validation.y,
@@ -147,7 +150,9 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
         fitted.predictive_temperature,
     )
     history = {k: [float(v) for v in vs] for k, vs in history.items()}
-    return TrainedModel(served, preprocessing, history, scores, fitted, test)
+    return TrainedModel(
+        served, preprocessing, history, scores, fitted.tau, fitted.temperature, fitted.predictive_temperature, test
+    )
 
 
 def evaluate(

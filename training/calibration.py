@@ -33,7 +33,7 @@ class Calibration:
         return asdict(self)
 
 
-def calibrate(
+def fit_calibration(
     model: keras.Model,
     x: np.ndarray,
     y: np.ndarray,

@@ -366,3 +366,17 @@ def test_one_sigmoid_unit_is_served_as_two_class_probabilities(tmp_path, capsys)
     served = tf.saved_model.load(str(version)).signatures["serving_default"](inputs=tf.constant(x[:5]))["outputs"]
     p = model(x[:5], training=False).numpy()
     np.testing.assert_allclose(served.numpy(), np.hstack([1 - p, p]), atol=1e-6)
+
+
+def test_lambda_layers_load_only_when_the_file_is_trusted(tmp_path, capsys):
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dropout(0.5)(keras.layers.Lambda(lambda x: 2.0 * x)(inputs))
+    keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(hidden)).save(tmp_path / "lambda.keras")
+    args = ["import", str(tmp_path / "lambda.keras"), "--artifacts", str(tmp_path / "repo")]
+    assert main(args) == 2
+    assert "enable_unsafe_deserialization" in capsys.readouterr().err
+    trust = tmp_path / "trust.py"
+    trust.write_text("import keras\n\nkeras.config.enable_unsafe_deserialization()\n")
+    result = run_training(*args, "--custom-objects", trust)  # its own process: the setting is process-wide
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert artifact.read_metadata(tmp_path / "repo" / "lambda" / "1").dropout_layers[0].rate == 0.5

@@ -49,6 +49,12 @@ def load(source: Path, custom_objects: str | None = None) -> keras.Model:
                 f"{source}: uses classes that are not Keras' own: {', '.join(custom)}. Pass --custom-objects MODULE "
                 "(an importable module or a .py file defining them, or a dict CUSTOM_OBJECTS in it)"
             ) from None
+        if "safe_mode" in str(error):  # a Lambda layer's Python code, which Keras runs only when told to
+            raise ImportRefused(
+                f"{source}: holds Python code (a Lambda layer), which Keras does not run from a file by default. "
+                "If you trust the file, pass --custom-objects with a module that calls "
+                "keras.config.enable_unsafe_deserialization()"
+            ) from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ImportRefused(f"{source}: Keras could not load it: {first}") from None
 

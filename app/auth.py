@@ -16,8 +16,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.context import reply
 
-OPEN_PREFIXES = ("/health/", "/v2/health/")
-OPEN_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PREFIXES = ("/health/", "/v2/health/", "/docs/")  # /docs/: the docs' OAuth2 redirect and assets
+OPEN_PATHS = frozenset({"/docs", "/redoc", "/openapi.json"})
 _CHALLENGE = 'Bearer realm="dropout-serve"'
 
 

@@ -10,9 +10,9 @@ by kubernetes-validate; KServe resources by the openAPIV3Schema of KServe's own 
 
 from __future__ import annotations
 
-import ast
 import copy
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -27,12 +27,13 @@ from pydantic import AliasChoices
 from starlette.routing import Match
 
 from app.main import app, create_app
+from app.server import GRACEFUL_SHUTDOWN_SECONDS
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KSERVE = ROOT / "deploy" / "kserve"
-KSERVE_CRDS = ROOT / ".." / "shared" / "kserve-crds"
+KSERVE_CRDS = Path(os.environ.get("DS_SHARED_DIR", ROOT / ".." / "shared")) / "kserve-crds"  # as tests/container
 OVERLAYS = sorted(p.name for p in (KUBERNETES / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 # The oldest Kubernetes minor still maintained upstream when this was written, and the newest
 # that kubernetes-validate knows.
@@ -323,15 +324,6 @@ def test_non_root_read_only_and_models_mounted(where, metadata, spec, container,
         assert container["resources"]["requests"][resource] and container["resources"]["limits"][resource]
 
 
-def uvicorn_drain_seconds() -> float:
-    """``timeout_graceful_shutdown`` as ``python -m app`` (the image's command) passes it to uvicorn."""
-    tree = ast.parse((ROOT / "app" / "__main__.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.keyword) and node.arg == "timeout_graceful_shutdown":
-            return ast.literal_eval(node.value)
-    pytest.fail("python -m app sets no timeout_graceful_shutdown: uvicorn would drain without limit")
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_deployment_wiring(rendered, overlay):
     resources = rendered[overlay]
@@ -351,5 +343,5 @@ def test_deployment_wiring(rendered, overlay):
     (container,) = pod["containers"]
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] > int(command[1]) + uvicorn_drain_seconds()
+    assert pod["terminationGracePeriodSeconds"] > int(command[1]) + GRACEFUL_SHUTDOWN_SECONDS
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0

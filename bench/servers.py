@@ -181,7 +181,7 @@ def ours(ports: tuple[int, int], model_dir: Path, model: str, workloads: list[Wo
         requests=requests,
         read=_read_probabilities,
         grpc_port=grpc_port,
-        grpc_calls={"grpc-v2-1": (MODEL_INFER, model_infer_request(model, one_row))} if batched else {},
+        grpc_calls=_grpc_calls(model, one_row) if batched else {},
     )
 
 
@@ -218,6 +218,13 @@ def _read_probabilities(answer: dict) -> np.ndarray:
 
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
+
+
+def _grpc_calls(model: str, one_row: Workload) -> dict[str, tuple[str, bytes]]:
+    """ModelInfer of one row, and ServerLive: a gRPC call through the same server and checks that does
+    nothing, the floor of what a call costs."""
+    return {"grpc-v2-1": (MODEL_INFER, model_infer_request(model, one_row)), "grpc-live": (SERVER_LIVE, b"")}
 
 
 def _v2_json(workload: Workload) -> str:
@@ -237,13 +244,17 @@ def model_infer_request(model: str, workload: Workload) -> bytes:
     return request.SerializeToString()
 
 
-def grpc_answer(port: int, method: str, payload: bytes) -> np.ndarray:
-    """The first output of one ``ModelInfer`` call, read with the generated message class."""
+def grpc_answer(port: int, method: str, payload: bytes) -> np.ndarray | None:
+    """The first output of one ``ModelInfer`` call, read with the generated message class (None for
+    another method, whose call only has to succeed)."""
     import grpc
     from tritonclient.grpc import service_pb2
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        response = service_pb2.ModelInferResponse.FromString(channel.unary_unary(method)(payload, timeout=30))
+        answer = channel.unary_unary(method)(payload, timeout=30)
+    if method != MODEL_INFER:
+        return None
+    response = service_pb2.ModelInferResponse.FromString(answer)
     output = response.outputs[0]
     if output.datatype != "FP32":
         raise RuntimeError(f"ModelInfer answered {output.datatype}, expected FP32")

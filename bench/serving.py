@@ -24,9 +24,9 @@ Servers (one process each, loopback only, no access logs):
                   `git worktree` of it, so "no slower than before the refactor" is measured side by side
 Workloads: predict-1 and predict-32 (1 and 32 digit instances per request), mc-100
 (/predict/mc-dropout, 1 instance, T = 100; this server only; at the --mc-connections counts);
-for ours-batched also v2-1 (REST /v2/models/{m}/infer, JSON, 1 instance) and grpc-v2-1 (gRPC
-ModelInfer, raw FP32, 1 instance; N concurrent calls on one channel by bench/grpc_load.py in the
-"N conn" columns).
+for ours-batched also v2-1 (REST /v2/models/{m}/infer, JSON, 1 instance), grpc-v2-1 (gRPC
+ModelInfer, raw FP32, 1 instance) and grpc-live (gRPC ServerLive: a call that does nothing), the gRPC
+ones N concurrent calls on one channel by bench/grpc_load.py in the "N conn" columns.
 
 Prints markdown tables and the ratios issues 9 and 21's acceptance names, and writes all numbers to
 bench/results/serving-<UTC time>.json. The full run also times the in-process costs
@@ -76,7 +76,7 @@ WORKLOADS = [
 ]
 
 
-ONE_ROW = {"v2-1": "predict-1", "grpc-v2-1": "predict-1"}
+ONE_ROW = {"v2-1": "predict-1", "grpc-v2-1": "predict-1", "grpc-live": "predict-1"}
 """The Open Inference Protocol workloads (``bench.servers.ours``) send predict-1's row."""
 
 
@@ -219,6 +219,13 @@ FIGURES = [
         (OURS, "grpc-v2-1", 1, "p50_ms"),
         (OURS, "v2-1", 1, "p50_ms"),
         "-",
+        None,
+    ),
+    (
+        "gRPC ServerLive (a call that does nothing), 32 calls: req/s vs REST v2 /infer at 32 conn",
+        (OURS, "grpc-live", 32, "rps"),
+        (OURS, "v2-1", 32, "rps"),
+        "/",
         None,
     ),
     (

@@ -53,7 +53,7 @@ def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_p
     expected = {("floor", "predict-1", c) for c in (1, 8)} | {("minimal", w, c) for w, c in predict}
     for ours in servers[2:]:
         expected |= {(ours, w, c) for w, c in [*predict, ("mc-100", 1), ("mc-100", 8)]}
-    expected |= {("ours-batched", w, c) for w in ("v2-1", "grpc-v2-1") for c in (1, 8)}  # the default configuration
+    expected |= {("ours-batched", w, c) for w in ("v2-1", "grpc-v2-1", "grpc-live") for c in (1, 8)}  # the default
     assert_complete(results, expected)
     assert results["run"]["model"] == str(tiny_classifier_dir)
     figures = {f["name"]: f for f in results["ratios"]}
@@ -106,7 +106,7 @@ def test_rounds_measure_every_server_again(tiny_classifier_dir, tmp_path):
     results = run_bench(repository, tmp_path / "r.json", *args)
     rounds = {(r["server"], r["workload"], r["connections"], r["round"]) for r in results["runs"]}
     cells = {("floor", "predict-1", 8), ("ours-batched", "predict-1", 8), ("ours-batched", "predict-32", 8)}
-    cells |= {("ours-batched", "mc-100", 1), ("ours-batched", "v2-1", 8), ("ours-batched", "grpc-v2-1", 8)}
+    cells |= {("ours-batched", w, 8) for w in ("v2-1", "grpc-v2-1", "grpc-live")} | {("ours-batched", "mc-100", 1)}
     assert rounds == {(*cell, k) for cell in cells for k in (1, 2)}
     assert len(results["ratios_per_round"]) == 2
     assert [f["name"] for f in results["ratios_per_round"][1]] == [f["name"] for f in results["ratios"]]
@@ -132,7 +132,8 @@ def test_grpc_and_the_pre_refactor_server_are_measured_beside_rest(tiny_classifi
     repository = tiny_classifier_dir.parents[1]
     args = ["--servers", "ours-batched", "ours-before", "--connections", "1", "8", "--mc-connections", "1"]
     results = run_bench(repository, tmp_path / "r.json", *args)
-    expected = {("ours-batched", w, c) for w in ("predict-1", "predict-32", "v2-1", "grpc-v2-1") for c in (1, 8)}
+    workloads = ("predict-1", "predict-32", "v2-1", "grpc-v2-1", "grpc-live")
+    expected = {("ours-batched", w, c) for w in workloads for c in (1, 8)}
     expected |= {("ours-before", w, c) for w in ("predict-1", "predict-32") for c in (1, 8)}
     expected.add(("ours-batched", "mc-100", 1))
     assert_complete(results, expected)

@@ -102,6 +102,12 @@ def test_bad_tensors_name_the_spot():
 
     bad_request("a value is outside the INT8 range", overflow)
 
+    def shared(request):
+        tensor = request.inputs.add(name="inputs", datatype="FP32", shape=[1])
+        tensor.parameters["shared_memory_region"].string_param = "region"
+
+    bad_request("inputs[0] ('inputs').parameters: the shared memory extension is not supported", shared)
+
     def twice(request):
         for _ in range(2):
             request.inputs.add(name="inputs", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)

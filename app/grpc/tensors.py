@@ -74,6 +74,8 @@ def _v2_input(
     if datatype not in codec.DATATYPES:
         raise bad(f"{where}.datatype: {datatype!r} is not served; the models here take {', '.join(codec.DATATYPES)}")
     dtype = codec.DATATYPES[datatype]
+    if any(key.startswith("shared_memory") for key in tensor.parameters):
+        raise bad(f"{where}.parameters: the shared memory extension is not supported; send the data in the message")
     shape = list(tensor.shape)
     if any(d < 0 for d in shape):
         raise bad(f"{where}.shape: expected non-negative dimensions, got {shape}")

@@ -22,7 +22,7 @@ from app.errors import ApiError
 from app.grpc import tensors
 from app.grpc.server import current_record
 from app.protocols.v2 import EXTENSIONS, PLATFORM, REPOSITORY_STATES
-from app.protocols.v2_parameters import mc_parameters
+from app.protocols.v2_parameters import input_name, mc_parameters
 from app.summaries import output_names
 from app.summaries import tensors as summary_tensors
 
@@ -77,14 +77,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 raise ApiError(400, f"outputs[{index}].parameters.classification: the extension is not supported")
         tensor = inputs[0]
         asked = [output.name for output in request.outputs] or None
+        parameters = tensors.v2_parameters(request.parameters)
         result = await self.plane.infer(
             InferRequest(
                 tensor.array,
                 request.model_name,
                 _version(request.model_version),
-                mc=mc_parameters(tensors.v2_parameters(request.parameters)),
+                mc=mc_parameters(parameters),
                 where=f"input {tensor.name!r}",
-                input_name=tensor.name,
+                input_name=input_name(parameters, tensor.name),
                 outputs=asked,
                 record=current_record(),
             )

@@ -24,7 +24,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from app.context import record_of
 from app.dataplane import DataPlane, InferRequest, InferResult, monte_carlo
-from app.errors import ApiError
+from app.errors import ApiError, describe
 from app.loading import ServedModel
 from app.protocols.body import dataplane, json_response, may_hold_booleans, read_json
 from app.schemas import DIGIT_ZERO, ProtocolError
@@ -181,7 +181,7 @@ async def _predict(request: Request, name: str, version: int | None = None, labe
         raise ApiError(400, "send exactly one of 'instances' (row format) or 'inputs' (columnar format)")
     signature = data.get("signature_name", artifact.SERVING_SIGNATURE)
     if not isinstance(signature, str):
-        raise ApiError(400, f"'signature_name' must be a string, got {signature!r}")
+        raise ApiError(400, f"'signature_name' must be a string, got {describe(signature)}")
     call = InferRequest([], name, version, label, booleans=may_hold_booleans(raw), record=record_of(request.scope))
     if signature == artifact.SERVING_SIGNATURE:
         call.rows, call.input_name = _serving_rows(data)

@@ -92,3 +92,24 @@ def test_overload_deadline_and_message_size(tiny_classifier_dir, tmp_path):
     finally:
         triton.close()
         server.stop()
+
+
+def test_workers_share_the_grpc_port(tiny_classifier_dir, tmp_path):
+    """python -m app with two workers: both bind the gRPC port (SO_REUSEPORT) and new connections reach both."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    repository = tmp_path / "models"
+    shutil.copytree(tiny_classifier_dir, repository / "tiny" / "1")
+    port = free_port()
+    server = Server(repository, entry="app", workers=2, grpc_port=port)
+    try:
+        workers: set[str] = set()
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # a new connection each time
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                _, call = stub.ServerLive.with_call(service_pb2.ServerLiveRequest(), timeout=10)
+            workers.add(dict(call.trailing_metadata())["x-request-id"][:16])  # generated ids start per process
+        assert len(workers) == 2
+    finally:
+        assert server.stop() == 0

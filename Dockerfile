@@ -29,8 +29,9 @@ WORKDIR /src
 # same `tensorflow` package, so a TENSORFLOW swap removes one before adding the other. Then what
 # serving never uses goes: TensorFlow's C++ headers (~290 MB, for compiling custom ops), libclang
 # (64 MB, a TensorFlow dependency for generating code), and the debug symbols of the shared
-# libraries (~290 MB; `strip --strip-unneeded` keeps the dynamic symbols that loading needs).
-# Libraries that auditwheel grafted into `*.libs/` folders are left as they are.
+# libraries (~290 MB; `strip --strip-unneeded` keeps the dynamic symbols that loading needs), and
+# the packages' own test suites (~18 MB, numpy's nearly all). Libraries that auditwheel grafted
+# into `*.libs/` folders are left as they are.
 COPY pyproject.toml ./
 RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
         > /tmp/requirements.txt \
@@ -41,6 +42,7 @@ RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))
  && pip uninstall -y libclang \
  && cd /opt/dropout-serve/lib/python3.11/site-packages \
  && rm -rf tensorflow/include \
+ && find . -type d -name tests -prune -exec rm -rf {} + \
  && find . -name '*.so*' -type f -not -path '*.libs/*' -exec strip --strip-unneeded {} +
 
 # The project itself, non-editable. --no-deps: the layer above has them (and a TENSORFLOW

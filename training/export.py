@@ -142,6 +142,7 @@ def export_model(
     training: dict[str, object] | None = None,
     history: dict[str, list[float]] | None = None,
     rows_per_pass: int | None = None,
+    output_meaning: str | None = None,
 ) -> Path:
     """Publish ``model`` as the next version of ``name`` in ``repository``; returns its folder.
 
@@ -152,6 +153,7 @@ def export_model(
     prediction and the MC predictive (``mc_dropout``'s extra ``predictive`` output) inside the
     signatures. A heteroscedastic regression model outputs ``[mean (D), variance (D)]`` in target
     units (see ``training.model.with_preprocessing``); its signatures return them as two keys.
+    ``output_meaning`` replaces the metadata's default description of the outputs.
     """
     input_shape = [int(d) for d in _input_spec(model).shape[1:]]
     output_shape = [int(d) for d in model.outputs[0].shape[1:]]
@@ -182,7 +184,7 @@ def export_model(
             task=task,
             input_shape=input_shape,
             output_shape=output_shape,
-            output_meaning=_meaning(task, likelihood, temperature, predictive_temperature),
+            output_meaning=output_meaning or _meaning(task, likelihood, temperature, predictive_temperature),
             class_labels=class_labels,
             feature_names=feature_names,
             target_names=target_names,

@@ -11,6 +11,9 @@ export TF_CPP_MIN_LOG_LEVEL ?= 1
 # Debian tools the tests drive: haproxy (tests/test_replicas.py) and wrk (tests/test_bench.py).
 TEST_TOOLS := haproxy wrk
 
+# pyproject.toml's [tool.dropout-serve] no-deps: packages installed without their requirements (why: there).
+export NO_DEPS := import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["dropout-serve"]["no-deps"])
+
 .PHONY: serve test test-tools lint bench bench-replicas clean
 
 # Serving and the default training: the server's dependencies and the [train] extra, no test tools.
@@ -39,6 +42,7 @@ $(BIN)/python:
 # .installed-train: `pip install -e '.[train]'`; .installed-dev: `.[dev]` (which includes train).
 $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[$*]'
+	$(BIN)/pip install --quiet --no-deps $$($(BIN)/python -c "$$NO_DEPS")
 	touch $@
 
 bench: $(VENV)/.installed-dev

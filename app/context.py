@@ -67,6 +67,14 @@ def annotate(
         record.samples = samples
 
 
+def request_id_from(given: str) -> str:
+    """The client's request id when it is a sane token (HTTP's ``X-Request-ID``, gRPC's ``x-request-id``
+    metadata), else a fresh one."""
+    if given and _SANE_ID.fullmatch(given):
+        return given
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
 def record_of(scope: Scope) -> RequestRecord | None:
     """This request's record, for the data plane to fill in (None without ``RequestContext``)."""
     return scope.get(_SCOPE_KEY)
@@ -106,9 +114,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = header(scope, b"x-request-id")
-        if not (request_id and _SANE_ID.fullmatch(request_id)):
-            request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+        request_id = request_id_from(header(scope, b"x-request-id"))
         record = RequestRecord(request_id, scope["method"], scope["path"], time.perf_counter())
         scope[_SCOPE_KEY] = record
         token = logs.request_id.set(request_id)

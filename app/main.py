@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from app import docs, memory, openapi
 from app.dataplane import DataPlane
 from app.errors import BodySizeLimit, install_error_handlers
+from app.grpc import open_port
 from app.hot_routes import Service, hot_endpoints
 from app.operations import install_operations
 from app.protocols import native, tfserving, v2
@@ -43,9 +44,13 @@ def create_app(settings: Settings | None = None) -> Service:
         runtime = Runtime(settings)
         registry = await run_in_threadpool(start_registry, settings, runtime)
         app.state.dataplane = DataPlane(settings, registry)
+        grpc_port = None
         try:
+            grpc_port = await open_port(settings, app.state.dataplane, app.version)
             yield
         finally:
+            if grpc_port is not None:
+                await grpc_port.close()
             registry.stop()
             runtime.close()
 

@@ -25,7 +25,9 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(2.0, ge=0, description="how often the repository is rescanned; 0 = never")
     host: str = Field("0.0.0.0", description="address the HTTP server listens on (python -m app)")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (python -m app); 0 = any free port")
-    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (Open Inference Protocol v2); 0 = off")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="gRPC port (Open Inference Protocol v2, TF Serving, grpc.health.v1); 0 = off"
+    )
     workers: int = Field(1, ge=1, description="server processes on one port (python -m app)")
     tf_threads: int = Field(
         1,

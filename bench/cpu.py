@@ -9,6 +9,7 @@ process and every child process, before and after one wrk run.
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -52,6 +53,12 @@ def per_request(before: dict, after: dict, requests: int, pid: int) -> dict[str,
     loop = spent.get((pid, pid), 0.0)
     scale = 1e6 / requests
     return {"total": total * scale, "loop": loop * scale, "other": (total - loop) * scale}
+
+
+def children() -> float:
+    """CPU seconds of this process's ended children (the load generators of the runs so far)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def available() -> bool:

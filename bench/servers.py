@@ -53,7 +53,11 @@ class Server:
     requests: dict[str, tuple[str, str]]
     read: Callable[[dict], np.ndarray | None]  # an answer -> probabilities [rows, classes], or None
     cwd: Path = ROOT
+    grpc_port: int | None = None
+    grpc_calls: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    """Workloads sent to the gRPC port: (full method name, serialized ModelInferRequest)."""
     process: subprocess.Popen | None = field(default=None, repr=False)
+    cleanup: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -84,12 +88,16 @@ class Server:
 
     def answer(self, workload: str) -> np.ndarray | None:
         """One request of ``workload``; its probabilities (None where the server returns none)."""
+        if workload in self.grpc_calls:
+            return grpc_answer(self.grpc_port, *self.grpc_calls[workload])
         response = self.post(*self.requests[workload])
         if response.status_code != 200:
             raise RuntimeError(f"{self.name} {workload}: {response.status_code} {response.text[:500]}")
         return self.read(response.json())
 
     def stop(self) -> None:
+        if self.cleanup is not None:
+            self.cleanup()
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
@@ -143,29 +151,114 @@ def minimal(port: int, version_dir: Path, workloads: list[Workload]) -> Server:
     )
 
 
-def ours(port: int, model_dir: Path, model: str, workloads: list[Workload], batched: bool) -> Server:
-    """``uvicorn app.main:app``, one process; unbatched is ``DROPOUT_SERVE_MAX_BATCH_SIZE=1``, batched the default."""
+def ours(ports: tuple[int, int], model_dir: Path, model: str, workloads: list[Workload], batched: bool) -> Server:
+    """``uvicorn app.main:app``, one process; unbatched is ``DROPOUT_SERVE_MAX_BATCH_SIZE=1``, batched the default.
+
+    Batched, it also takes the one-row workload through the Open Inference Protocol: REST
+    ``/v2/models/{m}/infer`` (``v2-1``, JSON) and gRPC ``ModelInfer`` on ``ports[1]`` (``grpc-v2-1``,
+    raw FP32 contents as tritonclient sends them).
+    """
+    port, grpc_port = ports
     # No per-request log line, like every other server here (uvicorn --no-access-log, MLServer without debug).
     settings = {
         "DROPOUT_SERVE_MODEL_DIR": str(model_dir),
         "DROPOUT_SERVE_DEFAULT_MODEL": model,
         "DROPOUT_SERVE_ACCESS_LOG": "false",
+        "DROPOUT_SERVE_GRPC_PORT": str(grpc_port),
     }
     if not batched:
         settings["DROPOUT_SERVE_MAX_BATCH_SIZE"] = "1"
-
-    def read(answer: dict) -> np.ndarray:
-        return np.asarray([p["probabilities"] for p in answer["predictions"]])
-
+    requests = {w.name: ("/predict/mc-dropout" if w.samples else "/predict", _native(w)) for w in workloads}
+    (one_row,) = (w for w in workloads if w.samples is None and len(w.rows) == 1)
+    if batched:  # the default configuration, which the protocol comparison is about
+        requests["v2-1"] = (f"/v2/models/{model}/infer", _v2_json(one_row))
     return Server(
         name="ours-batched" if batched else "ours-unbatched",
         description="dropout-serve, " + ("batched (default settings)" if batched else "MAX_BATCH_SIZE=1"),
         command=_uvicorn("app.main:app", port),
         env=_env(**settings),
         port=port,
-        requests={w.name: ("/predict/mc-dropout" if w.samples else "/predict", _native(w)) for w in workloads},
-        read=read,
+        requests=requests,
+        read=_read_probabilities,
+        grpc_port=grpc_port,
+        grpc_calls=_grpc_calls(model, one_row) if batched else {},
     )
+
+
+def before(port: int, model_dir: Path, model: str, workloads: list[Workload], commit: str, scratch: Path) -> Server:
+    """This server as it was at ``commit`` (default settings), from a ``git worktree`` of it, on ``/predict``."""
+    checkout = scratch / f"before-{commit}"
+    if not checkout.exists():
+        command = ["git", "worktree", "add", "--detach", str(checkout), commit]
+        subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    settings = {"DROPOUT_SERVE_MODEL_DIR": str(model_dir), "DROPOUT_SERVE_DEFAULT_MODEL": model}
+    settings["DROPOUT_SERVE_ACCESS_LOG"] = "false"
+
+    def remove() -> None:
+        subprocess.run(["git", "worktree", "remove", "--force", str(checkout)], cwd=ROOT, capture_output=True)
+
+    return Server(
+        name="ours-before",
+        description=f"dropout-serve at {commit} (before the data-plane refactor), batched",
+        command=_uvicorn("app.main:app", port),
+        env=_env(**settings),
+        port=port,
+        requests={w.name: ("/predict", _native(w)) for w in workloads if w.samples is None},
+        read=_read_probabilities,
+        cwd=checkout,
+        cleanup=remove,
+    )
+
+
+def _read_probabilities(answer: dict) -> np.ndarray:
+    if "outputs" in answer:  # the v2 door
+        (output,) = answer["outputs"]
+        return np.asarray(output["data"]).reshape(output["shape"])
+    return np.asarray([p["probabilities"] for p in answer["predictions"]])
+
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
+
+
+def _grpc_calls(model: str, one_row: Workload) -> dict[str, tuple[str, bytes]]:
+    """ModelInfer of one row, and ServerLive: a gRPC call through the same server and checks that does
+    nothing, the floor of what a call costs."""
+    return {"grpc-v2-1": (MODEL_INFER, model_infer_request(model, one_row)), "grpc-live": (SERVER_LIVE, b"")}
+
+
+def _v2_json(workload: Workload) -> str:
+    rows = np.asarray(workload.rows, np.float32)
+    tensor = {"name": "inputs", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}
+    return json.dumps({"inputs": [tensor]})
+
+
+def model_infer_request(model: str, workload: Workload) -> bytes:
+    """A serialized gRPC ``ModelInferRequest`` of the workload's rows, as tritonclient sends them (raw FP32)."""
+    from tritonclient.grpc import service_pb2
+
+    rows = np.asarray(workload.rows, np.float32)
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name="inputs", datatype="FP32", shape=rows.shape)
+    request.raw_input_contents.append(rows.astype("<f4").tobytes())
+    return request.SerializeToString()
+
+
+def grpc_answer(port: int, method: str, payload: bytes) -> np.ndarray | None:
+    """The first output of one ``ModelInfer`` call, read with the generated message class (None for
+    another method, whose call only has to succeed)."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = channel.unary_unary(method)(payload, timeout=30)
+    if method != MODEL_INFER:
+        return None
+    response = service_pb2.ModelInferResponse.FromString(answer)
+    output = response.outputs[0]
+    if output.datatype != "FP32":
+        raise RuntimeError(f"ModelInfer answered {output.datatype}, expected FP32")
+    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(output.shape))
 
 
 def ensure_mlserver_venv(venv: Path = MLSERVER_VENV) -> Path:
@@ -233,22 +326,13 @@ def mlserver(
     (scratch / "settings.json").write_text(json.dumps(settings, indent=2))
     (scratch / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
 
-    def body(workload: Workload) -> str:
-        rows = np.asarray(workload.rows, np.float32)
-        tensor = {"name": "inputs", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}
-        return json.dumps({"inputs": [tensor]})
-
-    def read(answer: dict) -> np.ndarray:
-        (output,) = answer["outputs"]
-        return np.asarray(output["data"]).reshape(output["shape"])
-
     return Server(
         name="mlserver",
         description="MLServer 1.7, adaptive batching (32 rows, 2 ms)",
         command=[str(executable), "start", str(scratch)],
         env=_env(),
         port=http_port,
-        requests={w.name: (f"/v2/models/{model}/infer", body(w)) for w in workloads if w.samples is None},
-        read=read,
+        requests={w.name: (f"/v2/models/{model}/infer", _v2_json(w)) for w in workloads if w.samples is None},
+        read=_read_probabilities,
         cwd=scratch,  # MLServer writes its metrics and environments folders into the working directory
     )

@@ -19,11 +19,16 @@ Servers (one process each, loopback only, no access logs):
                   SavedModel through bench/mlserver_runtime.py, in its own virtual environment
                   bench/.venv-mlserver (created on first use, a few minutes; not a project dependency)
   ours-unbatched  uvicorn app.main:app with DROPOUT_SERVE_MAX_BATCH_SIZE=1
-  ours-batched    uvicorn app.main:app with default settings
+  ours-batched    uvicorn app.main:app with default settings (gRPC on a second port)
+  ours-before     the same at commit --before (38c439a, before issue 21's data plane), from a
+                  `git worktree` of it, so "no slower than before the refactor" is measured side by side
 Workloads: predict-1 and predict-32 (1 and 32 digit instances per request), mc-100
-(/predict/mc-dropout, 1 instance, T = 100; this server only; at the --mc-connections counts).
+(/predict/mc-dropout, 1 instance, T = 100; this server only; at the --mc-connections counts);
+for ours-batched also v2-1 (REST /v2/models/{m}/infer, JSON, 1 instance), grpc-v2-1 (gRPC
+ModelInfer, raw FP32, 1 instance) and grpc-live (gRPC ServerLive: a call that does nothing), the gRPC
+ones N concurrent calls on one channel by bench/grpc_load.py in the "N conn" columns.
 
-Prints markdown tables and the ratios issue 9's acceptance names, and writes all numbers to
+Prints markdown tables and the ratios issues 9 and 21's acceptance names, and writes all numbers to
 bench/results/serving-<UTC time>.json. The full run also times the in-process costs
 (bench/in_process.py). Exits 1 if a server failed or any answer was not 2xx.
 """
@@ -40,6 +45,7 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +57,9 @@ from app.schemas import DIGIT_ZERO  # noqa: E402
 from bench import cpu, in_process, servers, wrk  # noqa: E402
 from bench.servers import Workload  # noqa: E402
 
-SERVERS = ["floor", "minimal", "mlserver", "ours-unbatched", "ours-batched"]
+SERVERS = ["floor", "minimal", "mlserver", "ours-unbatched", "ours-batched", "ours-before"]
+BEFORE = "38c439a"
+"""The last commit before the data plane and the gRPC doors (issue 21): ``ours-before`` serves it."""
 OURS = "ours-batched"  # the acceptance ratios are about the default configuration
 
 
@@ -68,6 +76,10 @@ WORKLOADS = [
 ]
 
 
+ONE_ROW = {"v2-1": "predict-1", "grpc-v2-1": "predict-1", "grpc-live": "predict-1"}
+"""The Open Inference Protocol workloads (``bench.servers.ours``) send predict-1's row."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,44 +94,75 @@ def build(name: str, args: argparse.Namespace, version_dir: Path, scratch: Path)
     if name == "mlserver":
         ports = (free_port(), free_port(), free_port())
         return servers.mlserver(ports, version_dir, args.model, WORKLOADS, scratch / args.model)
-    return servers.ours(free_port(), args.model_dir, args.model, WORKLOADS, batched=name == "ours-batched")
+    if name == "ours-before":
+        return servers.before(free_port(), args.model_dir, args.model, WORKLOADS, args.before, scratch)
+    ports = (free_port(), free_port())
+    return servers.ours(ports, args.model_dir, args.model, WORKLOADS, batched=name == "ours-batched")
 
 
 def measure(server: servers.Server, args: argparse.Namespace, reference: dict) -> list[dict]:
     """Check the server's answers, then warm up and time each of its workloads; one dict per wrk run."""
-    for workload in server.requests:
-        rows = len(next(w for w in WORKLOADS if w.name == workload).rows)
+    for workload in [*server.requests, *server.grpc_calls]:
+        rows = len(next(w for w in WORKLOADS if w.name == ONE_ROW.get(workload, workload)).rows)
         probabilities = server.answer(workload)
         if probabilities is None:
             continue
         if probabilities.shape[0] != rows:
             raise RuntimeError(f"{server.name} {workload}: {probabilities.shape[0]} answers for {rows} rows")
-        if workload.startswith("predict"):  # the same model everywhere: inference-mode answers agree
-            expected = reference.setdefault(workload, probabilities)
+        if not workload.startswith("mc"):  # the same model everywhere and through every door: answers agree
+            expected = reference.setdefault(rows, probabilities)
             if (difference := float(np.max(np.abs(probabilities - expected)))) > 1e-4:
                 raise RuntimeError(f"{server.name} {workload}: answers differ from the others' by {difference:.2g}")
     runs = []
-    for workload, (path, body) in server.requests.items():
+    for workload in [*server.requests, *server.grpc_calls]:
         counts = args.mc_connections if workload.startswith("mc") else args.connections
-        wrk.run(server.url + path, body, max(counts), args.warmup)
+        load = (
+            partial(_grpc_load, server, workload) if workload in server.grpc_calls else partial(_wrk, server, workload)
+        )
+        load(max(counts), args.warmup)
         for connections in counts:
             pid = server.process.pid
             before = cpu.snapshot(pid) if cpu.available() else {}
-            result = wrk.run(server.url + path, body, connections, args.duration)
+            client_before = cpu.children()
+            result = load(connections, args.duration)
             spent = cpu.per_request(before, cpu.snapshot(pid), result.requests, pid) if before else None
+            client = (cpu.children() - client_before) * 1e6 / max(result.requests, 1)
             run = {"server": server.name, "workload": workload, "connections": connections, **result.as_dict()}
-            runs.append(run | {"cpu_us_per_request": spent})
+            runs.append(run | {"cpu_us_per_request": spent, "client_cpu_us_per_request": client})
             print(
                 f"  {server.name:15}{workload:11}{connections:3} conn {result.rps:8.0f} req/s"
                 f"  p50 {result.p50_ms:7.2f}  p99 {result.p99_ms:7.2f} ms"
                 f"  non-2xx {result.non_2xx}  socket errors {result.socket_errors}"
-                + (f"  CPU/request {spent['loop']:.0f} us loop + {spent['other']:.0f} us other" if spent else ""),
+                + (f"  CPU/request {spent['loop']:.0f} us loop + {spent['other']:.0f} us other" if spent else "")
+                + f", load generator {client:.0f} us",
                 flush=True,
             )
     return runs
 
 
-# Issue 9's acceptance figures: (figure, cell a, cell b, "/" for a / b or "-" for a - b, target).
+def _wrk(server: servers.Server, workload: str, connections: int, seconds: int) -> wrk.WrkResult:
+    path, body = server.requests[workload]
+    return wrk.run(server.url + path, body, connections, seconds)
+
+
+def _grpc_load(server: servers.Server, workload: str, calls: int, seconds: int) -> wrk.WrkResult:
+    """``calls`` concurrent gRPC calls for ``seconds`` (bench/grpc_load.py, its own process, as wrk is)."""
+    method, payload = server.grpc_calls[workload]
+    with tempfile.NamedTemporaryFile(suffix=".bin") as request:
+        request.write(payload)
+        request.flush()
+        command = [sys.executable, "-m", "bench.grpc_load", "--port", str(server.grpc_port), "--method", method]
+        command += ["--payload", request.name, "--concurrency", str(calls), "--seconds", str(seconds)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench/grpc_load.py failed ({done.returncode}): {done.stderr[-2000:]}")
+    return wrk.parse(done.stdout)
+
+
+NO_SLOWER = 0.95
+""""No slower than before": within 5 %, less than the spread of one cell between rounds on a shared machine."""
+
+# Issue 9's and 21's acceptance figures: (figure, cell a, cell b, "/" for a / b or "-" for a - b, target).
 # A cell is (server, workload, connections, number); targets are ">= x" for ratios, "<= ms" for differences.
 FIGURES = [
     (
@@ -163,6 +206,34 @@ FIGURES = [
         ("floor", "predict-1", 1, "p50_ms"),
         "-",
         2,
+    ),
+    (
+        "gRPC ModelInfer 1 instance, 32 calls: req/s vs REST v2 /infer at 32 conn",
+        (OURS, "grpc-v2-1", 32, "rps"),
+        (OURS, "v2-1", 32, "rps"),
+        "/",
+        1,
+    ),
+    (
+        "gRPC ModelInfer 1 instance, 1 call: p50 minus REST v2 /infer's",
+        (OURS, "grpc-v2-1", 1, "p50_ms"),
+        (OURS, "v2-1", 1, "p50_ms"),
+        "-",
+        None,
+    ),
+    (
+        "gRPC ServerLive (a call that does nothing), 32 calls: req/s vs REST v2 /infer at 32 conn",
+        (OURS, "grpc-live", 32, "rps"),
+        (OURS, "v2-1", 32, "rps"),
+        "/",
+        None,
+    ),
+    (
+        f"/predict 1 instance, 32 conn: req/s vs before the refactor ({BEFORE})",
+        (OURS, "predict-1", 32, "rps"),
+        ("ours-before", "predict-1", 32, "rps"),
+        "/",
+        NO_SLOWER,
     ),
     (
         "MC T=100 1 instance, 8 conn: req/s vs /predict's",
@@ -211,6 +282,8 @@ def medians(runs: list[dict]) -> list[dict]:
         errors = {key: sum(r[key] for r in rounds) for key in ("non_2xx", "socket_errors")}
         spent = [r["cpu_us_per_request"] for r in rounds if r.get("cpu_us_per_request")]
         median["cpu_us_per_request"] = {k: float(np.median([s[k] for s in spent])) for k in spent[0]} if spent else None
+        clients = [r["client_cpu_us_per_request"] for r in rounds if r.get("client_cpu_us_per_request") is not None]
+        median["client_cpu_us_per_request"] = float(np.median(clients)) if clients else None
         merged.append({"server": server, "workload": workload, "connections": connections, **median, **errors})
     return merged
 
@@ -231,10 +304,15 @@ def tables(runs: list[dict], connections: list[int]) -> str:
         spent = r.get("cpu_us_per_request")
         return f"{spent['loop']:.0f} + {spent['other']:.0f}" if spent else "—"
 
+    def client_time(r: dict) -> str:
+        spent = r.get("client_cpu_us_per_request")
+        return "—" if spent is None else f"{spent:.0f}"
+
     for title, show in [
         ("req/s", throughput),
         ("latency p50 / p99, ms", lambda r: f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}"),
         ("server CPU per request, µs: main (event-loop) thread + all other threads", cpu_time),
+        ("load generator CPU per request, µs (wrk; bench/grpc_load.py for grpc-*)", client_time),
     ]:
         out += [f"\n{title}\n", header, rule]
         for server, workload in rows:
@@ -291,6 +369,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=ROOT / "artifacts", help="model repository")
     parser.add_argument("--model", default="digits", help="model name (its latest version is served)")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
+    parser.add_argument("--before", default=BEFORE, help=f"commit ours-before serves (default {BEFORE})")
     parser.add_argument("--connections", type=int, nargs="+", help="for predict-* (default 1 8 32 64; quick 1 8 32)")
     parser.add_argument("--mc-connections", type=int, nargs="+", help="for mc-100 (default 1 8)")
     parser.add_argument("--duration", type=int, help="seconds per measurement (default 10; quick 2)")
@@ -367,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; medians of {args.rounds} rounds" if args.rounds > 1 else "")
     )
     print(tables(cells, sorted({*args.connections, *args.mc_connections})))
-    print("\nacceptance figures (issue 9), this server with default settings\n")
+    print("\nacceptance figures (issues 9 and 21), this server with default settings\n")
     print(ratio_table(results["ratios"]))
     if args.rounds > 1:
         print("\nthe same figures round by round\n")

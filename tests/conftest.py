@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,10 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tests start many servers side by side, in-process and as processes: the gRPC port (default 8001)
+# is off unless a test gives one (tests/test_grpc.py gives its servers free ports).
+os.environ["DROPOUT_SERVE_GRPC_PORT"] = "0"
 
 
 def run_training(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -61,6 +66,15 @@ def digit_rows() -> np.ndarray:
     return digits().x[:16]
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server's gRPC port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
     """A real service process on a free loopback port: ``uvicorn app.main:app``, or with
     ``entry="app"`` the production entry ``python -m app`` (host and port from the settings);
@@ -74,6 +88,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = int(settings.get("grpc_port", 0))
         env = {**os.environ, "DROPOUT_SERVE_MODEL_DIR": str(model_dir)}
         env.update({f"DROPOUT_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
         command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)]

@@ -7,6 +7,7 @@ connection count asked for, and that no answer was an error.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench import cpu, serving, wrk
+from bench.serving import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +41,7 @@ def assert_complete(results: dict, expected: set[tuple[str, str, int]]) -> None:
         assert run["non_2xx"] == 0 and run["socket_errors"] == 0, run
         spent = run["cpu_us_per_request"]  # read from /proc for the server's threads
         assert spent["loop"] > 0 and spent["total"] >= spent["loop"], run
+        assert run["client_cpu_us_per_request"] > 0, run  # wrk's or bench/grpc_load.py's own CPU
 
 
 def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_path):
@@ -50,6 +53,7 @@ def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_p
     expected = {("floor", "predict-1", c) for c in (1, 8)} | {("minimal", w, c) for w, c in predict}
     for ours in servers[2:]:
         expected |= {(ours, w, c) for w, c in [*predict, ("mc-100", 1), ("mc-100", 8)]}
+    expected |= {("ours-batched", w, c) for w in ("v2-1", "grpc-v2-1", "grpc-live") for c in (1, 8)}  # the default
     assert_complete(results, expected)
     assert results["run"]["model"] == str(tiny_classifier_dir)
     figures = {f["name"]: f for f in results["ratios"]}
@@ -102,7 +106,7 @@ def test_rounds_measure_every_server_again(tiny_classifier_dir, tmp_path):
     results = run_bench(repository, tmp_path / "r.json", *args)
     rounds = {(r["server"], r["workload"], r["connections"], r["round"]) for r in results["runs"]}
     cells = {("floor", "predict-1", 8), ("ours-batched", "predict-1", 8), ("ours-batched", "predict-32", 8)}
-    cells.add(("ours-batched", "mc-100", 1))
+    cells |= {("ours-batched", w, 8) for w in ("v2-1", "grpc-v2-1", "grpc-live")} | {("ours-batched", "mc-100", 1)}
     assert rounds == {(*cell, k) for cell in cells for k in (1, 2)}
     assert len(results["ratios_per_round"]) == 2
     assert [f["name"] for f in results["ratios_per_round"][1]] == [f["name"] for f in results["ratios"]]
@@ -120,3 +124,28 @@ def test_cpu_snapshot_reads_this_process():
     assert cpu.available()
     threads = cpu.snapshot(os.getpid())
     assert (os.getpid(), os.getpid()) in threads and all(seconds >= 0 for _, seconds in threads.values())
+
+
+def test_grpc_and_the_pre_refactor_server_are_measured_beside_rest(tiny_classifier_dir, tmp_path):
+    """gRPC ModelInfer (bench/grpc_load.py) and REST v2 on this server, /predict on a worktree of the commit
+    before the refactor, all in one run with no error; their figures are computed."""
+    repository = tiny_classifier_dir.parents[1]
+    args = ["--servers", "ours-batched", "ours-before", "--connections", "1", "8", "--mc-connections", "1"]
+    results = run_bench(repository, tmp_path / "r.json", *args)
+    workloads = ("predict-1", "predict-32", "v2-1", "grpc-v2-1", "grpc-live")
+    expected = {("ours-batched", w, c) for w in workloads for c in (1, 8)}
+    expected |= {("ours-before", w, c) for w in ("predict-1", "predict-32") for c in (1, 8)}
+    expected.add(("ours-batched", "mc-100", 1))
+    assert_complete(results, expected)
+    assert "38c439a" in results["servers"]["ours-before"]["description"]
+    figures = {f["name"]: f for f in results["ratios"]}
+    assert figures["gRPC ModelInfer 1 instance, 1 call: p50 minus REST v2 /infer's"]["value"] is not None
+    assert "before" not in subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+
+
+def test_grpc_load_result_line_reads_like_wrk():
+    from bench import grpc_load
+
+    line = asyncio.run(grpc_load.load(free_port(), "/x.Y/Z", b"", 2, 0.2, 0, 10))
+    result = wrk.parse(line)  # nothing listens: every call fails, and is counted
+    assert result.requests == 0 and 0 < result.non_2xx <= 10  # bounded by max_calls

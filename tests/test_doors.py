@@ -3,8 +3,8 @@
 One matrix of good and bad requests goes through each door on a real server with a tiny trained
 model. A door is an object with ``predict`` and ``mc`` that speaks its own wire format and returns a
 normalized ``Answer``: ``kind`` ("ok", "invalid_argument", "not_found", "forbidden", "unavailable")
-and either the numbers (ok) or the error message. More doors (gRPC v2, gRPC TF Serving) join by
-adding a class to ``DOORS``: each gets the running ``Server`` and answers the same matrix.
+and either the numbers (ok) or the error message. Five doors: native, TF Serving REST, v2 REST, and
+over gRPC v2 and TF Serving; each gets the running ``Server`` and answers the same matrix.
 """
 
 from __future__ import annotations
@@ -16,10 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
-from conftest import Server
+import tensorflow as tf
+from conftest import Server, free_port
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from training.uncertainty import summarize_classification
 
@@ -165,7 +169,94 @@ class V2Door:
         )
 
 
-DOORS = [NativeDoor, TFServingDoor, V2Door]
+KIND_OF_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
+    grpc.StatusCode.PERMISSION_DENIED: "forbidden",
+    grpc.StatusCode.NOT_FOUND: "not_found",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+}
+
+
+def _grpc_call(call) -> Answer:
+    """``call()``'s numbers as an ok Answer, or its gRPC error as the failure it means."""
+    try:
+        return Answer("ok", call())
+    except grpc.RpcError as error:
+        return Answer(KIND_OF_CODE.get(error.code(), f"status {error.code().name}"), error.details())
+
+
+class GrpcV2Door:
+    """Open Inference Protocol over gRPC: ModelInfer with raw FP32 contents (what tritonclient sends)."""
+
+    name = "grpc-v2"
+
+    def __init__(self, server: Server) -> None:
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+
+    def _infer(self, rows: list, model: str | None, version: int | None, parameters: dict[str, Any]) -> dict:
+        data = np.asarray(rows, dtype=np.float32)
+        request = service_pb2.ModelInferRequest(model_name=model or MODEL, model_version=str(version or ""))
+        request.inputs.add(name="inputs", datatype="FP32", shape=data.shape)
+        request.raw_input_contents.append(data.tobytes())
+        for key, value in parameters.items():
+            kind = "bool_param" if isinstance(value, bool) else "uint64_param" if value >= 2**63 else "int64_param"
+            setattr(request.parameters[key], kind, value)  # beyond int64: the protocol's uint64 parameter
+        response = self.stub.ModelInfer(request, timeout=60)
+        outputs = zip(response.outputs, response.raw_output_contents, strict=True)
+        tensors = {
+            o.name: np.frombuffer(raw, f"<f{4 if o.datatype == 'FP32' else 8}").reshape(o.shape) for o, raw in outputs
+        }
+        return {**tensors, **{key: response.parameters[key].int64_param for key in ("samples", "seed")}}
+
+    def predict(self, rows: list, model: str | None = None, version: int | None = None) -> Answer:
+        return _grpc_call(lambda: {"probabilities": self._infer(rows, model, version, {})["outputs"].astype(float)})
+
+    def mc(self, rows: list, samples: Any = None, seed: Any = None, model: str | None = None) -> Answer:
+        parameters = {"mc_dropout": True, **{k: v for k, v in (("samples", samples), ("seed", seed)) if v is not None}}
+        keys = ("probabilities", "mutual_information", "samples", "seed")
+        return _grpc_call(lambda: {k: v for k, v in self._infer(rows, model, None, parameters).items() if k in keys})
+
+
+class GrpcTFServingDoor:
+    """TF Serving's PredictionService over gRPC: serving_default, and mc_dropout's raw samples for MC."""
+
+    name = "grpc-tfserving"
+
+    def __init__(self, server: Server) -> None:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+    def _predict(self, rows: list, model: str | None, version: int | None, **mc: Any) -> dict:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model or MODEL
+        if version is not None:
+            request.model_spec.version.value = version
+        request.inputs["inputs"].CopyFrom(tf.make_tensor_proto(np.asarray(rows, np.float32)))
+        if mc:
+            request.model_spec.signature_name = "mc_dropout"
+            for key, value in mc.items():  # beyond int64: a uint64 tensor
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(np.uint64(value) if value >= 2**63 else value))
+        outputs = self.stub.Predict(request, timeout=60).outputs
+        return {key: tf.make_ndarray(outputs[key]).astype(float) for key in outputs}
+
+    def predict(self, rows: list, model: str | None = None, version: int | None = None) -> Answer:
+        return _grpc_call(lambda: {"probabilities": self._predict(rows, model, version)["outputs"]})
+
+    def mc(self, rows: list, samples: Any = None, seed: Any = None, model: str | None = None) -> Answer:
+        def summary() -> dict:
+            outputs = self._predict(rows, model, None, samples=samples, seed=seed)
+            mc = summarize_classification(outputs["outputs"], outputs.get("predictive"))
+            return {
+                "probabilities": mc.mean,
+                "mutual_information": mc.mutual_information,
+                "samples": samples,
+                "seed": seed,
+            }
+
+        return _grpc_call(summary)
+
+
+DOORS = [NativeDoor, TFServingDoor, V2Door, GrpcV2Door, GrpcTFServingDoor]
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +267,9 @@ def rows(digit_rows) -> list[list[float]]:
 @pytest.fixture(scope="module")
 def servers(tiny_classifier_dir):
     repository = tiny_classifier_dir.parents[1]
-    on = Server(repository, max_instances=MAX_INSTANCES, max_samples=500, access_log="false")
-    off = Server(repository, max_instances=MAX_INSTANCES, mc_dropout_enabled="false", access_log="false")
+    limits = {"max_instances": MAX_INSTANCES, "access_log": "false"}
+    on = Server(repository, max_samples=500, grpc_port=free_port(), **limits)
+    off = Server(repository, mc_dropout_enabled="false", grpc_port=free_port(), **limits)
     yield {"on": on, "off": off}
     on.stop()
     off.stop()

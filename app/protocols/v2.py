@@ -37,7 +37,7 @@ router = APIRouter(prefix="/v2", tags=["v2 (KServe, Triton)"])
 
 PLATFORM = "tensorflow_savedmodel"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "mc_dropout"]
-_REPOSITORY_STATES = {"AVAILABLE": "READY", "START": "LOADING", "LOADING": "LOADING", "UNLOADING": "UNLOADING"}
+REPOSITORY_STATES = {"AVAILABLE": "READY", "START": "LOADING", "LOADING": "LOADING", "UNLOADING": "UNLOADING"}
 
 
 def _version(text: str) -> int:
@@ -190,7 +190,7 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
 
 
 def _index_entry(entry: RepositoryEntry) -> dict[str, str]:
-    state = _REPOSITORY_STATES.get(entry.state, "UNAVAILABLE")
+    state = REPOSITORY_STATES.get(entry.state, "UNAVAILABLE")
     if entry.version is None:
         return {"name": entry.name, "state": state, "reason": entry.reason}
     return {"name": entry.name, "version": str(entry.version), "state": state, "reason": entry.reason}

@@ -71,7 +71,9 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
     tf.config.experimental.enable_op_determinism()
     train_rows, test = split(data, settings.test_split, settings.seed)
     fit_rows, validation = split(train_rows, settings.validation_split, settings.seed)
-    fit_rows, calibration = calibration_rows(fit_rows, settings)
+    fit_rows, calibration = calibration_rows(
+        fit_rows, settings.calibration_split, settings.validation_split, settings.seed
+    )
 
     shift, scale, description = _input_scaling(fit_rows, config)
     preprocessing = Preprocessing(inputs=description, input_shift=shift.tolist(), input_scale=scale.tolist())
@@ -151,7 +153,9 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
     )
 
 
-def calibration_rows(fit_rows: Dataset, settings: TrainConfig) -> tuple[Dataset, Dataset | None]:
+def calibration_rows(
+    fit_rows: Dataset, calibration_split: float, validation_split: float, seed: int
+) -> tuple[Dataset, Dataset | None]:
     """Split conformal calibration rows off the rows the weights would be fitted on.
 
     They are taken after the test and validation rows are split off (those stay the rows they were
@@ -160,12 +164,12 @@ def calibration_rows(fit_rows: Dataset, settings: TrainConfig) -> tuple[Dataset,
     distribution, which is all the coverage guarantee needs. ``calibration_split`` is a share of the
     training rows (test rows excluded), as ``validation_split`` is.
     """
-    if not settings.calibration_split:
+    if not calibration_split:
         return fit_rows, None
-    share = settings.calibration_split / (1.0 - settings.validation_split)
+    share = calibration_split / (1.0 - validation_split)
     if not 0.0 < share < 1.0:
         raise ValueError("calibration and validation splits must together leave rows to train on")
-    return split(fit_rows, share, settings.seed)
+    return split(fit_rows, share, seed)
 
 
 def evaluate(

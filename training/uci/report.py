@@ -114,7 +114,7 @@ def _interval_lines(result: dict) -> list[str]:
     lines = [
         "90 % intervals on the test rows. Calibrated network: the split's chosen grid network (trained on the "
         "first 80 % of the training split), its conformal interval calibrated on the last 20 % (which also "
-        "chose p and τ); final network: the one above, retrained on the whole split (Gaussian only).",
+        "chose its grid point); final network: the one above, retrained on the whole split (Gaussian only).",
         "",
         "| | conformal, calibrated net | Gaussian, calibrated net | Gaussian, final net |",
         "|---|---|---|---|",

@@ -122,3 +122,25 @@ def abstention_threshold(calibration: artifact.ConformalCalibration, risk: float
     return conformal.abstention_threshold(
         np.asarray(calibration.uncertainties), np.asarray(calibration.correct), risk, calibration.delta
     )
+
+
+def unavailable(meta: artifact.ModelMetadata | None) -> str | None:
+    """Why a version serves no prediction sets, conformal intervals or abstention (None: it serves them)."""
+    if meta is None:
+        return "the SavedModel has no dropout-serve metadata, so no conformal calibration"
+    if meta.conformal is None:
+        return (
+            "no conformal calibration stored: the version was exported without held-out calibration rows "
+            "(before conformal prediction existed, or with --calibration-split 0)"
+        )
+    return artifact.conformal_mismatch(meta)
+
+
+def samples_note(calibration: artifact.ConformalCalibration, samples: int) -> str | None:
+    """What a request's T means for the guarantee, when it is not the calibration's T."""
+    if samples == calibration.samples:
+        return None
+    return (
+        f"the calibration scores were computed with T = {calibration.samples}; at T = {samples} the MC predictive "
+        "differs, so coverage and risk hold only approximately"
+    )

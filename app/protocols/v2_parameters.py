@@ -1,6 +1,8 @@
 """The Open Inference Protocol's request ``parameters``, read alike by the REST and gRPC v2 doors.
 
-``{"mc_dropout": true, "samples": T, "seed": s}`` asks for Monte-Carlo dropout; the others this server
+``{"mc_dropout": true, "samples": T, "seed": s}`` asks for Monte-Carlo dropout (``"alpha"`` and ``"risk"``
+set the levels of a calibrated version's ``prediction_set``/``abstain`` or ``conformal_lower``/``conformal_upper``
+outputs); the others this server
 knows are accepted without effect on the answer (the binary extension's, Triton's scheduling hints).
 Both doors hand this module the parameters as plain values (JSON, or gRPC's ``InferParameter``
 unwrapped), so they agree on every answer and message.
@@ -14,7 +16,7 @@ from typing import Any
 from app.dataplane import MonteCarlo, monte_carlo
 from app.errors import ApiError
 
-MC_PARAMETERS = frozenset({"mc_dropout", "samples", "seed"})
+MC_PARAMETERS = frozenset({"mc_dropout", "samples", "seed", "alpha", "risk"})
 ACCEPTED_PARAMETERS = frozenset({"binary_data_output", "priority", "timeout"})
 """Besides the MC ones: the binary extension's, and Triton's scheduling hints (one queue here, so no effect)."""
 
@@ -29,8 +31,16 @@ def mc_parameters(parameters: Mapping[str, Any]) -> MonteCarlo | None:
     if not isinstance(mc, bool):
         raise ApiError(400, f"parameters.mc_dropout: expected true or false, got {mc!r}")
     samples, seed = parameters.get("samples"), parameters.get("seed")
+    alpha, risk = parameters.get("alpha"), parameters.get("risk")
     if not mc:
-        if samples is not None or seed is not None:
-            raise ApiError(400, "parameters.samples and parameters.seed need parameters.mc_dropout: true")
+        if any(value is not None for value in (samples, seed, alpha, risk)):
+            raise ApiError(400, "parameters.samples, seed, alpha and risk need parameters.mc_dropout: true")
         return None
-    return monte_carlo(samples, seed, names=("parameters.samples", "parameters.seed"))
+    return monte_carlo(
+        samples,
+        seed,
+        names=("parameters.samples", "parameters.seed"),
+        alpha=alpha,
+        risk=risk,
+        level_names=("parameters.alpha", "parameters.risk"),
+    )

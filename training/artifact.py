@@ -83,7 +83,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 SERVING_SIGNATURE = "serving_default"
 MC_SIGNATURE = "mc_dropout"
@@ -133,6 +133,8 @@ class ConformalCalibration(BaseModel):
     correct: list[bool] | None = Field(None, description="classifiers: per calibration row, row order")
     default_risk: float | None = Field(None, description="classifiers: abstention risk when a request names none")
     delta: float | None = Field(None, description="classifiers: the risk bound holds with probability 1 - delta")
+    _thresholds: dict[float, float] = PrivateAttr(default_factory=dict)
+    """Abstention thresholds already computed, by risk (``training.conformity``); not stored."""
 
 
 def conformal_mismatch(meta: ModelMetadata) -> str | None:

@@ -10,7 +10,7 @@ import tensorflow as tf
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from app import memory, openapi
+from app import docs, memory, openapi
 from app.dataplane import DataPlane
 from app.errors import BodySizeLimit, install_error_handlers
 from app.hot_routes import Service, hot_endpoints
@@ -54,6 +54,8 @@ def create_app(settings: Settings | None = None) -> Service:
         summary="Keras models served with Monte-Carlo dropout uncertainty.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # app/docs.py: the same pages without CDNs
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.dataplane = None
@@ -67,6 +69,7 @@ def create_app(settings: Settings | None = None) -> Service:
     app.wrap(BodySizeLimit, limit=settings.max_body_bytes)
     install_operations(app, settings)
     openapi.install(app, settings)
+    docs.install(app)
     return app
 
 

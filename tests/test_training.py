@@ -126,7 +126,7 @@ def test_help_lists_the_training_options(capsys):
 
     assert main(["--help"]) == 0
     shown = capsys.readouterr().out
-    for option in ("{train,uci,evaluate}", "--epochs", "--dropout", "--hidden", "--seed", "--likelihood"):
+    for option in ("{train,import,uci,evaluate}", "--epochs", "--dropout", "--hidden", "--seed", "--likelihood"):
         assert option in shown
     assert "--calibrate" in shown
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from training import artifact
 from training.data import DIGITS, DataError
 
-COMMANDS = ("train", "evaluate", "uci")
+COMMANDS = ("train", "import", "evaluate", "uci")
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
@@ -207,6 +207,76 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     print(f"report and plots in {out}")
 
 
+def _import_parser(sub) -> None:
+    p = sub.add_parser(
+        "import",
+        help="publish your own trained Keras model (.keras) with MC dropout",
+        description="Check a trained Keras model and publish it as the next version, with the mc_dropout "
+        "signature over its dropout layers and, given calibration rows it was not trained on, its calibration.",
+    )
+    p.add_argument("path", type=Path, help="the model: a .keras file (or a legacy .h5)")
+    p.add_argument("--name", help="model name in the repository (default: the file's name)")
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="model repository (default: ./artifacts)")
+    p.add_argument(
+        "--task", choices=["classification", "regression"], help="default: classification if it outputs probabilities"
+    )
+    p.add_argument("--class-labels", nargs="+", help="names of the classifier's outputs, in order (default: 0..K-1)")
+    p.add_argument(
+        "--logits",
+        action="store_true",
+        help="the classifier outputs logits: softmax is applied inside both signatures",
+    )
+    p.add_argument(
+        "--calibration-data",
+        type=Path,
+        help="CSV or .npz rows the model was not trained on: fits the temperatures (classification) or tau "
+        "(regression); labels are output indices unless --class-labels names them",
+    )
+    p.add_argument("--target", help="CSV label column of --calibration-data")
+    p.add_argument(
+        "--custom-objects",
+        metavar="MODULE",
+        help="module (or .py file) defining the model's custom layers; its CUSTOM_OBJECTS dict if it has one",
+    )
+    p.add_argument("--mc-samples", type=int, default=100, help="MC samples for fitting the calibration (default: 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_import)
+
+
+def _run_import(args: argparse.Namespace) -> None:
+    from training.importer import import_model
+
+    name = artifact.validate_name(args.name or args.path.stem)
+    imported = import_model(
+        args.path,
+        args.artifacts,
+        name,
+        task=args.task,
+        class_labels=args.class_labels,
+        calibration_data=args.calibration_data,
+        target=args.target,
+        logits=args.logits,
+        custom_objects=args.custom_objects,
+        samples=args.mc_samples,
+        seed=args.seed,
+    )
+    meta = artifact.read_metadata(imported.path)
+    layers = ", ".join(f"{d.type} {d.rate:g}" for d in meta.dropout_layers) or "none"
+    print(f"{name}: {meta.task}, inputs {meta.input_shape}, outputs {meta.output_shape} ({meta.output_meaning})")
+    print(f"dropout layers: {layers}")
+    fitted = imported.calibration
+    if fitted.tau is not None:
+        print(f"tau = {fitted.tau:.4g}, fitted on the calibration rows")
+    if fitted.temperature is not None:
+        mc = "" if fitted.predictive_temperature is None else f", MC predictive {fitted.predictive_temperature:.3f}"
+        print(f"temperature {fitted.temperature:.3f}{mc}, fitted on the calibration rows")
+    for kind, values in meta.metrics.items():
+        print(f"{kind}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    for note in imported.notes:
+        print(f"note: {note}")
+    print(f"published {imported.path}")
+
+
 def _uci_parser(sub) -> None:
     p = sub.add_parser("uci", help="Gal & Ghahramani's UCI regression benchmark through our export path")
     p.add_argument("--data-dir", type=Path, nargs="+", required=True, help="data set folder(s), or folders of them")
@@ -273,13 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser = _train_parser(sub)
+    _import_parser(sub)
     _uci_parser(sub)
     _evaluate_parser(sub)
     if argv[0] in ("-h", "--help"):  # the default command's options belong on the first help page too
         parser.print_help()
         print("\ntrain (the default command, so `python -m training [options]`):\n")
         print(train_parser.format_help())
-        print("`python -m training evaluate --help` and `python -m training uci --help` list theirs.")
+        print("`python -m training import --help`, `... evaluate --help` and `... uci --help` list theirs.")
         return 0
     args = parser.parse_args(argv)
     try:

@@ -25,6 +25,8 @@ fixed-sequence testing, so with probability ``1 - δ`` the chosen rule's error a
 is at most the risk. The sequence starts at the first threshold that accepts enough rows for zero
 errors to pass the bound; thresholds are the calibration rows' own uncertainties (labels play no
 part in choosing them).
+
+NumPy only (no SciPy): the server imports this module, and SciPy belongs to the training extra.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import hashlib
 import math
 
 import numpy as np
-from scipy.stats import beta
 
 _TINY = 1e-12
+_CHUNK = 256
+"""Abstention candidates whose binomial tail is computed at once (memory: chunk x errors)."""
 
 
 def check_level(name: str, value: float) -> float:
@@ -105,17 +108,44 @@ def interval(mean: np.ndarray, scale: np.ndarray, q: float) -> tuple[np.ndarray,
     return mean - half, mean + half
 
 
+def binomial_cdf(errors: np.ndarray, rows: np.ndarray, p: float | np.ndarray) -> np.ndarray:
+    """``P(Binomial(rows, p) <= errors)`` elementwise, summed in log space (exact up to float rounding)."""
+    errors, rows = np.asarray(errors, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    p = np.broadcast_to(np.asarray(p, dtype=np.float64), errors.shape)
+    log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, int(rows.max(initial=0)) + 1)))])
+    i = np.arange(int(errors.max(initial=0)) + 1)[None, :]
+    n, k = rows[:, None], errors[:, None]
+    rest = np.maximum(n - i, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_pmf = (
+            log_factorial[n]
+            - log_factorial[np.minimum(i, n)]
+            - log_factorial[rest]
+            + i * np.log(p[:, None])
+            + rest * np.log1p(-p[:, None])
+        )
+    return np.minimum(np.where((i <= k) & (i <= n), np.exp(log_pmf), 0.0).sum(axis=1), 1.0)
+
+
 def clopper_pearson_upper(errors: np.ndarray, rows: np.ndarray, delta: float) -> np.ndarray:
-    """Upper ``1 - δ`` Clopper-Pearson bound on an error rate from ``errors`` out of ``rows``."""
-    errors, rows = np.asarray(errors, dtype=np.float64), np.asarray(rows, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        bound = beta.ppf(1.0 - delta, errors + 1, np.maximum(rows - errors, _TINY))
-    return np.where((errors >= rows) | (rows == 0), 1.0, bound)
+    """Upper ``1 - delta`` Clopper-Pearson bound on an error rate from ``errors`` out of ``rows``: the rate at
+    which seeing at most ``errors`` has probability ``delta`` (bisection; 1 when every row is an error)."""
+    errors, rows = np.asarray(errors, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    low, high = np.zeros(errors.shape), np.ones(errors.shape)
+    for _ in range(60):
+        middle = (low + high) / 2
+        above = binomial_cdf(errors, rows, middle) > delta  # the bound is higher
+        low, high = np.where(above, middle, low), np.where(above, high, middle)
+    return np.where(errors >= rows, 1.0, high)
 
 
 def abstention_threshold(uncertainty: np.ndarray, correct: np.ndarray, risk: float, delta: float) -> float:
     """The loosest uncertainty threshold λ (accept when ``uncertainty <= λ``) whose error among accepted
-    calibration rows passes the fixed-sequence Clopper-Pearson test at ``risk``; ``-inf``: abstain always."""
+    calibration rows passes the fixed-sequence Clopper-Pearson test at ``risk``; ``-inf``: abstain always.
+
+    A threshold passes when its Clopper-Pearson bound is at most ``risk``, that is when at most that many
+    errors among that many accepted rows would have probability at most ``delta`` at an error rate of ``risk``.
+    """
     order = np.argsort(uncertainty, kind="stable")
     ranked, errors = np.asarray(uncertainty, dtype=np.float64)[order], ~np.asarray(correct, dtype=bool)[order]
     candidates = np.unique(ranked)
@@ -123,12 +153,15 @@ def abstention_threshold(uncertainty: np.ndarray, correct: np.ndarray, risk: flo
     errors_accepted = np.cumsum(errors)[accepted - 1]
     fewest = math.ceil(math.log(delta) / math.log1p(-risk))  # zero errors in fewer rows cannot pass
     first = int(np.searchsorted(accepted, fewest))
-    if first == len(candidates):
-        return float("-inf")
-    passes = clopper_pearson_upper(errors_accepted[first:], accepted[first:], delta) <= risk
-    failures = np.flatnonzero(~passes)
-    last = len(passes) if len(failures) == 0 else int(failures[0])
-    return float("-inf") if last == 0 else float(candidates[first + last - 1])
+    last = first  # candidates before ``last`` passed
+    for start in range(first, len(candidates), _CHUNK):
+        rows = slice(start, start + _CHUNK)
+        failures = np.flatnonzero(binomial_cdf(errors_accepted[rows], accepted[rows], risk) > delta)
+        if len(failures):
+            last = start + int(failures[0])
+            break
+        last = min(start + _CHUNK, len(candidates))
+    return float("-inf") if last == first else float(candidates[last - 1])
 
 
 def top_uncertainty(probabilities: np.ndarray) -> np.ndarray:

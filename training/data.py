@@ -6,6 +6,7 @@ import csv
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.datasets import load_digits
@@ -54,18 +55,36 @@ def digits(images: bool = False) -> Dataset:
     )
 
 
+class Columns(NamedTuple):
+    """A data file as read, before labels are interpreted: finite features, raw labels (text or numbers)."""
+
+    feature_names: list[str] | None
+    x: np.ndarray
+    labels: np.ndarray
+    target_names: list[str]
+
+
 def load(path: str | Path, target: str | None = None, task: Task | None = None) -> Dataset:
     """Read a CSV file (``target`` names the label column) or an .npz file with ``x`` and ``y``."""
+    path = Path(path)
+    return _from_columns(path, *read_columns(path, target), task)
+
+
+def read_columns(path: str | Path, target: str | None = None) -> Columns:
+    """The features and raw labels of a CSV file (``target`` names the label column) or an .npz file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix.lower() == ".csv":
         if not target:
             raise DataError(f"{path}: a CSV file needs --target, the name of the label column")
-        return _from_columns(path, *_read_csv(path, target), task)
-    if path.suffix.lower() == ".npz":
-        return _from_npz(path, task)
-    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .npz")
+        columns = Columns(*_read_csv(path, target))
+    elif path.suffix.lower() == ".npz":
+        columns = _read_npz(path)
+    else:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .npz")
+    _check_finite(path, "features", columns.x)
+    return columns
 
 
 def _read_csv(path: Path, target: str) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
@@ -105,7 +124,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _from_npz(path: Path, task: Task | None) -> Dataset:
+def _read_npz(path: Path) -> Columns:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             missing = {"x", "y"} - set(arrays.files)
@@ -120,11 +139,10 @@ def _from_npz(path: Path, task: Task | None) -> Dataset:
         raise DataError(f"{path}: x must be [rows, features...] and y [rows, ...], got {x.shape} and {y.shape}")
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{path}: x must be numeric, got {x.dtype}")
-    return _from_columns(path, None, x.astype(np.float64), y, ["y"], task)
+    return Columns(None, x.astype(np.float64), y, ["y"])
 
 
 def _from_columns(path: Path, features, x: np.ndarray, labels, target_names, task: Task | None) -> Dataset:
-    _check_finite(path, "features", x)
     numeric = _numeric(labels)
     task = task or _infer_task(numeric)
     if task == "classification":

@@ -142,6 +142,7 @@ def export_model(
     training: dict[str, object] | None = None,
     history: dict[str, list[float]] | None = None,
     rows_per_pass: int | None = None,
+    output_meaning: str | None = None,
     calibration: conformity.CalibrationRows | None = None,
 ) -> Path:
     """Publish ``model`` as the next version of ``name`` in ``repository``; returns its folder.
@@ -153,6 +154,7 @@ def export_model(
     prediction and the MC predictive (``mc_dropout``'s extra ``predictive`` output) inside the
     signatures. A heteroscedastic regression model outputs ``[mean (D), variance (D)]`` in target
     units (see ``training.model.with_preprocessing``); its signatures return them as two keys.
+    ``output_meaning`` replaces the metadata's default description of the outputs.
     ``calibration`` (held-out rows nothing was fitted on) stores conformity scores computed through
     the staged version's own ``mc_dropout`` (``training.conformity``), so the published version
     serves prediction sets, conformal intervals and abstention.
@@ -186,7 +188,7 @@ def export_model(
             task=task,
             input_shape=input_shape,
             output_shape=output_shape,
-            output_meaning=_meaning(task, likelihood, temperature, predictive_temperature),
+            output_meaning=output_meaning or _meaning(task, likelihood, temperature, predictive_temperature),
             class_labels=class_labels,
             feature_names=feature_names,
             target_names=target_names,

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from training import metrics, outliers
 from training.artifact import Likelihood, Preprocessing
+from training.calibration import fit_calibration
 from training.data import Dataset, split
 from training.mc_dropout import sample
 from training.model import ModelConfig, build_network, mc_weight_decay, with_preprocessing
@@ -134,22 +135,38 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
     else:
         served = with_preprocessing(network, shift, scale, y_shift, y_scale, settings.likelihood)
 
-    tau = None
-    if data.task == "regression" and not heteroscedastic:
-        tau = settings.tau or metrics.fit_tau(
-            validation.y, sample(served, validation.x, settings.mc_samples, settings.seed)
-        )
-    temperature = predictive_temperature = None
-    if data.task == "classification" and settings.calibrate:
-        temperature = metrics.fit_temperature(served(validation.x, training=False).numpy(), validation.y)
-        predictive = sample(served, validation.x, settings.mc_samples, settings.seed).mean(axis=0)
-        predictive_temperature = metrics.fit_temperature(predictive, validation.y)
+    fitted = fit_calibration(
+        served,
+        validation.x,
+        validation.y,
+        data.task,
+        likelihood=settings.likelihood,
+        samples=settings.mc_samples,
+        seed=settings.seed,
+        tau=settings.tau,
+        temperatures=settings.calibrate,
+    )
     scores = evaluate(
-        served, test, data.task, tau, settings.mc_samples, settings.seed, temperature, predictive_temperature
+        served,
+        test,
+        data.task,
+        fitted.tau,
+        settings.mc_samples,
+        settings.seed,
+        fitted.temperature,
+        fitted.predictive_temperature,
     )
     history = {k: [float(v) for v in vs] for k, vs in history.items()}
     return TrainedModel(
-        served, preprocessing, history, scores, tau, temperature, predictive_temperature, test, calibration
+        served,
+        preprocessing,
+        history,
+        scores,
+        fitted.tau,
+        fitted.temperature,
+        fitted.predictive_temperature,
+        test,
+        calibration,
     )
 
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import xlogy
 
 Z_95 = 1.959963984540054
 """Two-sided 95 % quantile of the standard normal."""
 
 
 def entropy(probabilities: np.ndarray) -> np.ndarray:
-    """Shannon entropy over the last axis (0 log 0 = 0)."""
-    return -xlogy(probabilities, probabilities).sum(axis=-1)
+    """Shannon entropy over the last axis (0 log 0 = 0). NumPy only: the server imports this module,
+    and serving needs no SciPy."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = probabilities * np.log(probabilities)
+    return -np.where(probabilities == 0, 0.0, terms).sum(axis=-1)
 
 
 @dataclass(frozen=True)

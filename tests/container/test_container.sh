@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the Docker image with podman and checks it really serves: predictions, non-root user,
-# healthcheck, a mounted model repository and a graceful, quick stop. Run from anywhere:
+# Builds the Docker image with podman and checks it really serves: predictions and MC dropout
+# through the stripped TensorFlow, no training-only packages, at most 1.2 GB, docs without the
+# internet, non-root user, healthcheck, a mounted model repository and a graceful, quick stop.
+# Run from anywhere:
 #   bash tests/container/test_container.sh
 # Needs the shared container set-up (see <shared>/container/README.md), found through
 # $DS_SHARED_DIR, then <repo>/../shared.
@@ -8,6 +10,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 IMAGE=dropout-serve:test
+MAX_IMAGE_MB=1200
 ZERO='[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]'
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -79,6 +82,39 @@ podman build --format docker --network host -t "$IMAGE" . >"$WORK/build.log" 2>&
 build_time=$(since "$t0")
 size_mb=$(($(podman image inspect "$IMAGE" --format '{{.Size}}') / 1000000))
 echo "built $IMAGE in $build_time s, $size_mb MB"
+((size_mb <= MAX_IMAGE_MB)) || fail "the image is $size_mb MB, over $MAX_IMAGE_MB MB"
+
+echo "== what the runtime image holds"
+# Training's packages and libclang stay in the build stages; TensorFlow's libraries are stripped.
+podman run -i --rm "$IMAGE" python - <<'PY' || fail "the runtime image holds what serving does not need"
+import importlib.util, pathlib, struct, subprocess, sys
+
+
+def sections(path):
+    """Section names of a 64-bit little-endian ELF file, from its section header table."""
+    with open(path, "rb") as f:
+        header = f.read(64)
+        shoff, = struct.unpack_from("<Q", header, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", header, 0x3A)
+        f.seek(shoff)
+        table = f.read(shentsize * shnum)
+        entries = [struct.unpack_from("<IIQQQQ", table, i * shentsize) for i in range(shnum)]
+        f.seek(entries[shstrndx][4])
+        names = f.read(entries[shstrndx][5])
+    return {names[e[0]:names.index(b"\0", e[0])].decode() for e in entries}
+
+
+absent = [m for m in ("sklearn", "scipy", "matplotlib", "clang") if importlib.util.find_spec(m)]
+assert not absent, f"training-only packages in the runtime image: {absent}"
+tf = pathlib.Path(importlib.util.find_spec("tensorflow").origin).parent
+assert not (tf / "include").exists(), "TensorFlow's C++ headers ship"
+for library in ("libtensorflow_cc.so.2", "libtensorflow_framework.so.2"):
+    names = sections(tf / library)
+    assert ".dynsym" in names and ".symtab" not in names, f"{library} is not stripped: {sorted(names)}"
+help_text = subprocess.run([sys.executable, "-m", "app", "--help"], capture_output=True, text=True, check=True).stdout
+assert "--grpc-port" in help_text
+print("no scikit-learn, SciPy, matplotlib or libclang; no TensorFlow headers; its libraries stripped; --help works")
+PY
 
 echo "== run"
 t0=$(now)
@@ -95,6 +131,30 @@ check "$answer" 'r["samples"] == 100 and r["seed"] == 42 and r["predictions"][0]
     "/predict/mc-dropout: wrong answer"
 [[ $(post "$port" /predict/mc-dropout "$mc") == "$answer" ]] || fail "seeded MC request is not reproducible"
 echo "predict and mc-dropout answer 0; a seeded MC request repeats byte for byte"
+# Both signatures of the stripped build through the other doors: serving_default over TF Serving's
+# REST, mc_dropout over the Open Inference Protocol.
+answer=$(post "$port" /v1/models/digits:predict "{\"instances\": [$ZERO]}")
+check "$answer" 'max(r["predictions"][0]) == r["predictions"][0][0]' "TF Serving REST :predict: not a zero"
+v2='{"inputs": [{"name": "inputs", "shape": [1, 64], "datatype": "FP32", "data": '"$ZERO"'}],
+     "parameters": {"mc_dropout": true, "samples": 50, "seed": 7}}'
+answer=$(post "$port" /v2/models/digits/infer "$v2")
+check "$answer" 'r["parameters"]["samples"] == 50 and {o["name"] for o in r["outputs"]} >= {"probabilities", "mutual_information"}' \
+    "v2 infer with mc_dropout: wrong answer"
+echo "stripped TensorFlow runs serving_default (TF Serving :predict) and mc_dropout (v2 infer)"
+podman logs "$SERVED" 2>&1 | grep -q "ready: http://localhost:8000/docs" || fail "no ready line in the log"
+! podman logs "$SERVED" 2>&1 | grep -q "rebuild TensorFlow" || fail "TensorFlow's CPU-instruction note is shown"
+
+# /docs and /redoc name only the service's own URLs, and each answers: they work offline.
+for page in /docs /redoc; do
+    html=$(curl -fsS "http://127.0.0.1:$port$page")
+    urls=$(grep -oE "(src|href|spec-url)=[\"'][^\"']+|url: '[^']+" <<<"$html" | sed -E "s/^[a-z-]+(=[\"']|: ')//")
+    [[ -n $urls ]] || fail "$page names no asset"
+    for url in $urls; do
+        [[ $url == /* && $url != //* ]] || fail "$page loads $url from outside the service"
+        curl -fsS -o /dev/null "http://127.0.0.1:$port$url" || fail "$page: $url does not answer"
+    done
+done
+echo "/docs and /redoc load only local assets, each answering 200"
 
 uid=$(podman exec "$SERVED" id -u)
 [[ $uid == 10001 ]] || fail "the service runs as uid $uid, not the image's user 10001"
@@ -156,7 +216,7 @@ echo "keys (401 without, 200 with), JSON logs with the request id, /metrics; the
 echo "== a build context with artifacts/digits/<n> replaces the baked-in model"
 context=$WORK/context
 mkdir -p "$context"
-cp -r Dockerfile .dockerignore pyproject.toml README.md app training "$context/"
+cp -r Dockerfile .dockerignore pyproject.toml README.md LICENSE app training "$context/"
 mkdir -p "$context/artifacts/digits"
 podman cp "$SERVED":/srv/dropout-serve/artifacts/digits/1 "$context/artifacts/digits/7"
 python3 - "$context/artifacts/digits/7/metadata.json" <<'PY'

@@ -25,7 +25,7 @@ import numpy as np
 
 from app import rows as row_checks
 from app.context import RequestRecord
-from app.errors import ApiError
+from app.errors import ApiError, describe
 from app.loading import ServedModel
 from app.registry import Registry, VersionStatus
 from app.schemas import SEED_MAX
@@ -63,9 +63,9 @@ def monte_carlo(
     """``MonteCarlo`` from loosely typed wire values (JSON parameters, TF Serving inputs, gRPC parameters),
     or a 422 that calls them by the door's ``names`` for samples and seed (``level_names``: alpha, risk)."""
     if samples is not None and (type(samples) is not int or samples < 1):
-        raise ApiError(422, f"{names[0]} must be a positive integer, got {samples!r}")
+        raise ApiError(422, f"{names[0]} must be a positive integer, got {describe(samples)}")
     if seed is not None and (type(seed) is not int or not 0 <= seed <= SEED_MAX):
-        raise ApiError(422, f"{names[1]} must be an integer from 0 to 2**63-1, got {seed!r}")
+        raise ApiError(422, f"{names[1]} must be an integer from 0 to 2**63-1, got {describe(seed)}")
     pairs = zip(level_names, (alpha, risk), strict=True)
     levels = [None if value is None else _level(name, value) for name, value in pairs]
     return MonteCarlo(samples, seed, return_samples, *levels)
@@ -275,6 +275,7 @@ class DataPlane:
 
     def load(self, name: str) -> None:
         """Serve ``name`` again and load it now (blocking: call off the event loop); 400 if no version loads."""
+        self._check_model_control("load")
         self._registry.load_model(name)
         statuses = self._registry.status(name)
         if not any(s.state == "AVAILABLE" for s in statuses):
@@ -283,7 +284,16 @@ class DataPlane:
 
     def unload(self, name: str) -> None:
         """Stop serving ``name`` (in-flight requests finish) until it is loaded again."""
+        self._check_model_control("unload")
         self._registry.unload_model(name)
+
+    def _check_model_control(self, action: str) -> None:
+        if self.settings.model_control != "explicit":
+            raise ApiError(
+                403,
+                f"model control is off: clients cannot {action} models on this server "
+                "(DROPOUT_SERVE_MODEL_CONTROL=explicit allows it); the repository decides what serves",
+            )
 
 
 def _check_outputs(asked: list[str], names: list[str], mc: bool) -> None:

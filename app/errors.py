@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -18,6 +21,16 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 4, 40, 40
+
+
+def describe(value: Any) -> str:
+    """A client's value in an error message: its type and a short text, safe for any nesting depth
+    (``repr`` of a list nested 3,000 deep raises RecursionError)."""
+    return f"{type(value).__name__} {_SHORT.repr(value)}"
 
 
 GRPC_STATUS: dict[int, str] = {

@@ -7,11 +7,12 @@ takes one float32 tensor serves; ``mc_dropout`` is used when the artifact has it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from app.runner import Runner, Runtime
 from app.settings import Settings
@@ -64,6 +65,15 @@ class ServedModel:
         if self.task == "classification":
             return [str(i) for i in range(self.output_shape[-1])]
         return None
+
+
+@cache
+def signature_defs(path: Path) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """A version's SignatureDefs as TF Serving lists them (without internal ``__`` ones), read from its
+    ``saved_model.pb`` once: the metadata both TF Serving doors (REST and gRPC) answer."""
+    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    defs = saved.meta_graphs[0].signature_def
+    return {key: defs[key] for key in defs if not key.startswith("__")}
 
 
 def _call_serving(serving: tf.types.experimental.ConcreteFunction, output_key: str, inputs: np.ndarray) -> np.ndarray:

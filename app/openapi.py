@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app.protocols import native
-from app.routes import NATIVE, door_of, is_exempt, is_open, runs_mc
+from app.routes import NATIVE, controls_models, door_of, is_exempt, is_open, runs_mc
 from app.schemas import ErrorResponse, ProtocolError
 from app.settings import Settings
 
@@ -51,6 +51,8 @@ def _operational(path: str, method: str, settings: Settings) -> dict[str, dict[s
         answers["504"] = _error("the request ran past DROPOUT_SERVE_REQUEST_TIMEOUT", protocol)
     if method == "post" and runs_mc(path):
         answers["403"] = _error("MC dropout is switched off (DROPOUT_SERVE_MC_DROPOUT_ENABLED=false)", protocol)
+    if method == "post" and controls_models(path):
+        answers["403"] = _error("model control is off (DROPOUT_SERVE_MODEL_CONTROL is not explicit)", protocol)
     return answers
 
 

@@ -75,7 +75,11 @@ class Registry:
         self._labels: dict[str, dict[str, int]] = {}
         self._serving: dict[str, dict[int, _Version]] = {}
         """The AVAILABLE versions by model: what requests resolve against, rebuilt on every change."""
+        self._default_name: str | None = settings.default_model
+        """The default model, fixed once: the configured one, else the first by name at start-up (or,
+        with none at start-up, the first to load). It never moves when other models come and go."""
         self._default: str | None = None
+        """``_default_name`` while it serves, else None (readiness 503)."""
         self._seen: dict[tuple[str, int], tuple[repository.Fingerprint, float]] = {}
         """Each version folder's contents at the last scan, and since when they have been so."""
         self._unloaded: set[str] = set()
@@ -121,6 +125,17 @@ class Registry:
                 if name in self._unloaded:
                     continue
                 self._sync_model(found)
+            if self._default_name is None and self._serving:
+                with self._lock:
+                    self._default_name = min(self._serving)
+                    self._refresh()
+                log.info("default model: %s (the first by name when it was chosen; it stays)", self._default_name)
+            elif self._first_scan and self._default_name not in self._serving and self._default_name is not None:
+                log.warning(
+                    "the default model %r (DROPOUT_SERVE_DEFAULT_MODEL) does not serve; readiness answers 503 "
+                    "until it does",
+                    self._default_name,
+                )
             self._first_scan = False
             if self._changes != self._frozen_at:
                 self._frozen_at = self._changes
@@ -217,8 +232,11 @@ class Registry:
         """Rebuild what requests resolve against; called under the lock when a version starts or stops."""
         serving = {name: {v: e for v, e in vs.items() if e.state == "AVAILABLE"} for name, vs in self._models.items()}
         self._serving = {name: vs for name, vs in serving.items() if vs}
-        wanted = self._settings.default_model
-        self._default = wanted if wanted in self._serving else min(self._serving, default=None)
+        was, self._default = self._default, self._default_name if self._default_name in self._serving else None
+        if was is None and self._default is not None and not self._first_scan:
+            log.info("the default model %r serves; ready", self._default)
+        elif was is not None and self._default is None:
+            log.warning("the default model %r no longer serves; readiness answers 503", was)
 
     def _forget_if_done(self, name: str, version: int) -> None:
         with self._lock:
@@ -247,7 +265,8 @@ class Registry:
 
     @property
     def default(self) -> str | None:
-        return self._default
+        """The default model's name, whether it serves now or not."""
+        return self._default_name
 
     def names(self) -> list[str]:
         """Models with at least one AVAILABLE version."""
@@ -263,7 +282,8 @@ class Registry:
             return sum(e.state == "AVAILABLE" for vs in self._models.values() for e in vs.values())
 
     def ready(self) -> bool:
-        return self.default is not None
+        """Whether the default model serves."""
+        return self._default is not None
 
     def versions(self, name: str) -> dict[int, ServedModel]:
         """The AVAILABLE versions of ``name``; 404 if it has none."""
@@ -286,8 +306,8 @@ class Registry:
     def resolve(self, name: str | None, version: int | None = None, label: str | None = None) -> tuple[str, int]:
         """The (model, version) a request means; 404 with a message naming what is missing."""
         if name is None:
-            name = self._default
-            if name is None:
+            name = self._default_name
+            if name is None or not self._serving:
                 raise ApiError(404, "no models are loaded")
         served = self._serving.get(name)
         if not served:

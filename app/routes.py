@@ -45,6 +45,8 @@ PREDICTION_ROUTES = (
     Route("/v2/models/{name}/infer", V2, hot=True, mc=True),
     Route("/v2/models/{name}/versions/{version}/infer", V2, mc=True),
 )
+CONTROL_ROUTES = ("/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload")
+"""Model control: 403 unless DROPOUT_SERVE_MODEL_CONTROL=explicit."""
 HOT = frozenset(route.path for route in PREDICTION_ROUTES if route.hot)
 MC = frozenset(route.path for route in PREDICTION_ROUTES if route.mc)
 
@@ -78,3 +80,7 @@ def is_exempt(path: str) -> bool:
 
 def runs_mc(path: str) -> bool:
     return path in MC
+
+
+def controls_models(path: str) -> bool:
+    return path in CONTROL_ROUTES

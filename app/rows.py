@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import ApiError
+from app.errors import ApiError, describe
 
 _NUMBER_TYPES = (int, float)
 
@@ -82,17 +82,12 @@ def _finite_float32(values: np.ndarray, where: str) -> np.ndarray:
 def _check(value: Any, shape: tuple[int, ...], where: str) -> None:
     if not shape:
         if type(value) not in _NUMBER_TYPES:
-            raise ApiError(422, f"{where}: expected a number, got {_describe(value)}")
+            raise ApiError(422, f"{where}: expected a number, got {describe(value)}")
         if not math.isfinite(value):
             raise ApiError(422, f"{where}: NaN and infinity are not allowed")
         return
     if not isinstance(value, list) or len(value) != shape[0]:
-        got = f"a list of {len(value)}" if isinstance(value, list) else _describe(value)
+        got = f"a list of {len(value)}" if isinstance(value, list) else describe(value)
         raise ApiError(422, f"{where}: expected a list of {shape[0]} (instance shape {list(shape)}), got {got}")
     for index, item in enumerate(value):
         _check(item, shape[1:], f"{where}[{index}]")
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"

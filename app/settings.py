@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     )
     metrics_require_key: bool = Field(False, description="/metrics needs an API key too (when keys are set)")
     mc_dropout_enabled: bool = Field(True, description="false answers the MC-dropout endpoint with 403")
+    model_control: Literal["none", "explicit"] = Field(
+        "none", description="explicit: clients may load and unload models (v2 repository API); none: 403, as Triton"
+    )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS ('*' for any); empty: CORS off")
     max_in_flight: int = Field(
         256, ge=1, description="requests in progress at once per worker; beyond it 503 + Retry-After"

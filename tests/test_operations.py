@@ -32,7 +32,7 @@ def repository(tiny_classifier_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def keyed(repository):
-    """API keys (also on /metrics), JSON logs, CORS for one origin, a small return_samples bound."""
+    """API keys (also on /metrics), JSON logs, CORS for one origin, a small return_samples bound, model control."""
     server = Server(
         repository,
         api_keys=",".join(KEYS),
@@ -40,6 +40,7 @@ def keyed(repository):
         log_format="json",
         cors_origins=ORIGIN,
         max_return_values=1000,
+        model_control="explicit",
     )
     yield server
     server.stop()

@@ -62,7 +62,14 @@ def repository(digits_repository, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repository):
-    server = Server(repository, default_model="digits", max_samples=500, max_instances=32, max_mc_rows=2000)
+    server = Server(
+        repository,
+        default_model="digits",
+        max_samples=500,
+        max_instances=32,
+        max_mc_rows=2000,
+        model_control="explicit",
+    )
     yield server
     server.stop()
 
@@ -156,6 +163,26 @@ def test_infer_with_a_version_and_integer_data(tc, client):
     integers = ROWS.astype(np.int64)  # the digits pixels are integers 0-16
     result = tc.infer("digits", [tensor_input(integers, binary=False)], model_version="1")
     np.testing.assert_array_equal(result.as_numpy("outputs"), [p["probabilities"] for p in expected])
+
+
+def test_parameters_this_server_does_not_know_are_ignored_at_every_level(client):
+    """Other servers' clients send their own (MLServer's content_type, anyone's custom ones)."""
+    plain = client.post(INFER, **json_request())
+    assert plain.status_code == 200, plain.text
+    tensor = {**json_request()["json"]["inputs"][0], "parameters": {"content_type": "np", "custom": 1}}
+    body = {
+        "parameters": {"content_type": "np", "sampels": 3, "headers": "x"},
+        "inputs": [tensor],
+        "outputs": [{"name": "outputs", "parameters": {"content_type": "np"}}],
+    }
+    peer = client.post(INFER, json=body)
+    assert peer.status_code == 200, peer.text
+    assert "parameters" not in peer.json(), "an unknown parameter does not switch MC on"
+    assert peer.json()["outputs"] == plain.json()["outputs"]
+    mc_body = {"parameters": {**body["parameters"], "mc_dropout": True, "samples": 5, "seed": 3}, "inputs": [tensor]}
+    mc = client.post(INFER, json=mc_body)
+    assert mc.status_code == 200, mc.text
+    assert mc.json()["parameters"] == {"mc_dropout": True, "samples": 5, "seed": 3}
 
 
 def test_plain_json_with_nested_data(client):
@@ -298,7 +325,6 @@ BAD = {
     "BOOL": (INFER, json_request(rows=[True] * 64, shape=(1, 64), datatype="BOOL"), 400, "datatype BOOL"),
     "unknown datatype": (INFER, json_request(datatype="FLOAT32"), 400, "datatype: expected one of"),
     "too many instances": (INFER, json_request(rows=[DIGIT_ZERO] * 33, shape=(33, 64)), 400, "at most 32"),
-    "unknown parameter": (INFER, json_request(parameters={"sampels": 3}), 400, "parameters.sampels: unknown"),
     "samples without mc": (INFER, json_request(parameters={"samples": 3}), 400, "need parameters.mc_dropout"),
     "too many samples": (
         INFER,

@@ -11,11 +11,11 @@ import pytest
 import tritonclient.http as triton
 
 from app.errors import ApiError
+from app.protocols.body import decompress
 from app.protocols.v2_codec import (
     DATATYPES,
     OutputTensor,
     datatype_of,
-    decompress,
     encode_infer_response,
     parse_infer_request,
 )

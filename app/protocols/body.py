@@ -9,6 +9,7 @@ standard library, which accepts them, and the instance checker then names the ba
 from __future__ import annotations
 
 import json
+import zlib
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
@@ -38,9 +39,35 @@ async def read_json(request: Request, check_content_type: bool = True) -> tuple[
 
 
 async def body_bytes(request: Request) -> bytes:
-    """The whole body, as ``BodySizeLimit`` left it in the scope (or read here when it did not run)."""
+    """The whole body, as ``BodySizeLimit`` left it in the scope (or read here when it did not run),
+    decoded from its ``Content-Encoding``: every JSON door reads bodies through here, so all treat it alike."""
     raw = request.scope.get(BODY_KEY)
-    return await request.body() if raw is None else raw
+    if raw is None:
+        raw = await request.body()
+    encoding = header(request.scope, b"content-encoding")
+    return decompress(raw, encoding, request.app.state.settings.max_body_bytes) if encoding else raw
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body under its ``Content-Encoding`` (gzip or deflate, as tritonclient and HTTP clients compress
+    requests), at most ``limit`` bytes once decoded; 415 naming any other encoding."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(415, f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
+    inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+    try:
+        content = inflater.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise ApiError(400, f"the body is not valid {encoding} data: {error}") from None
+    if len(content) > limit:
+        raise ApiError(
+            413, f"the decompressed request body is larger than {limit} bytes (DROPOUT_SERVE_MAX_BODY_BYTES)"
+        )
+    if not inflater.eof:
+        raise ApiError(400, f"the {encoding} body is truncated")
+    return content
 
 
 def parse_json(raw: bytes) -> Any:
@@ -50,6 +77,8 @@ def parse_json(raw: bytes) -> Any:
         pass
     try:
         return json.loads(raw)
+    except RecursionError:  # orjson refuses beyond 1,024 levels; the standard library overflows the stack
+        raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
     except json.JSONDecodeError as error:
         raise ApiError(400, f"request body is not valid JSON: {error.msg} (at character {error.pos})") from None
     except ValueError as error:  # not UTF-8

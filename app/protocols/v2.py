@@ -26,11 +26,11 @@ from starlette.concurrency import run_in_threadpool
 
 from app.context import record_of
 from app.dataplane import DataPlane, InferRequest, InferResult, RepositoryEntry
-from app.errors import ApiError
+from app.errors import ApiError, describe
 from app.protocols import v2_codec as codec
 from app.protocols import v2_schemas as docs
 from app.protocols.body import body_bytes, dataplane
-from app.protocols.v2_parameters import mc_parameters
+from app.protocols.v2_parameters import input_name, mc_parameters
 from app.summaries import output_names, tensors
 
 router = APIRouter(prefix="/v2", tags=["v2 (KServe, Triton)"])
@@ -144,9 +144,7 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
 
 async def _infer(request: Request, name: str, number: int | None) -> Response:
     plane = dataplane(request)
-    limit = plane.settings.max_body_bytes
-    body = codec.decompress(await body_bytes(request), request.headers.get("content-encoding"), limit)
-    parsed = codec.parse_infer_request(body, request.headers.get(codec.HEADER_LENGTH))
+    parsed = codec.parse_infer_request(await body_bytes(request), request.headers.get(codec.HEADER_LENGTH))
     if len(parsed.inputs) != 1:
         got = ", ".join(repr(t.name) for t in parsed.inputs)
         raise ApiError(400, f"model {name!r} takes one input; got {got}")
@@ -157,7 +155,7 @@ async def _infer(request: Request, name: str, number: int | None) -> Response:
         number,
         mc=mc_parameters(parsed.parameters),
         where=f"input {tensor.name!r}",
-        input_name=tensor.name,
+        input_name=input_name(parsed.parameters, tensor.name),
         outputs=None if parsed.outputs is None else [output.name for output in parsed.outputs],
         record=record_of(request.scope),
     )
@@ -194,10 +192,10 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
     Body ``{"ready": true}`` for the serving versions only. A model in the repository that the
     registry does not track (unloaded on request, or not scanned yet) is listed without a version.
     """
-    options = _json_body(await request.body(), "index request")
+    options = _json_body(await body_bytes(request), "index request")
     only_ready = options.get("ready", False)
     if not isinstance(only_ready, bool):
-        raise ApiError(400, f"ready: expected true or false, got {only_ready!r}")
+        raise ApiError(400, f"ready: expected true or false, got {describe(only_ready)}")
     return [_index_entry(entry) for entry in dataplane(request).index(only_ready)]
 
 
@@ -211,7 +209,7 @@ def _index_entry(entry: RepositoryEntry) -> dict[str, str]:
 @router.post("/repository/models/{name}/load", responses=docs.ERRORS, summary="Load a model")
 async def repository_load(request: Request, name: str) -> Response:
     """Serve ``name`` again after an unload and load its versions now; 400 if none of them loads."""
-    parameters = _json_body(await request.body(), "load request").get("parameters") or {}
+    parameters = _json_body(await body_bytes(request), "load request").get("parameters") or {}
     if parameters:
         raise ApiError(
             400, f"load parameters ({', '.join(parameters)}) are not supported; the repository is the config"
@@ -223,7 +221,7 @@ async def repository_load(request: Request, name: str) -> Response:
 @router.post("/repository/models/{name}/unload", responses=docs.ERRORS, summary="Unload a model")
 async def repository_unload(request: Request, name: str) -> Response:
     """Stop serving ``name`` (in-flight requests finish) until it is loaded again; the watcher leaves it alone."""
-    parameters = _json_body(await request.body(), "unload request").get("parameters") or {}
+    parameters = _json_body(await body_bytes(request), "unload request").get("parameters") or {}
     unknown = sorted(set(parameters) - {"unload_dependents"})
     if unknown:
         raise ApiError(400, f"parameters.{unknown[0]}: unknown unload parameter; known: unload_dependents")

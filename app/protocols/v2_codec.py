@@ -16,14 +16,13 @@ encoder and decoder.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
-from app.errors import ApiError
+from app.errors import ApiError, describe
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -106,27 +105,6 @@ def datatype_of(dtype: np.dtype) -> str:
         return _NAMES[np.dtype(dtype).newbyteorder("<")]
     except KeyError:
         raise ValueError(f"no v2 datatype for NumPy {dtype}") from None
-
-
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """The body under its ``Content-Encoding`` (tritonclient's request compression), at most ``limit`` bytes."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise ApiError(415, f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
-    inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
-    try:
-        content = inflater.decompress(body, limit + 1)
-    except zlib.error as error:
-        raise bad(f"the body is not valid {encoding} data: {error}") from None
-    if len(content) > limit:
-        raise ApiError(
-            413, f"the decompressed request body is larger than {limit} bytes (DROPOUT_SERVE_MAX_BODY_BYTES)"
-        )
-    if not inflater.eof:
-        raise bad(f"the {encoding} body is truncated")
-    return content
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -244,10 +222,7 @@ def _input(spec: Any, where: str, rest: memoryview, has_header_length: bool) -> 
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"{where}.shape: expected an array of non-negative integers, got {_describe(shape)}")
     count = math.prod(shape)
-    parameters = _parameters(spec.get("parameters"), f"{where}.parameters")
-    unknown = sorted(set(parameters) - {"binary_data_size"})
-    if unknown:
-        raise bad(f"{where}.parameters.{unknown[0]}: unknown input parameter; known: binary_data_size")
+    parameters = _parameters(spec.get("parameters"), f"{where}.parameters")  # others' (content_type): no effect
     size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in spec:
@@ -339,9 +314,6 @@ def _outputs(value: Any, binary_output: bool) -> list[RequestedOutput] | None:
         if unknown:
             raise bad(f"{where}: unknown field {unknown[0]!r}; fields: name, parameters")
         parameters = _parameters(spec.get("parameters"), f"{where}.parameters")
-        unknown = sorted(set(parameters) - {"binary_data"})
-        if unknown:
-            raise bad(f"{where}.parameters.{unknown[0]}: unknown output parameter; known: binary_data")
         binary = parameters.get("binary_data", binary_output)
         if not isinstance(binary, bool):
             raise bad(f"{where}.parameters.binary_data: expected true or false, got {_describe(binary)}")
@@ -352,6 +324,9 @@ def _outputs(value: Any, binary_output: bool) -> list[RequestedOutput] | None:
 
 
 def _describe(value: Any) -> str:
-    text = orjson.dumps(value).decode() if isinstance(value, list | dict) else repr(value)
+    try:
+        text = orjson.dumps(value).decode() if isinstance(value, list | dict) else repr(value)
+    except TypeError:  # nested deeper than orjson writes
+        text = describe(value).partition(" ")[2]
     kind = {list: "array", dict: "object", str: "string", bool: "boolean", type(None): "null"}
     return f"{kind.get(type(value), type(value).__name__)} {text if len(text) <= 40 else text[:37] + '...'}"

@@ -1,11 +1,21 @@
 """The Open Inference Protocol's request ``parameters``, read alike by the REST and gRPC v2 doors.
 
-``{"mc_dropout": true, "samples": T, "seed": s}`` asks for Monte-Carlo dropout (``"alpha"`` and ``"risk"``
-set the levels of a calibrated version's ``prediction_set``/``abstain`` or ``conformal_lower``/``conformal_upper``
-outputs); the others this server
-knows are accepted without effect on the answer (the binary extension's, Triton's scheduling hints).
-Both doors hand this module the parameters as plain values (JSON, or gRPC's ``InferParameter``
-unwrapped), so they agree on every answer and message.
+Parameters are the protocol's extension point, and other servers' clients send their own: MLServer's
+codecs ``content_type``, Triton's ``priority`` and ``timeout``, KServe's custom ones. So a parameter
+this server does not know is ignored, never refused (unknown *fields* of the body still are). The
+ones it knows: ``{"mc_dropout": true, "samples": T, "seed": s}`` ask for Monte-Carlo dropout,
+checked strictly; ``binary_data_output`` (the binary extension) is read by ``v2_codec``; the
+shared-memory and classification extensions, which would change the answer's meaning, are refused
+there. ``"alpha"`` and ``"risk"`` (with ``mc_dropout``) set the levels of a calibrated version's
+``prediction_set``/``abstain`` or ``conformal_lower``/``conformal_upper`` outputs. Both doors hand this
+module plain values (JSON, or gRPC's ``InferParameter`` unwrapped), so they agree on every answer and
+message.
+
+``content_type`` is honoured where it means something here: on the request, ``"np"`` (MLServer's
+``NumpyRequestCodec``) says the request *is* one NumPy tensor, so its one input is taken whatever
+its name (``input-1``, as that codec names it), as MLServer does; otherwise the input must carry
+the model's input name, as Triton requires. On an input, every input is read as a NumPy tensor
+anyway, so it changes nothing.
 """
 
 from __future__ import annotations
@@ -14,22 +24,23 @@ from collections.abc import Mapping
 from typing import Any
 
 from app.dataplane import MonteCarlo, monte_carlo
-from app.errors import ApiError
+from app.errors import ApiError, describe
 
 MC_PARAMETERS = frozenset({"mc_dropout", "samples", "seed", "alpha", "risk"})
-ACCEPTED_PARAMETERS = frozenset({"binary_data_output", "priority", "timeout"})
-"""Besides the MC ones: the binary extension's, and Triton's scheduling hints (one queue here, so no effect)."""
+ONE_TENSOR = "np"
+"""The request ``content_type`` of MLServer's ``NumpyRequestCodec``: the whole request is one tensor."""
+
+
+def input_name(parameters: Mapping[str, Any], name: str) -> str | None:
+    """The input name the data plane should check against the model's; None when the name means nothing."""
+    return None if parameters.get("content_type") == ONE_TENSOR else name
 
 
 def mc_parameters(parameters: Mapping[str, Any]) -> MonteCarlo | None:
-    """The MC request the parameters ask for, None for inference; a 400 naming a parameter it cannot take."""
-    for key in parameters:
-        if key not in MC_PARAMETERS | ACCEPTED_PARAMETERS:
-            known = ", ".join(sorted(MC_PARAMETERS | ACCEPTED_PARAMETERS))
-            raise ApiError(400, f"parameters.{key}: unknown parameter; known: {known}")
+    """The MC request the parameters ask for, None for inference; a 400 naming an MC parameter it cannot take."""
     mc = parameters.get("mc_dropout", False)
     if not isinstance(mc, bool):
-        raise ApiError(400, f"parameters.mc_dropout: expected true or false, got {mc!r}")
+        raise ApiError(400, f"parameters.mc_dropout: expected true or false, got {describe(mc)}")
     samples, seed = parameters.get("samples"), parameters.get("seed")
     alpha, risk = parameters.get("alpha"), parameters.get("risk")
     if not mc:

@@ -182,7 +182,10 @@ def test_parameters_this_server_does_not_know_are_ignored_at_every_level(client)
     mc_body = {"parameters": {**body["parameters"], "mc_dropout": True, "samples": 5, "seed": 3}, "inputs": [tensor]}
     mc = client.post(INFER, json=mc_body)
     assert mc.status_code == 200, mc.text
-    assert mc.json()["parameters"] == {"mc_dropout": True, "samples": 5, "seed": 3}
+    parameters = mc.json()["parameters"]
+    assert {key: parameters.pop(key) for key in ("alpha", "risk")} == {"alpha": 0.1, "risk": 0.05}  # calibrated
+    assert "T = 5" in parameters.pop("conformal_note")
+    assert parameters == {"mc_dropout": True, "samples": 5, "seed": 3}
 
 
 def test_plain_json_with_nested_data(client):

@@ -30,8 +30,8 @@ from app.loading import ServedModel
 from app.registry import Registry, VersionStatus
 from app.schemas import SEED_MAX
 from app.settings import Settings
-from app.summaries import Summary, output_names, summarize
-from training import artifact, signatures
+from app.summaries import ConformalAnswer, Summary, conformal_answer, output_names, summarize
+from training import artifact, conformal, signatures
 
 __all__ = ["SEED_MAX", "DataPlane", "InferRequest", "InferResult", "MonteCarlo", "RepositoryEntry", "monte_carlo"]
 
@@ -44,16 +44,38 @@ class MonteCarlo:
     """None: a fresh random seed, reported in the result."""
     return_samples: bool = False
     """The raw draws ``[T, N, ...]`` in the result (bounded by DROPOUT_SERVE_MAX_RETURN_VALUES)."""
+    alpha: float | None = None
+    """Conformal sets and intervals at coverage 1 - alpha; None: 0.1 (``training.conformity.DEFAULT_ALPHA``)."""
+    risk: float | None = None
+    """Abstention at this risk; None: the version's stored default."""
 
 
-def monte_carlo(samples: Any, seed: Any, return_samples: bool = False, *, names: tuple[str, str]) -> MonteCarlo:
+def monte_carlo(
+    samples: Any,
+    seed: Any,
+    return_samples: bool = False,
+    *,
+    names: tuple[str, str],
+    alpha: Any = None,
+    risk: Any = None,
+    level_names: tuple[str, str] = ("alpha", "risk"),
+) -> MonteCarlo:
     """``MonteCarlo`` from loosely typed wire values (JSON parameters, TF Serving inputs, gRPC parameters),
-    or a 422 that calls them by the door's ``names`` for samples and seed."""
+    or a 422 that calls them by the door's ``names`` for samples and seed (``level_names``: alpha, risk)."""
     if samples is not None and (type(samples) is not int or samples < 1):
         raise ApiError(422, f"{names[0]} must be a positive integer, got {describe(samples)}")
     if seed is not None and (type(seed) is not int or not 0 <= seed <= SEED_MAX):
         raise ApiError(422, f"{names[1]} must be an integer from 0 to 2**63-1, got {describe(seed)}")
-    return MonteCarlo(samples, seed, return_samples)
+    pairs = zip(level_names, (alpha, risk), strict=True)
+    levels = [None if value is None else _level(name, value) for name, value in pairs]
+    return MonteCarlo(samples, seed, return_samples, *levels)
+
+
+def _level(name: str, value: Any) -> float:
+    try:
+        return conformal.check_level(name, value)
+    except ValueError as error:
+        raise ApiError(422, str(error)) from None
 
 
 @dataclass(slots=True)
@@ -94,6 +116,8 @@ class InferResult:
     seed: int | None = None
     draws: signatures.Samples | None = None
     """MC with ``return_samples``: the raw draws."""
+    conformal: ConformalAnswer | None = None
+    """MC of a version with a usable conformal calibration: sets and abstention, or intervals."""
     encoded: Any = None
     """What the request's ``encode`` made of this result, if it had one."""
 
@@ -183,7 +207,7 @@ class DataPlane:
     async def _sample(
         model: ServedModel, batch: np.ndarray, samples: int, seed: int, mc: MonteCarlo, encode: Callable | None
     ) -> InferResult:
-        finish = partial(_finish, model, samples, seed, mc.return_samples, encode)
+        finish = partial(_finish, model, batch, samples, seed, mc, encode)
         return await model.runner.sample(batch, samples, seed, finish)
 
     # -- metadata and control: each door only encodes these -----------------------------------------
@@ -281,13 +305,16 @@ def _check_outputs(asked: list[str], names: list[str], mc: bool) -> None:
 
 def _finish(
     model: ServedModel,
+    batch: np.ndarray,
     samples: int,
     seed: int,
-    return_samples: bool,
+    mc: MonteCarlo,
     encode: Callable[[InferResult], Any] | None,
     draws: signatures.Samples,
 ) -> InferResult:
-    result = InferResult(model, None, summarize(model, draws), samples, seed, draws if return_samples else None)
+    summary = summarize(model, draws)
+    result = InferResult(model, None, summary, samples, seed, draws if mc.return_samples else None)
+    result.conformal = conformal_answer(model, summary, batch, seed, samples, mc.alpha, mc.risk)
     if encode is not None:
         result.encoded = encode(result)
     return result

@@ -47,6 +47,12 @@ class MCDropoutRequest(PredictRequest):
         None, ge=0, le=SEED_MAX, description="makes the answer reproducible; default: fresh random"
     )
     return_samples: bool = Field(False, description="include every sample's output")
+    alpha: float | None = Field(
+        None, gt=0, lt=1, description="conformal sets and intervals cover the truth with probability 1 - alpha (0.1)"
+    )
+    risk: float | None = Field(
+        None, gt=0, lt=1, description="abstain so that accepted answers are wrong at most this often (model default)"
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -84,6 +90,10 @@ class ClassMCPrediction(ClassPrediction):
     expected_entropy: float = Field(description="mean entropy of each sample (nats): aleatoric part")
     mutual_information: float = Field(description="their difference, BALD (nats): epistemic part")
     variation_ratio: float = Field(description="share of samples whose top class is not the modal one")
+    prediction_set: list[str] | None = Field(
+        None, description="conformal set: holds the true label with probability 1 - alpha (may be empty)"
+    )
+    abstain: bool | None = Field(None, description="true: do not act on this answer at the requested risk")
     samples: list[list[float]] | None = Field(None, description="every sample, raw (uncalibrated)")
 
 
@@ -95,6 +105,9 @@ class RegressionMCPrediction(BaseModel):
     )
     total_std: float | list[float]
     interval_95: list[float | list[float]] = Field(description="[lower, upper], mean ± 1.96 total_std")
+    interval: list[float | list[float]] | None = Field(
+        None, description="[lower, upper], conformal: holds the truth with probability 1 - alpha"
+    )
     samples: list[Any] | None = None
 
 
@@ -110,6 +123,9 @@ class MCDropoutResponse(BaseModel):
     samples: int = Field(description="T, the number of Monte-Carlo samples used")
     seed: int = Field(description="the seed used; send it back to reproduce this answer exactly")
     class_labels: list[str] | None = None
+    alpha: float | None = Field(None, description="the conformal level used (coverage 1 - alpha), if the model has one")
+    risk: float | None = Field(None, description="the abstention risk used, if the model abstains")
+    conformal_note: str | None = Field(None, description="why the guarantee is only approximate for this request")
     predictions: list[ClassMCPrediction | RegressionMCPrediction | RawMCPrediction]
 
 
@@ -122,6 +138,10 @@ class ModelVersion(BaseModel):
     dropout_layers: list[dict[str, Any]]
     mc_dropout: bool = Field(description="whether the artifact has the mc_dropout signature")
     tau: float | None
+    conformal: dict[str, Any] | None = Field(
+        None, description="the calibration behind prediction sets, intervals and abstention (rows, T, seed, risk)"
+    )
+    conformal_unavailable: str | None = Field(None, description="why the version answers without them")
     metrics: dict[str, dict[str, float]]
     created_at: str | None
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from app import metrics
 from app.loading import ServedModel
-from training import signatures
+from training import conformity, signatures
 from training.uncertainty import (
     ClassificationSummary,
     RegressionSummary,
@@ -33,6 +33,55 @@ class RawSummary:
 
 Summary = ClassificationSummary | RegressionSummary | RawSummary
 
+
+@dataclass(frozen=True, slots=True)
+class ConformalAnswer:
+    """What the version's stored conformal calibration says about this request's instances.
+
+    Classifiers: ``prediction_set [N, K]`` (class membership, in class-label order) at coverage
+    ``1 - alpha`` and ``abstain [N]`` at ``risk``; regression: ``lower``/``upper [N, *output_shape]``,
+    the conformal interval at ``1 - alpha``. ``note`` says when the request's T differs from the
+    calibration's (the guarantee is then approximate).
+    """
+
+    alpha: float
+    risk: float | None = None
+    prediction_set: np.ndarray | None = None
+    abstain: np.ndarray | None = None
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    note: str | None = None
+
+
+def conformal_answer(
+    model: ServedModel,
+    summary: Summary,
+    rows: np.ndarray,
+    seed: int,
+    samples: int,
+    alpha: float | None,
+    risk: float | None,
+) -> ConformalAnswer | None:
+    """Sets and abstention, or conformal intervals, for ``summary``; None when the version has no usable
+    calibration (``conformity.unavailable`` says why) or no task."""
+    if isinstance(summary, RawSummary) or conformity.unavailable(model.metadata) is not None:
+        return None
+    calibration = model.metadata.conformal
+    alpha = conformity.DEFAULT_ALPHA if alpha is None else alpha
+    note = conformity.samples_note(calibration, samples)
+    if isinstance(summary, RegressionSummary):
+        lower, upper = conformity.intervals(calibration, summary, alpha)
+        return ConformalAnswer(alpha, lower=lower, upper=upper, note=note)
+    risk = calibration.default_risk if risk is None else risk
+    return ConformalAnswer(
+        alpha,
+        risk,
+        prediction_set=conformity.prediction_sets(calibration, summary, rows, seed, alpha),
+        abstain=conformity.abstentions(calibration, summary, risk),
+        note=note,
+    )
+
+
 MC_OUTPUTS: dict[str | None, list[str]] = {
     "classification": [
         "probabilities",
@@ -46,6 +95,11 @@ MC_OUTPUTS: dict[str | None, list[str]] = {
     None: ["mean", "std"],
 }
 """Output tensors of an MC-dropout answer by task (None: a SavedModel without metadata)."""
+CONFORMAL_OUTPUTS: dict[str | None, list[str]] = {
+    "classification": ["prediction_set", "abstain"],
+    "regression": ["conformal_lower", "conformal_upper"],
+}
+"""More output tensors of a version with a usable conformal calibration (``conformal_answer``)."""
 
 
 def summarize(model: ServedModel, draws: signatures.Samples) -> Summary:
@@ -67,12 +121,29 @@ def output_names(model: ServedModel, mc: bool) -> list[str]:
     if not mc:
         return [model.output_key]
     names = MC_OUTPUTS[model.task]
+    if model.task is not None and conformity.unavailable(model.metadata) is None:
+        names = names + CONFORMAL_OUTPUTS[model.task]
     noise = model.tau is not None or (model.metadata is not None and model.metadata.likelihood == "heteroscedastic")
     return [n for n in names if n != "aleatoric_std"] if model.task == "regression" and not noise else names
 
 
-def tensors(summary: Summary, output_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The summary as named tensors ``[N, ...]`` (FP64), as tensor protocols answer it."""
+def tensors(
+    summary: Summary, output_shape: tuple[int, ...], conformal: ConformalAnswer | None = None
+) -> dict[str, np.ndarray]:
+    """The summary as named tensors ``[N, ...]`` (FP64; BOOL for sets and abstention), as tensor protocols
+    answer it."""
+    named = _summary_tensors(summary, output_shape)
+    if conformal is not None and conformal.prediction_set is not None:
+        named.update(prediction_set=conformal.prediction_set, abstain=conformal.abstain)
+    elif conformal is not None:
+        named.update(
+            conformal_lower=conformal.lower.reshape(-1, *output_shape),
+            conformal_upper=conformal.upper.reshape(-1, *output_shape),
+        )
+    return named
+
+
+def _summary_tensors(summary: Summary, output_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     if isinstance(summary, ClassificationSummary):
         return {
             "probabilities": summary.mean,

@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from training import artifact
+from training import artifact, conformity
 from training.mc_dropout import dropout_layers, mc_dropout_fn
 
 ACTIVATION_BUDGET = 2**22
@@ -143,6 +143,7 @@ def export_model(
     history: dict[str, list[float]] | None = None,
     rows_per_pass: int | None = None,
     output_meaning: str | None = None,
+    calibration: conformity.CalibrationRows | None = None,
 ) -> Path:
     """Publish ``model`` as the next version of ``name`` in ``repository``; returns its folder.
 
@@ -154,6 +155,9 @@ def export_model(
     signatures. A heteroscedastic regression model outputs ``[mean (D), variance (D)]`` in target
     units (see ``training.model.with_preprocessing``); its signatures return them as two keys.
     ``output_meaning`` replaces the metadata's default description of the outputs.
+    ``calibration`` (held-out rows nothing was fitted on) stores conformity scores computed through
+    the staged version's own ``mc_dropout`` (``training.conformity``), so the published version
+    serves prediction sets, conformal intervals and abstention.
     """
     input_shape = [int(d) for d in _input_spec(model).shape[1:]]
     output_shape = [int(d) for d in model.outputs[0].shape[1:]]
@@ -205,7 +209,35 @@ def export_model(
             keras_version=keras.__version__,
             created_at=datetime.now(UTC),
         )
+        if calibration is not None:
+            metadata.conformal = _calibrate(staged, task, tau, predictive_temperature, calibration)
         return artifact.publish(staged, metadata)
+
+
+def _calibrate(
+    staged: Path,
+    task: artifact.Task,
+    tau: float | None,
+    predictive_temperature: float | None,
+    rows: conformity.CalibrationRows,
+) -> artifact.ConformalCalibration:
+    """Conformity scores through the staged SavedModel's ``mc_dropout``: the predictive a server answers with."""
+    loaded = tf.saved_model.load(str(staged))
+    if artifact.MC_SIGNATURE not in loaded.signatures:
+        raise ValueError("conformal calibration needs MC dropout: the model has no dropout layers")
+    return conformity.calibrate(
+        loaded.signatures[artifact.MC_SIGNATURE],
+        task,
+        rows.x,
+        rows.y,
+        source=rows.source,
+        samples=rows.samples,
+        seed=rows.seed,
+        tau=tau,
+        predictive_temperature=predictive_temperature,
+        default_risk=rows.default_risk,
+        delta=rows.delta,
+    )
 
 
 def _meaning(

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.context import record_of
-from app.dataplane import DataPlane, InferRequest, RepositoryEntry
+from app.dataplane import DataPlane, InferRequest, InferResult, RepositoryEntry
 from app.errors import ApiError, describe
 from app.protocols import v2_codec as codec
 from app.protocols import v2_schemas as docs
@@ -111,6 +111,15 @@ def _ready(request: Request, name: str, number: int | None) -> JSONResponse:
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
 
 
+def _conformal_parameters(result: InferResult) -> dict[str, Any]:
+    """The levels a calibrated version's conformal outputs were made at, and why they are approximate, if so."""
+    conformal = result.conformal
+    if conformal is None:
+        return {}
+    levels = {"alpha": conformal.alpha, "risk": conformal.risk, "conformal_note": conformal.note}
+    return {key: value for key, value in levels.items() if value is not None}
+
+
 @router.post(
     "/models/{name}/infer",
     response_model=docs.InferResponse,
@@ -158,8 +167,9 @@ async def _infer(request: Request, name: str, number: int | None) -> Response:
     if result.summary is None:
         outputs = {model.output_key: result.outputs}
     else:
-        outputs = tensors(result.summary, model.output_shape)
+        outputs = tensors(result.summary, model.output_shape, result.conformal)
         header["parameters"] = {"mc_dropout": True, "samples": result.samples, "seed": result.seed}
+        header["parameters"] |= _conformal_parameters(result)
     if parsed.outputs is None:
         wanted = [(n, parsed.binary_output) for n in output_names(model, result.summary is not None)]
     else:

@@ -6,8 +6,10 @@ this server does not know is ignored, never refused (unknown *fields* of the bod
 ones it knows: ``{"mc_dropout": true, "samples": T, "seed": s}`` ask for Monte-Carlo dropout,
 checked strictly; ``binary_data_output`` (the binary extension) is read by ``v2_codec``; the
 shared-memory and classification extensions, which would change the answer's meaning, are refused
-there. Both doors hand this module plain values (JSON, or gRPC's ``InferParameter`` unwrapped), so
-they agree on every answer and message.
+there. ``"alpha"`` and ``"risk"`` (with ``mc_dropout``) set the levels of a calibrated version's
+``prediction_set``/``abstain`` or ``conformal_lower``/``conformal_upper`` outputs. Both doors hand this
+module plain values (JSON, or gRPC's ``InferParameter`` unwrapped), so they agree on every answer and
+message.
 
 ``content_type`` is honoured where it means something here: on the request, ``"np"`` (MLServer's
 ``NumpyRequestCodec``) says the request *is* one NumPy tensor, so its one input is taken whatever
@@ -24,7 +26,7 @@ from typing import Any
 from app.dataplane import MonteCarlo, monte_carlo
 from app.errors import ApiError, describe
 
-MC_PARAMETERS = frozenset({"mc_dropout", "samples", "seed"})
+MC_PARAMETERS = frozenset({"mc_dropout", "samples", "seed", "alpha", "risk"})
 ONE_TENSOR = "np"
 """The request ``content_type`` of MLServer's ``NumpyRequestCodec``: the whole request is one tensor."""
 
@@ -40,8 +42,16 @@ def mc_parameters(parameters: Mapping[str, Any]) -> MonteCarlo | None:
     if not isinstance(mc, bool):
         raise ApiError(400, f"parameters.mc_dropout: expected true or false, got {describe(mc)}")
     samples, seed = parameters.get("samples"), parameters.get("seed")
+    alpha, risk = parameters.get("alpha"), parameters.get("risk")
     if not mc:
-        if samples is not None or seed is not None:
-            raise ApiError(400, "parameters.samples and parameters.seed need parameters.mc_dropout: true")
+        if any(value is not None for value in (samples, seed, alpha, risk)):
+            raise ApiError(400, "parameters.samples, seed, alpha and risk need parameters.mc_dropout: true")
         return None
-    return monte_carlo(samples, seed, names=("parameters.samples", "parameters.seed"))
+    return monte_carlo(
+        samples,
+        seed,
+        names=("parameters.samples", "parameters.seed"),
+        alpha=alpha,
+        risk=risk,
+        level_names=("parameters.alpha", "parameters.risk"),
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -52,3 +53,61 @@ def mc_draws(signature, inputs: np.ndarray, samples: int, seed: int) -> Samples:
         None if variance is None else variance.numpy(),
         None if predictive is None else predictive.numpy(),
     )
+
+
+class Segment(NamedTuple):
+    """One request's share of an ``mc_dropout_segments`` call: samples ``first .. first + samples - 1``
+    of ``seed`` for its ``inputs``."""
+
+    inputs: np.ndarray  # [N_r, ...] float32
+    seed: int
+    first: int
+    samples: int
+
+
+def segment_draws(signature, segments: Sequence[Segment]) -> list[Samples]:
+    """Each segment's draws from one ``mc_dropout_segments`` call, in order: ``outputs [samples, N_r, ...]``
+    (and ``variance``), bit-identical to what ``mc_dropout`` gives the segment's rows with its seed.
+
+    Every array is the segment's own contiguous copy, so what a caller computes from it cannot depend
+    on the segments it shared the call with. No ``predictive``: see ``calibrated_predictive``.
+    """
+    sizes = [len(segment.inputs) for segment in segments]
+    inputs = segments[0].inputs if len(segments) == 1 else np.concatenate([s.inputs for s in segments])
+    outputs = signature(
+        **{
+            artifact.INPUTS_KEY: tf.constant(inputs, tf.float32),
+            artifact.SEGMENTS_KEY: tf.constant(np.repeat(np.arange(len(segments), dtype=np.int32), sizes)),
+            artifact.SEEDS_KEY: tf.constant([s.seed for s in segments], tf.int64),
+            artifact.FIRST_KEY: tf.constant([s.first for s in segments], tf.int32),
+            artifact.SAMPLES_KEY: tf.constant([s.samples for s in segments], tf.int32),
+        }
+    )
+    draws = outputs[artifact.OUTPUTS_KEY].numpy()
+    variance = outputs[artifact.VARIANCE_KEY].numpy() if artifact.VARIANCE_KEY in outputs else None
+    bounds = np.cumsum([0, *sizes])
+    return [
+        Samples(
+            np.ascontiguousarray(draws[: segment.samples, start:stop]),
+            None if variance is None else np.ascontiguousarray(variance[: segment.samples, start:stop]),
+        )
+        for segment, start, stop in zip(segments, bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+def joined(parts: Sequence[Samples]) -> Samples:
+    """Draws taken in stretches (consecutive ``first``), as one: samples concatenated in order."""
+    if len(parts) == 1:
+        return parts[0]
+    variance = None if parts[0].variance is None else np.concatenate([p.variance for p in parts])
+    return Samples(np.concatenate([p.outputs for p in parts]), variance)
+
+
+def calibrated_predictive(outputs: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log(mean_t p_t) / temperature)`` of ``outputs [T, N, K]`` as ``[N, K]`` float64: the
+    calibrated MC predictive that ``mc_dropout`` computes in-graph (float32) as ``predictive``, here over
+    all of a request's samples. It reads only the request's own draws, so it is the same whoever shared
+    the calls."""
+    log_mean = np.log(np.maximum(outputs.astype(np.float64).mean(axis=0), 1e-30)) / temperature
+    scaled = np.exp(log_mean - log_mean.max(axis=-1, keepdims=True))
+    return scaled / scaled.sum(axis=-1, keepdims=True)

@@ -33,6 +33,10 @@ DEFAULT_TOLERANCE = 0.05
 Chosen on the digits model's validation rows (README, "Adaptive T"): the smallest tolerance on a 0.01
 grid whose mean T stays within 30, with the label and top probability of a T = 2,000 reference kept."""
 
+DEFAULT_MAXIMUM = 1000
+"""The most samples ``auto`` draws for one instance unless the server is told otherwise: an input the model
+cannot settle (far from its training data) stops here, at 10x the default fixed T."""
+
 
 def _standard_error(z: np.ndarray) -> np.ndarray:
     """``std(z) / sqrt(T)`` over the sample axis 0 (unbiased variance; 0 for a single sample)."""

@@ -1,1 +1,1 @@
-"""dropout-serve's HTTP service: settings -> registry -> inference -> api -> main."""
+"""dropout-serve's HTTP service: settings -> registry (loading, runner) -> dataplane -> protocol doors -> main."""

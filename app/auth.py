@@ -15,16 +15,9 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.context import reply
+from app.routes import is_open
 
-OPEN_PREFIXES = ("/health/", "/v2/health/")
-OPEN_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 _CHALLENGE = 'Bearer realm="dropout-serve"'
-
-
-def is_open(path: str, metrics_require_key: bool) -> bool:
-    if path.startswith(OPEN_PREFIXES) or path in OPEN_PATHS:
-        return True
-    return path == "/metrics" and not metrics_require_key
 
 
 def presented_key(headers: dict[bytes, bytes]) -> bytes | None:

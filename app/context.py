@@ -67,6 +67,11 @@ def annotate(
         record.samples = samples
 
 
+def record_of(scope: Scope) -> RequestRecord | None:
+    """This request's record, for the data plane to fill in (None without ``RequestContext``)."""
+    return scope.get(_SCOPE_KEY)
+
+
 def header(scope: Scope, name: bytes) -> str:
     """The first value of header ``name`` (lower case), or "": straight from the scope, cheaper than
     building Starlette's ``Headers`` on every request."""

@@ -8,6 +8,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.routes import door_of
+
 
 class ApiError(Exception):
     """An error the client can fix; ``status`` is a 4xx code."""
@@ -18,20 +20,30 @@ class ApiError(Exception):
         self.message = message
 
 
-PROTOCOL_PREFIXES = ("/v1/", "/v2/")
-"""TF Serving's and the Open Inference Protocol's routes answer errors as ``{"error": ...}``, and
-an invalid argument as 400 where the native API says 422 (TF Serving's INVALID_ARGUMENT, Triton's
-bad request)."""
-
-
-def is_protocol(path: str) -> bool:
-    return path.startswith(PROTOCOL_PREFIXES) or path == "/v2"
+GRPC_STATUS: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+"""The gRPC status code name of each ``ApiError`` status, as Triton and TF Serving map theirs.
+MC switched off (403) is PERMISSION_DENIED: the server's policy refuses it, as the REST doors' 403
+says. Overload is a 503 on REST; a gRPC door answers it RESOURCE_EXHAUSTED (gRPC's own convention)."""
 
 
 def error_response(path: str, status: int, message: str) -> JSONResponse:
-    if not is_protocol(path):
-        return JSONResponse({"detail": message}, status_code=status)
-    return JSONResponse({"error": message}, status_code=400 if status == 422 else status)
+    """An error in the shape of the door ``path`` belongs to (``app.routes``)."""
+    door = door_of(path)
+    if status == 422:
+        status = door.invalid_status
+    return JSONResponse({door.error_key: message}, status_code=status)
 
 
 def _location(loc: tuple) -> str:

@@ -6,9 +6,11 @@ solving the endpoint's dependencies). The prediction endpoints read their reques
 and return a finished ``Response``, so for them all of that is overhead, and under load the
 event loop is the bottleneck. ``Service`` therefore enters every request through the middleware
 every request needs (``wrap``: request context, CORS, keys, limits, body size), then
-``HotRoutes``, which tries only the prediction routes and calls their endpoints directly, turning
-an ``ApiError`` into the door's error answer exactly as the app's handler does; every other
-request continues into FastAPI unchanged. The routes stay ordinary FastAPI routes, so the
+``HotRoutes``, which tries only the prediction routes (``app.routes.HOT``) and calls their
+endpoints directly, turning an ``ApiError`` into the door's error answer exactly as the app's
+handler does, and any other exception into the plain 500 that Starlette's ``ServerErrorMiddleware``
+sends (then re-raised, so it is logged as FastAPI's are); every other request continues into FastAPI
+unchanged. The routes stay ordinary FastAPI routes, so the
 OpenAPI document and the router still know them.
 
 With FastAPI's native OpenTelemetry in use (a tracer or meter provider configured when the app
@@ -24,10 +26,18 @@ from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 from starlette.middleware import Middleware
 from starlette.requests import Request
+from starlette.responses import PlainTextResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import ApiError, error_response
+from app.routes import HOT
+
+
+def hot_endpoints(routers: Iterable[APIRouter]) -> tuple[Callable, ...]:
+    """The endpoints of the routes the route table marks hot."""
+    routes = (route for router in routers for route in router.routes)
+    return tuple(r.endpoint for r in routes if isinstance(r, APIRoute) and r.path_format in HOT)
 
 
 class HotRoutes:
@@ -63,6 +73,9 @@ class HotRoutes:
             response = await route.endpoint(request=Request(scope, receive), **scope["path_params"])
         except ApiError as error:
             response = error_response(scope["path"], error.status, error.message)
+        except Exception:
+            await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
+            raise
         await response(scope, receive, send)
 
 

@@ -1,4 +1,4 @@
-"""Limits that keep the service's latency bounded and cheap requests from buying expensive answers.
+"""Limits that keep the service's latency bounded: requests in progress, and each one's deadline.
 
 ``Overload`` bounds the requests in progress (``MAX_IN_FLIGHT``): one more is answered at once with
 503 and ``Retry-After`` instead of queueing without bound, so a client or balancer can go elsewhere.
@@ -8,44 +8,21 @@ TensorFlow work already running in a thread cannot be interrupted, so it finishe
 background and its batch-mates still get their answers. The deadline is a timer that cancels
 the request's own task unless its response has started (``RequestContext`` records the status
 line): a response under way is let finish.
-Health probes and ``/metrics`` are exempt, so an overloaded server still reports that it is alive.
-
-``check_mc_enabled`` and ``check_return_samples`` are called by every door that serves MC dropout.
+Health probes and ``/metrics`` are exempt (``app.routes``), so an overloaded server still reports
+that it is alive. The limits on what one request may ask (instances, T, returned values) are the
+data plane's (``app.dataplane``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.context import reply, response_started
-from app.errors import ApiError
-from app.settings import Settings
+from app.routes import is_exempt
 
-EXEMPT_PREFIXES = ("/health/", "/v2/health/", "/metrics")
 RETRY_AFTER_SECONDS = 1
-
-
-def check_mc_enabled(settings: Settings) -> None:
-    if not settings.mc_dropout_enabled:
-        raise ApiError(
-            403,
-            "Monte-Carlo dropout is switched off on this server (DROPOUT_SERVE_MC_DROPOUT_ENABLED=false); use /predict",
-        )
-
-
-def check_return_samples(settings: Settings, samples: int, instances: int, output_shape: tuple[int, ...]) -> None:
-    """Bound the numbers ``return_samples`` sends back: T x instances x outputs per instance."""
-    values = samples * instances * math.prod(output_shape)
-    if values > settings.max_return_values:
-        raise ApiError(
-            422,
-            f"return_samples: samples x instances x outputs = {samples} x {instances} x {math.prod(output_shape)} "
-            f"= {values} values, at most {settings.max_return_values} (DROPOUT_SERVE_MAX_RETURN_VALUES); "
-            "ask for fewer samples or instances, or leave return_samples off",
-        )
 
 
 class Overload:
@@ -56,7 +33,7 @@ class Overload:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(EXEMPT_PREFIXES):
+        if scope["type"] != "http" or is_exempt(scope["path"]):
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:

@@ -6,14 +6,15 @@ takes one float32 tensor serves; ``mc_dropout`` is used when the artifact has it
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from app.runner import Runner, Runtime
+from app.settings import Settings
 from training import artifact, signatures
 
 
@@ -33,9 +34,8 @@ class ServedModel:
     output_key: str
     saved_model: object = field(repr=False)
     """The loaded SavedModel; the signatures' variables live as long as it does."""
-    run_predict: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = field(default=None, repr=False)
-    run_sample: Callable[..., Awaitable[Any]] | None = field(default=None, repr=False)
-    """Both set by ``app.inference.Engine.prepare``: how this version runs off the event loop."""
+    runner: Runner = field(repr=False)
+    """How this version runs off the event loop (``app.runner``), given by the runtime that loaded it."""
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Inference-mode outputs of a float32 batch ``[N, *input_shape]``, by the signature's flat entry.
@@ -47,8 +47,7 @@ class ServedModel:
         (TensorFlow's ``_call_flat``, stable within the pinned 2.21; ``tests/test_batching.py``
         checks that it answers exactly as the keyword call does).
         """
-        outputs = self.serving._call_flat([tf.constant(inputs, tf.float32)], self.serving.captured_inputs)
-        return outputs[self.output_key].numpy()
+        return _call_serving(self.serving, self.output_key, inputs)
 
     def sample(self, inputs: np.ndarray, samples: int, seed: int) -> signatures.Samples:
         """``outputs [T, N, ...]``, and ``variance`` (same shape) for a heteroscedastic model, else None."""
@@ -67,8 +66,15 @@ class ServedModel:
         return None
 
 
-def load_version(name: str, path: Path) -> ServedModel:
+def _call_serving(serving: tf.types.experimental.ConcreteFunction, output_key: str, inputs: np.ndarray) -> np.ndarray:
+    outputs = serving._call_flat([tf.constant(inputs, tf.float32)], serving.captured_inputs)
+    return outputs[output_key].numpy()
+
+
+def load_version(name: str, path: Path, runtime: Runtime | None = None) -> ServedModel:
     """Load one version folder and run each signature once, so the first request is not slow.
+
+    ``runtime`` gives the version its runner (a server's pools); without one, asyncio's default pool.
 
     Raises ValueError (or TensorFlow's error) with a message that says what is wrong.
     """
@@ -86,11 +92,16 @@ def load_version(name: str, path: Path) -> ServedModel:
         raise ValueError(f"{path}: input must be float32 [batch, fixed dims...], got {spec}")
     metadata = artifact.read_metadata(path)
     mc = loaded.signatures.get(artifact.MC_SIGNATURE)
+    version, task = int(path.name), metadata.task if metadata else None
+    runtime = runtime or Runtime(Settings(), pooled=False)
+    runner = runtime.runner(
+        name, version, task, partial(_call_serving, serving, output_key), partial(signatures.mc_draws, mc)
+    )
     model = ServedModel(
         name=name,
-        version=int(path.name),
+        version=version,
         path=path,
-        task=metadata.task if metadata else None,
+        task=task,
         input_shape=tuple(spec.shape[1:].as_list()),
         output_shape=tuple(outputs[output_key].shape[1:].as_list()),
         metadata=metadata,
@@ -99,6 +110,7 @@ def load_version(name: str, path: Path) -> ServedModel:
         input_key=input_key,
         output_key=output_key,
         saved_model=loaded,
+        runner=runner,
     )
     warm = np.zeros((1, *model.input_shape), np.float32)
     model.predict(warm)

@@ -11,18 +11,16 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app import memory, openapi
+from app.dataplane import DataPlane
 from app.errors import BodySizeLimit, install_error_handlers
-from app.hot_routes import Service
-from app.inference import Engine
+from app.hot_routes import Service, hot_endpoints
 from app.operations import install_operations
 from app.protocols import native, tfserving, v2
 from app.registry import start_registry
+from app.runner import Runtime
 from app.settings import Settings
 
 log = logging.getLogger("dropout_serve")
-
-HOT_ENDPOINTS = (native.predict, native.predict_mc_dropout, tfserving.predict, v2.infer)
-"""The endpoints most traffic goes to, found ahead of the router (``app.hot_routes``)."""
 
 
 def _limit_tf_threads(threads: int) -> None:
@@ -42,13 +40,14 @@ def create_app(settings: Settings | None = None) -> Service:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _limit_tf_threads(settings.tf_threads)
         memory.relax_young_collections()
-        engine = Engine(settings)
-        app.state.registry = await run_in_threadpool(start_registry, settings, engine.prepare)
+        runtime = Runtime(settings)
+        registry = await run_in_threadpool(start_registry, settings, runtime)
+        app.state.dataplane = DataPlane(settings, registry)
         try:
             yield
         finally:
-            app.state.registry.stop()
-            engine.close()
+            registry.stop()
+            runtime.close()
 
     app = Service(
         title="dropout-serve",
@@ -57,12 +56,14 @@ def create_app(settings: Settings | None = None) -> Service:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.registry = None
+    app.state.dataplane = None
+    """The one data plane every door calls (``app.dataplane``), created with the registry at start-up."""
     app.include_router(native.router)
     app.include_router(tfserving.router)
     app.include_router(v2.router)
     install_error_handlers(app)
-    app.hot_routers, app.hot_endpoints = (native.router, tfserving.router, v2.router), HOT_ENDPOINTS
+    app.hot_routers = (native.router, tfserving.router, v2.router)
+    app.hot_endpoints = hot_endpoints(app.hot_routers)
     app.wrap(BodySizeLimit, limit=settings.max_body_bytes)
     install_operations(app, settings)
     openapi.install(app, settings)

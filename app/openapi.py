@@ -13,15 +13,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.auth import is_open
-from app.errors import is_protocol
-from app.limits import EXEMPT_PREFIXES
 from app.protocols import native
+from app.routes import NATIVE, door_of, is_exempt, is_open, runs_mc
 from app.schemas import ErrorResponse, ProtocolError
 from app.settings import Settings
-
-_MC_PATHS = ("/predict/mc-dropout", ":predict", "/infer")
-"""Operations that run MC dropout (and so answer 403 when it is switched off)."""
 
 
 def _error(description: str, protocol: bool, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -37,7 +32,7 @@ def _error(description: str, protocol: bool, headers: dict[str, Any] | None = No
 
 def _operational(path: str, method: str, settings: Settings) -> dict[str, dict[str, Any]]:
     """The answers middleware may give on this operation, before or instead of the route."""
-    protocol = is_protocol(path)
+    protocol = door_of(path) is not NATIVE
     answers: dict[str, dict[str, Any]] = {}
     if method == "post":
         answers["413"] = _error("the body is larger than DROPOUT_SERVE_MAX_BODY_BYTES", protocol)
@@ -47,14 +42,14 @@ def _operational(path: str, method: str, settings: Settings) -> dict[str, dict[s
             protocol,
             {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
         )
-    if not path.startswith(EXEMPT_PREFIXES):
+    if not is_exempt(path):
         answers["503"] = _error(
             "overloaded: DROPOUT_SERVE_MAX_IN_FLIGHT requests are already running; retry after Retry-After",
             protocol,
             {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
         )
         answers["504"] = _error("the request ran past DROPOUT_SERVE_REQUEST_TIMEOUT", protocol)
-    if method == "post" and path.endswith(_MC_PATHS):
+    if method == "post" and runs_mc(path):
         answers["403"] = _error("MC dropout is switched off (DROPOUT_SERVE_MC_DROPOUT_ENABLED=false)", protocol)
     return answers
 
@@ -71,8 +66,11 @@ def build(app: FastAPI, settings: Settings) -> dict[str, Any]:
             responses = operation.setdefault("responses", {})
             if "HTTPValidationError" in str(responses.get("422")):  # FastAPI's default: ours is one message
                 del responses["422"]
-                code = "400" if is_protocol(path) else "422"
-                responses.setdefault(code, _error("a parameter is not valid, named in the message", is_protocol(path)))
+                door = door_of(path)
+                responses.setdefault(
+                    str(door.invalid_status),
+                    _error("a parameter is not valid, named in the message", door is not NATIVE),
+                )
             for code, answer in _operational(path, method, settings).items():
                 responses.setdefault(code, answer)
     if settings.api_key_list():

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,6 +31,7 @@ from typing import Literal
 from app import memory, metrics, repository
 from app.errors import ApiError
 from app.loading import ServedModel, load_version
+from app.runner import Runtime
 from app.settings import Settings
 from training import artifact
 
@@ -62,9 +62,11 @@ class _Version:
 class Registry:
     """Models by name and version; answers requests from the versions that are AVAILABLE."""
 
-    def __init__(self, settings: Settings, prepare: Callable[[ServedModel], None] = lambda model: None) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
         self._settings = settings
-        self._prepare = prepare
+        self._owns_runtime = runtime is None
+        self._runtime = runtime or Runtime(settings)
+        """Gives every version its runner as it loads (``app.runner``); closed here if made here."""
         self._default_policy = repository.VersionPolicy(
             **({"all": True} if settings.load_all_versions else {"latest": settings.latest_versions})
         )
@@ -98,6 +100,8 @@ class Registry:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._owns_runtime:
+            self._runtime.close()
 
     def _watch(self) -> None:
         while not self._stop.wait(self._settings.poll_seconds):
@@ -172,8 +176,7 @@ class Registry:
             self._models[name][version] = entry
         started = time.monotonic()
         try:
-            model = load_version(name, self._settings.model_dir / name / str(version))
-            self._prepare(model)
+            model = load_version(name, self._settings.model_dir / name / str(version), self._runtime)
         except Exception as error:  # any failure of a SavedModel load is the version's status, not ours
             with self._lock:  # lease() counts changes from request threads
                 self._changes += 1
@@ -347,8 +350,8 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {first[:500]}"
 
 
-def start_registry(settings: Settings, prepare: Callable[[ServedModel], None]) -> Registry:
-    registry = Registry(settings, prepare)
+def start_registry(settings: Settings, runtime: Runtime) -> Registry:
+    registry = Registry(settings, runtime)
     registry.start()
     if not len(registry):
         log.warning("no loadable model in %s; /health/ready answers 503", Path(settings.model_dir).resolve())

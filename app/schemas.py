@@ -24,7 +24,7 @@ Instances = Annotated[
     list[Any],
     WithJsonSchema({"type": "array", "minItems": 1, "items": _nested_numbers(4)}),
 ]
-"""Checked against the model's input shape by ``app.inference.to_array``, not here: that check
+"""Checked against the model's input shape by ``app.rows.to_batch``, not here: that check
 knows the shape and names the bad element, and costs one NumPy conversion when all is well."""
 
 

@@ -9,7 +9,7 @@ standard library, which accepts them, and the instance checker then names the ba
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from fastapi import Request, Response
@@ -17,6 +17,9 @@ from pydantic import BaseModel, ValidationError
 
 from app.context import header
 from app.errors import BODY_KEY, ApiError
+
+if TYPE_CHECKING:
+    from app.dataplane import DataPlane
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -51,6 +54,11 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(400, f"request body is not valid JSON: {error.msg} (at character {error.pos})") from None
     except ValueError as error:  # not UTF-8
         raise ApiError(400, f"request body is not valid JSON: {error}") from None
+
+
+def dataplane(request: Request) -> DataPlane:
+    """The app's data plane (``app.dataplane``); None before start-up has made it."""
+    return request.app.state.dataplane
 
 
 def validate(model: type[ModelT], data: Any) -> ModelT:

@@ -12,7 +12,7 @@ status codes: an invalid argument is a 400, not a 422.
 
 from __future__ import annotations
 
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +22,13 @@ from pydantic import BaseModel, Field
 from starlette.convertors import Convertor, register_url_convertor
 from tensorflow.core.protobuf import saved_model_pb2
 
-from app import inference
-from app.context import annotate
+from app.context import record_of
+from app.dataplane import DataPlane, InferRequest, InferResult, monte_carlo
 from app.errors import ApiError
-from app.limits import check_mc_enabled, check_return_samples
 from app.loading import ServedModel
-from app.protocols.body import json_response, may_hold_booleans, read_json
-from app.registry import Registry
-from app.schemas import DIGIT_ZERO, SEED_MAX, ProtocolError
-from training import artifact, signatures
+from app.protocols.body import dataplane, json_response, may_hold_booleans, read_json
+from app.schemas import DIGIT_ZERO, ProtocolError
+from training import artifact
 
 
 class _Segment(Convertor):
@@ -101,18 +99,8 @@ _PREDICT_BODY = {
 }
 
 
-def _registry(request: Request) -> Registry:
-    return request.app.state.registry
-
-
-def _status(registry: Registry, name: str, version: int | None = None, label: str | None = None) -> Response:
-    statuses = registry.status(name)
-    if label is not None:
-        _, version = registry.resolve(name, label=label)
-    if version is not None:
-        statuses = [s for s in statuses if s.version == version]
-        if not statuses:
-            raise ApiError(404, f"model {name!r} has no version {version}")
+def _status(plane: DataPlane, name: str, version: int | None = None, label: str | None = None) -> Response:
+    statuses = plane.status(name, version, label)
     return json_response(
         {
             "model_version_status": [
@@ -130,17 +118,17 @@ def _status(registry: Registry, name: str, version: int | None = None, label: st
 @router.get("/{name:segment}", response_model=ModelStatus, responses=_ERRORS)
 async def model_status(name: str, request: Request) -> Response:
     """The state of every version TF Serving would list: LOADING, AVAILABLE, UNLOADING or END."""
-    return _status(_registry(request), name)
+    return _status(dataplane(request), name)
 
 
 @router.get("/{name:segment}/versions/{version:segment}", response_model=ModelStatus, responses=_ERRORS)
 async def version_status(name: str, version: int, request: Request) -> Response:
-    return _status(_registry(request), name, version)
+    return _status(dataplane(request), name, version)
 
 
 @router.get("/{name:segment}/labels/{label:segment}", response_model=ModelStatus, responses=_ERRORS)
 async def label_status(name: str, label: str, request: Request) -> Response:
-    return _status(_registry(request), name, label=label)
+    return _status(dataplane(request), name, label=label)
 
 
 @cache
@@ -169,18 +157,17 @@ def _metadata(model: ServedModel) -> Response:
 
 @router.get("/{name:segment}/metadata", response_model=ModelMetadata, responses=_ERRORS)
 async def model_metadata(name: str, request: Request) -> Response:
-    return _metadata(_registry(request).get(name))
+    return _metadata(dataplane(request).model(name))
 
 
 @router.get("/{name:segment}/versions/{version:segment}/metadata", response_model=ModelMetadata, responses=_ERRORS)
 async def version_metadata(name: str, version: int, request: Request) -> Response:
-    return _metadata(_registry(request).get(name, version))
+    return _metadata(dataplane(request).model(name, version))
 
 
 @router.get("/{name:segment}/labels/{label:segment}/metadata", response_model=ModelMetadata, responses=_ERRORS)
 async def label_metadata(name: str, label: str, request: Request) -> Response:
-    registry = _registry(request)
-    return _metadata(registry.get(*registry.resolve(name, label=label)))
+    return _metadata(dataplane(request).model(name, label=label))
 
 
 async def _predict(request: Request, name: str, version: int | None = None, label: str | None = None) -> Response:
@@ -195,49 +182,44 @@ async def _predict(request: Request, name: str, version: int | None = None, labe
     signature = data.get("signature_name", artifact.SERVING_SIGNATURE)
     if not isinstance(signature, str):
         raise ApiError(400, f"'signature_name' must be a string, got {signature!r}")
-    with _registry(request).lease(name, version, label) as model:
-        annotate(request, model=model.name, version=model.version)
-        if signature == artifact.SERVING_SIGNATURE:
-            return await _serving_default(request, model, data, may_hold_booleans(raw))
-        if signature == artifact.MC_SIGNATURE and model.mc_dropout is not None:
-            return await _mc_dropout(request, model, data, may_hold_booleans(raw))
-        known = [artifact.SERVING_SIGNATURE] + ([artifact.MC_SIGNATURE] if model.mc_dropout else [])
-        raise ApiError(400, f"serving signature name {signature!r} not found; this model has {known}")
+    call = InferRequest([], name, version, label, booleans=may_hold_booleans(raw), record=record_of(request.scope))
+    if signature == artifact.SERVING_SIGNATURE:
+        call.rows, call.input_name = _serving_rows(data)
+        result = await dataplane(request).infer(call)
+        return json_response({"predictions" if "instances" in data else "outputs": result.outputs.tolist()})
+    if signature == artifact.MC_SIGNATURE:
+        call.rows, call.mc = _mc_inputs(data)
+        call.encode = _signature_outputs
+        return (await dataplane(request).infer(call)).encoded
+    known = [artifact.SERVING_SIGNATURE, artifact.MC_SIGNATURE]
+    raise ApiError(400, f"serving signature name {signature!r} not found; signatures served here: {known}")
 
 
-def _rows(model: ServedModel, data: dict[str, Any]) -> list[Any]:
-    """The instances of a row-format request: plain values, or objects keyed by the input name."""
-    instances = data["instances"]
-    if not isinstance(instances, list) or not instances:
-        raise ApiError(400, "'instances' must be a non-empty list")
-    if all(isinstance(row, dict) for row in instances):
-        if any(set(row) != {model.input_key} for row in instances):
-            raise ApiError(400, f"each instance must hold exactly the signature's input {model.input_key!r}")
-        return [row[model.input_key] for row in instances]
-    return instances
-
-
-async def _serving_default(request: Request, model: ServedModel, data: dict[str, Any], booleans: bool) -> Response:
+def _serving_rows(data: dict[str, Any]) -> tuple[list[Any], str | None]:
+    """The instances of either format, and the input name they are keyed by (None: plain values)."""
     if "instances" in data:
-        rows = _rows(model, data)
-    else:
-        columns = data["inputs"]
-        if isinstance(columns, dict):
-            if set(columns) != {model.input_key}:
-                raise ApiError(400, f"'inputs' must hold exactly the input {model.input_key!r}, got {sorted(columns)}")
-            columns = columns[model.input_key]
-        if not isinstance(columns, list) or not columns:
-            raise ApiError(400, "'inputs' must be a non-empty list of instances")
-        rows = columns
-    annotate(request, instances=len(rows))
-    inference.check_instances(len(rows), request.app.state.settings)
-    outputs = await inference.predict(model, inference.to_array(rows, model.input_shape, booleans))
-    key = "predictions" if "instances" in data else "outputs"
-    return json_response({key: outputs.tolist()})
+        instances = data["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise ApiError(400, "'instances' must be a non-empty list")
+        if not all(isinstance(row, dict) for row in instances):
+            return instances, None
+        keys = {tuple(row) for row in instances}
+        if len(keys) != 1 or len(next(iter(keys))) != 1:
+            raise ApiError(400, "each instance must hold exactly the signature's one input, by the same name")
+        key = next(iter(keys))[0]
+        return [row[key] for row in instances], key
+    columns = data["inputs"]
+    key = None
+    if isinstance(columns, dict):
+        if len(columns) != 1:
+            raise ApiError(400, f"'inputs' must hold exactly the signature's one input, got {sorted(columns)}")
+        key, columns = next(iter(columns.items()))
+    if not isinstance(columns, list) or not columns:
+        raise ApiError(400, "'inputs' must be a non-empty list of instances")
+    return columns, key
 
 
-async def _mc_dropout(request: Request, model: ServedModel, data: dict[str, Any], booleans: bool) -> Response:
-    check_mc_enabled(request.app.state.settings)
+def _mc_inputs(data: dict[str, Any]) -> tuple[list[Any], Any]:
     names = (artifact.INPUTS_KEY, artifact.SAMPLES_KEY, artifact.SEED_KEY)
     columns = data.get("inputs")
     if not isinstance(columns, dict) or set(columns) != set(names):
@@ -247,27 +229,17 @@ async def _mc_dropout(request: Request, model: ServedModel, data: dict[str, Any]
             '{"signature_name": "mc_dropout", "inputs": {"inputs": [...], "samples": 100, "seed": 42}}',
         )
     rows, samples, seed = (columns[n] for n in names)
-    if type(samples) is not int or samples < 1:
-        raise ApiError(400, f"'samples' must be a positive integer, got {samples!r}")
-    if type(seed) is not int or not 0 <= seed <= SEED_MAX:
-        raise ApiError(400, f"'seed' must be an integer from 0 to {SEED_MAX}, got {seed!r}")
+    if samples is None or seed is None:
+        raise ApiError(400, "signature 'mc_dropout' needs 'samples' and 'seed' (integers)")
+    mc = monte_carlo(samples, seed, return_samples=True, names=("'samples'", "'seed'"))  # every sample is returned
     if not isinstance(rows, list) or not rows:
         raise ApiError(400, "'inputs' must be a non-empty list of instances")
-    settings = request.app.state.settings
-    inference.check_instances(len(rows), settings)
-    inference.check_mc(model, len(rows), samples, settings)
-    annotate(request, instances=len(rows), samples=samples)
-    check_return_samples(settings, samples, len(rows), model.output_shape)  # every sample is returned
-    batch = inference.to_array(rows, model.input_shape, booleans)
-    return await inference.sample(model, batch, samples, seed, partial(_signature_outputs, model))
+    return rows, mc
 
 
-def _signature_outputs(model: ServedModel, draws: signatures.Samples) -> Response:
-    """TF Serving's columnar answer: one output tensor as a list, several as an object by name.
-
-    The answer is the raw samples, but the uncertainty histograms still count them, like every door's.
-    """
-    inference.summarize(model, draws)
+def _signature_outputs(result: InferResult) -> Response:
+    """TF Serving's columnar answer: one output tensor as a list, several as an object by name."""
+    draws = result.draws
     named = {
         artifact.OUTPUTS_KEY: draws.outputs,
         artifact.VARIANCE_KEY: draws.variance,

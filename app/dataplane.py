@@ -1,0 +1,283 @@
+"""The one data plane every door calls: a request in, a result out, the same meaning everywhere.
+
+A door (native, TF Serving REST, v2 REST, the gRPC doors) decodes its wire format into an
+``InferRequest``, awaits ``DataPlane.infer`` and encodes the ``InferResult``; it never touches the
+registry, the limits or the runner. ``infer`` owns, in this order: the MC switch (a server-wide
+policy, so a 403 before the model is looked up, from every door), the registry lease, the rows
+(``app.rows``: count, shape, finite numbers), the MC limits and seed, the run, the summary and
+the request's record for logs and metrics. Errors are ``ApiError`` with HTTP statuses as the one
+meaning (``app.errors.GRPC_STATUS`` maps them for gRPC).
+
+The MC path is two steps, easy to extend: ``_sample`` runs the draws, ``_finish`` (in the MC worker
+thread) summarizes them and builds the result.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from app import rows as row_checks
+from app.context import RequestRecord
+from app.errors import ApiError
+from app.loading import ServedModel
+from app.registry import Registry, VersionStatus
+from app.schemas import SEED_MAX
+from app.settings import Settings
+from app.summaries import Summary, output_names, summarize
+from training import artifact, signatures
+
+__all__ = ["SEED_MAX", "DataPlane", "InferRequest", "InferResult", "MonteCarlo", "RepositoryEntry", "monte_carlo"]
+
+
+@dataclass(slots=True, frozen=True)
+class MonteCarlo:
+    samples: int | None = None
+    """None: the server default (DROPOUT_SERVE_DEFAULT_SAMPLES)."""
+    seed: int | None = None
+    """None: a fresh random seed, reported in the result."""
+    return_samples: bool = False
+    """The raw draws ``[T, N, ...]`` in the result (bounded by DROPOUT_SERVE_MAX_RETURN_VALUES)."""
+
+
+def monte_carlo(samples: Any, seed: Any, return_samples: bool = False, *, names: tuple[str, str]) -> MonteCarlo:
+    """``MonteCarlo`` from loosely typed wire values (JSON parameters, TF Serving inputs, gRPC parameters),
+    or a 422 that calls them by the door's ``names`` for samples and seed."""
+    if samples is not None and (type(samples) is not int or samples < 1):
+        raise ApiError(422, f"{names[0]} must be a positive integer, got {samples!r}")
+    if seed is not None and (type(seed) is not int or not 0 <= seed <= SEED_MAX):
+        raise ApiError(422, f"{names[1]} must be an integer from 0 to 2**63-1, got {seed!r}")
+    return MonteCarlo(samples, seed, return_samples)
+
+
+@dataclass(slots=True)
+class InferRequest:
+    rows: np.ndarray | list
+    """A numeric array ``[N, *input_shape]`` (typed tensors) or the JSON list of instances."""
+    model: str | None = None
+    """None: the default model."""
+    version: int | None = None
+    label: str | None = None
+    """A version label (TF Serving's ``labels/{l}``, ``version_label``)."""
+    mc: MonteCarlo | None = None
+    """None: inference mode (dropout off)."""
+    where: str = "instances"
+    """How error messages name the rows: ``instances``, ``input 'inputs'``."""
+    request_id: str | None = None
+    """For doors outside the HTTP middleware (gRPC)."""
+    input_name: str | None = None
+    """The input a tensor request names; checked against the model's. None: the door has no names."""
+    outputs: list[str] | None = None
+    """Output tensors asked for (by ``summaries.output_names``); None: all."""
+    booleans: bool = True
+    """Whether JSON rows may hold true/false (NumPy would read them as numbers); False skips a check."""
+    record: RequestRecord | None = None
+    """The HTTP request's record (``app.context``): filled with model, version, instances and T."""
+    encode: Callable[[InferResult], Any] | None = None
+    """An MC answer's encoder, run in the MC worker thread beside the summary (its value: ``encoded``)."""
+
+
+@dataclass(slots=True)
+class InferResult:
+    model: ServedModel
+    outputs: np.ndarray | None = None
+    """Inference mode: ``[N, *output_shape]``."""
+    summary: Summary | None = None
+    """MC: the per-instance summaries."""
+    samples: int | None = None
+    seed: int | None = None
+    draws: signatures.Samples | None = None
+    """MC with ``return_samples``: the raw draws."""
+    encoded: Any = None
+    """What the request's ``encode`` made of this result, if it had one."""
+
+
+@dataclass(slots=True, frozen=True)
+class RepositoryEntry:
+    name: str
+    version: int | None
+    state: str
+    """The registry's state (START, LOADING, AVAILABLE, UNLOADING, END), or UNAVAILABLE when not tracked."""
+    reason: str
+
+
+class DataPlane:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self._registry = registry
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        settings, mc, record = self.settings, request.mc, request.record
+        if mc is not None and not settings.mc_dropout_enabled:
+            raise ApiError(
+                403,
+                "Monte-Carlo dropout is switched off on this server (DROPOUT_SERVE_MC_DROPOUT_ENABLED=false); "
+                "use inference-mode prediction",
+            )
+        with self._registry.lease(request.model, request.version, request.label) as model:
+            if record is not None:
+                record.model, record.version = model.name, model.version
+            if request.input_name is not None and request.input_name != model.input_key:
+                raise ApiError(
+                    422,
+                    f"model {model.name!r} version {model.version} takes one input, {model.input_key!r}; "
+                    f"got {request.input_name!r}",
+                )
+            batch = row_checks.to_batch(
+                request.rows,
+                model.input_shape,
+                settings.max_instances,
+                request.where,
+                request.booleans,
+                f"model {model.name!r} version {model.version}",
+            )
+            if record is not None:
+                record.instances = len(batch)
+            if request.outputs is not None:
+                _check_outputs(request.outputs, output_names(model, mc is not None), mc is not None)
+            if mc is None:
+                return InferResult(model, await model.runner.predict(batch))
+            samples = self._check_mc(model, len(batch), mc)
+            if record is not None:
+                record.samples = samples
+            seed = secrets.randbits(63) if mc.seed is None else mc.seed
+            return await self._sample(model, batch, samples, seed, mc, request.encode)
+
+    def _check_mc(self, model: ServedModel, count: int, mc: MonteCarlo) -> int:
+        """T for an MC request of ``count`` instances, or a 422 saying which limit it breaks."""
+        settings = self.settings
+        samples = mc.samples or settings.default_samples
+        if samples > settings.max_samples:
+            raise ApiError(422, f"samples: {samples} asked, at most {settings.max_samples} (DROPOUT_SERVE_MAX_SAMPLES)")
+        if samples * count > settings.max_mc_rows:
+            raise ApiError(
+                422,
+                f"samples x instances = {samples * count}, at most {settings.max_mc_rows} per request "
+                "(DROPOUT_SERVE_MAX_MC_ROWS); send fewer instances or samples",
+            )
+        if model.mc_dropout is None:
+            raise ApiError(
+                422,
+                f"model {model.name!r} version {model.version} has no mc_dropout signature "
+                "(it was not exported with dropout layers); use inference-mode prediction",
+            )
+        if mc.return_samples:
+            outputs = math.prod(model.output_shape)
+            values = samples * count * outputs
+            if values > settings.max_return_values:
+                raise ApiError(
+                    422,
+                    f"return_samples: samples x instances x outputs = {samples} x {count} x {outputs} "
+                    f"= {values} values, at most {settings.max_return_values} (DROPOUT_SERVE_MAX_RETURN_VALUES); "
+                    "ask for fewer samples or instances, or leave return_samples off",
+                )
+        return samples
+
+    @staticmethod
+    async def _sample(
+        model: ServedModel, batch: np.ndarray, samples: int, seed: int, mc: MonteCarlo, encode: Callable | None
+    ) -> InferResult:
+        finish = partial(_finish, model, samples, seed, mc.return_samples, encode)
+        return await model.runner.sample(batch, samples, seed, finish)
+
+    # -- metadata and control: each door only encodes these -----------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Whether the default model serves."""
+        return self._registry.ready()
+
+    @property
+    def default(self) -> str | None:
+        return self._registry.default
+
+    def names(self) -> list[str]:
+        """Models with a version that serves."""
+        return self._registry.names()
+
+    def loaded(self) -> int:
+        """Versions that serve, over every model."""
+        return len(self._registry)
+
+    def model(self, name: str | None, version: int | None = None, label: str | None = None) -> ServedModel:
+        """A serving version's facts (not for running it: ``infer`` does that); 404 if none."""
+        name, version = self._registry.resolve(name, version, label)
+        return self._registry.versions(name)[version]
+
+    def versions(self, name: str) -> dict[int, ServedModel]:
+        """The serving versions of ``name``; 404 if none."""
+        return self._registry.versions(name)
+
+    def model_ready(self, name: str, version: int | None = None) -> bool:
+        """Whether ``name`` (that version, if given) serves; 404 if the model is unknown."""
+        serving = [s.version for s in self._registry.status(name) if s.state == "AVAILABLE"]
+        return version in serving if version is not None else bool(serving)
+
+    def status(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
+        """Every tracked version's state (that version's, or the label's); 404 if unknown."""
+        statuses = self._registry.status(name)
+        if label is not None:
+            _, version = self._registry.resolve(name, label=label)
+        if version is not None:
+            statuses = [s for s in statuses if s.version == version]
+            if not statuses:
+                raise ApiError(404, f"model {name!r} has no version {version}")
+        return statuses
+
+    def labels(self, name: str) -> dict[str, int]:
+        return self._registry.labels(name)
+
+    def index(self, ready_only: bool) -> list[RepositoryEntry]:
+        """Every model of the repository; one entry per tracked version, or one without a version."""
+        tracked = self._registry.known()
+        entries = []
+        for name in sorted(set(tracked) | set(artifact.model_names(self.settings.model_dir))):
+            if name not in tracked:
+                if not ready_only:
+                    entries.append(RepositoryEntry(name, None, "UNAVAILABLE", "not loaded"))
+                continue
+            for status in self._registry.status(name):
+                if not ready_only or status.state == "AVAILABLE":
+                    entries.append(RepositoryEntry(name, status.version, status.state, status.error or ""))
+        return entries
+
+    def load(self, name: str) -> None:
+        """Serve ``name`` again and load it now (blocking: call off the event loop); 400 if no version loads."""
+        self._registry.load_model(name)
+        statuses = self._registry.status(name)
+        if not any(s.state == "AVAILABLE" for s in statuses):
+            errors = "; ".join(f"version {s.version}: {s.error}" for s in statuses if s.error) or "no loadable version"
+            raise ApiError(400, f"failed to load {name!r}: {errors}")
+
+    def unload(self, name: str) -> None:
+        """Stop serving ``name`` (in-flight requests finish) until it is loaded again."""
+        self._registry.unload_model(name)
+
+
+def _check_outputs(asked: list[str], names: list[str], mc: bool) -> None:
+    for name in asked:
+        if name not in names:
+            kind = "an MC-dropout" if mc else "an inference"
+            raise ApiError(422, f"unknown output {name!r}; {kind} request has: {', '.join(names)}")
+
+
+def _finish(
+    model: ServedModel,
+    samples: int,
+    seed: int,
+    return_samples: bool,
+    encode: Callable[[InferResult], Any] | None,
+    draws: signatures.Samples,
+) -> InferResult:
+    result = InferResult(model, None, summarize(model, draws), samples, seed, draws if return_samples else None)
+    if encode is not None:
+        result.encoded = encode(result)
+    return result

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
@@ -42,7 +42,17 @@ class PredictRequest(BaseModel):
 
 
 class MCDropoutRequest(PredictRequest):
-    samples: int | None = Field(None, ge=1, description="Monte-Carlo samples T (default 100, bounded)")
+    samples: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None,
+        description='Monte-Carlo samples T (default 100, bounded), or "auto": each instance samples until the '
+        "Monte-Carlo standard error of its answer is below the tolerance (or the server's maximum)",
+    )
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description='with samples "auto": the standard error that settles an answer (default: the server\'s, 0.05)',
+    )
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, description="makes the answer reproducible; default: fresh random"
     )
@@ -85,6 +95,7 @@ class ClassMCPrediction(ClassPrediction):
     mutual_information: float = Field(description="their difference, BALD (nats): epistemic part")
     variation_ratio: float = Field(description="share of samples whose top class is not the modal one")
     samples: list[list[float]] | None = Field(None, description="every sample, raw (uncalibrated)")
+    samples_used: int | None = Field(None, description='with samples "auto": the T this prediction used')
 
 
 class RegressionMCPrediction(BaseModel):
@@ -96,6 +107,7 @@ class RegressionMCPrediction(BaseModel):
     total_std: float | list[float]
     interval_95: list[float | list[float]] = Field(description="[lower, upper], mean ± 1.96 total_std")
     samples: list[Any] | None = None
+    samples_used: int | None = Field(None, description='with samples "auto": the T this prediction used')
 
 
 class RawMCPrediction(BaseModel):
@@ -107,8 +119,9 @@ class RawMCPrediction(BaseModel):
 class MCDropoutResponse(BaseModel):
     model: str
     version: int
-    samples: int = Field(description="T, the number of Monte-Carlo samples used")
+    samples: int = Field(description='T, the number of Monte-Carlo samples used (with "auto": the most any used)')
     seed: int = Field(description="the seed used; send it back to reproduce this answer exactly")
+    tolerance: float | None = Field(None, description='with samples "auto": the tolerance that settled the answers')
     class_labels: list[str] | None = None
     predictions: list[ClassMCPrediction | RegressionMCPrediction | RawMCPrediction]
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.signatures import Samples, Segment, calibrated_predictive, joined
+from training.draws import Samples, Segment, calibrated_predictive, joined
 from training.uncertainty import entropy
 
 DEFAULT_TOLERANCE = 0.05

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from training import artifact
+from training.draws import Samples, Segment, calibrated_predictive, joined
 
-
-class Samples(NamedTuple):
-    """What one ``mc_dropout`` call returns: sampled outputs, per-sample variances and the calibrated
-    predictive if it has them."""
-
-    outputs: np.ndarray
-    """``[T, N, ...]``: class probabilities, or predicted (mean) values."""
-    variance: np.ndarray | None
-    """``[T, N, ...]`` predicted aleatoric variance of a heteroscedastic model, else None."""
-    predictive: np.ndarray | None = None
-    """``[N, K]`` calibrated MC predictive of a temperature-calibrated classifier, else None."""
+__all__ = ["Samples", "Segment", "calibrated_predictive", "infer", "infer_variance", "joined", "mc_draws"]
+__all__ += ["segment_draws"]
 
 
 def infer(
@@ -55,16 +46,6 @@ def mc_draws(signature, inputs: np.ndarray, samples: int, seed: int) -> Samples:
     )
 
 
-class Segment(NamedTuple):
-    """One request's share of an ``mc_dropout_segments`` call: samples ``first .. first + samples - 1``
-    of ``seed`` for its ``inputs``."""
-
-    inputs: np.ndarray  # [N_r, ...] float32
-    seed: int
-    first: int
-    samples: int
-
-
 def segment_draws(signature, segments: Sequence[Segment]) -> list[Samples]:
     """Each segment's draws from one ``mc_dropout_segments`` call, in order: ``outputs [samples, N_r, ...]``
     (and ``variance``), bit-identical to what ``mc_dropout`` gives the segment's rows with its seed.
@@ -93,21 +74,3 @@ def segment_draws(signature, segments: Sequence[Segment]) -> list[Samples]:
         )
         for segment, start, stop in zip(segments, bounds[:-1], bounds[1:], strict=True)
     ]
-
-
-def joined(parts: Sequence[Samples]) -> Samples:
-    """Draws taken in stretches (consecutive ``first``), as one: samples concatenated in order."""
-    if len(parts) == 1:
-        return parts[0]
-    variance = None if parts[0].variance is None else np.concatenate([p.variance for p in parts])
-    return Samples(np.concatenate([p.outputs for p in parts]), variance)
-
-
-def calibrated_predictive(outputs: np.ndarray, temperature: float) -> np.ndarray:
-    """``softmax(log(mean_t p_t) / temperature)`` of ``outputs [T, N, K]`` as ``[N, K]`` float64: the
-    calibrated MC predictive that ``mc_dropout`` computes in-graph (float32) as ``predictive``, here over
-    all of a request's samples. It reads only the request's own draws, so it is the same whoever shared
-    the calls."""
-    log_mean = np.log(np.maximum(outputs.astype(np.float64).mean(axis=0), 1e-30)) / temperature
-    scaled = np.exp(log_mean - log_mean.max(axis=-1, keepdims=True))
-    return scaled / scaled.sum(axis=-1, keepdims=True)

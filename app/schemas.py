@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 DIGIT_ZERO = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0]
 DIGIT_ZERO += [0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
@@ -41,8 +42,19 @@ class PredictRequest(BaseModel):
     version: int | None = Field(None, ge=1, description="model version; default: the latest loaded")
 
 
+def _samples(value: Any) -> Any:
+    """One clear message for a bad ``samples`` (a union would report each of its members)."""
+    if value is None or value == "auto":
+        return value
+    if type(value) is not int:
+        raise PydanticCustomError("samples_type", 'Input should be a positive integer or "auto"')
+    if value < 1:
+        raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to 1")
+    return value
+
+
 class MCDropoutRequest(PredictRequest):
-    samples: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+    samples: Annotated[Annotated[int, Field(ge=1)] | Literal["auto"] | None, BeforeValidator(_samples)] = Field(
         None,
         description='Monte-Carlo samples T (default 100, bounded), or "auto": each instance samples until the '
         "Monte-Carlo standard error of its answer is below the tolerance (or the server's maximum)",

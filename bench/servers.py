@@ -34,11 +34,13 @@ MLSERVER_REQUIREMENTS = ["mlserver==1.7.*", f"{_TF}==2.21.*", "httptools"]
 
 @dataclass(frozen=True)
 class Workload:
-    """One kind of request: ``rows`` digit instances, plain prediction or MC dropout with ``samples``."""
+    """One kind of request: ``rows`` digit instances, plain prediction or MC dropout with ``samples``; with
+    ``stream``, each row is a request of its own and they are sent in turn."""
 
     name: str
     rows: list[list[float]]
-    samples: int | None = None
+    samples: int | str | None = None
+    stream: bool = False
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Server:
     command: list[str]
     env: dict[str, str]
     port: int
-    requests: dict[str, tuple[str, str]]
+    requests: dict[str, tuple[str, str | list[str]]]
     read: Callable[[dict], np.ndarray | None]  # an answer -> probabilities [rows, classes], or None
     cwd: Path = ROOT
     process: subprocess.Popen | None = field(default=None, repr=False)
@@ -79,8 +81,10 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError(f"{self.name} did not answer 200 within {timeout:.0f} s: {log.read_text()[-3000:]}")
 
-    def post(self, path: str, body: str) -> httpx.Response:
-        return httpx.post(self.url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+    def post(self, path: str, body: str | list[str]) -> httpx.Response:
+        """One request (of a stream: the first)."""
+        content = body if isinstance(body, str) else body[0]
+        return httpx.post(self.url + path, content=content, headers={"content-type": "application/json"}, timeout=30)
 
     def answer(self, workload: str) -> np.ndarray | None:
         """One request of ``workload``; its probabilities (None where the server returns none)."""
@@ -110,11 +114,11 @@ def _uvicorn(app: str, port: int) -> list[str]:
     return [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
 
 
-def _native(workload: Workload) -> str:
-    body: dict = {"instances": workload.rows}
-    if workload.samples is not None:
-        body["samples"] = workload.samples
-    return json.dumps(body)
+def _native(workload: Workload) -> str | list[str]:
+    extra = {} if workload.samples is None else {"samples": workload.samples}
+    if workload.stream:
+        return [json.dumps({"instances": [row], **extra}) for row in workload.rows]
+    return json.dumps({"instances": workload.rows, **extra})
 
 
 def floor(port: int, workloads: list[Workload]) -> Server:
@@ -143,8 +147,13 @@ def minimal(port: int, version_dir: Path, workloads: list[Workload]) -> Server:
     )
 
 
-def ours(port: int, model_dir: Path, model: str, workloads: list[Workload], batched: bool) -> Server:
-    """``uvicorn app.main:app``, one process; unbatched is ``DROPOUT_SERVE_MAX_BATCH_SIZE=1``, batched the default."""
+def ours(
+    port: int, model_dir: Path, model: str, workloads: list[Workload], batched: bool, before: Path | None = None
+) -> Server:
+    """``uvicorn app.main:app``, one process; unbatched is ``DROPOUT_SERVE_MAX_BATCH_SIZE=1``, batched the default.
+
+    ``before``: the same, default settings, from another source tree (the code before a change), on the
+    workloads that code knows (fixed T)."""
     # No per-request log line, like every other server here (uvicorn --no-access-log, MLServer without debug).
     settings = {
         "DROPOUT_SERVE_MODEL_DIR": str(model_dir),
@@ -157,14 +166,20 @@ def ours(port: int, model_dir: Path, model: str, workloads: list[Workload], batc
     def read(answer: dict) -> np.ndarray:
         return np.asarray([p["probabilities"] for p in answer["predictions"]])
 
+    name = "ours-batched" if batched else "ours-unbatched"
+    description = "dropout-serve, " + ("batched (default settings)" if batched else "MAX_BATCH_SIZE=1")
+    if before is not None:
+        name, description = "ours-before", f"dropout-serve before this change ({before}), default settings"
+        workloads = [w for w in workloads if not isinstance(w.samples, str)]
     return Server(
-        name="ours-batched" if batched else "ours-unbatched",
-        description="dropout-serve, " + ("batched (default settings)" if batched else "MAX_BATCH_SIZE=1"),
+        name=name,
+        description=description,
         command=_uvicorn("app.main:app", port),
         env=_env(**settings),
         port=port,
         requests={w.name: ("/predict/mc-dropout" if w.samples else "/predict", _native(w)) for w in workloads},
         read=read,
+        cwd=before or ROOT,
     )
 
 

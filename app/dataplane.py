@@ -326,17 +326,36 @@ async def _sample_auto(
     model: ServedModel, batch: np.ndarray, maximum: int, seed: int, tolerance: float, encode: Callable | None
 ) -> InferResult:
     """``samples: "auto"``: rounds of stretches (``training.adaptive``) until every instance is settled or at
-    ``maximum``, each round's stretches batched with other requests; then the summaries of each group of
-    instances that stopped at the same T, as one, and the encoding, in the MC worker thread."""
+    ``maximum``, each round's stretches batched with other requests. What a stretch's draws decide is worked
+    out in the MC worker thread; so is the answer (summaries of each group of instances that stopped at the
+    same T, as one, and its encoding), by the request's last stretch, or after the last round if it had several."""
     error = adaptive.error_function(model.task, model.tau, model.predictive_temperature)
     sampler = adaptive.Adaptive(batch, seed, error, tolerance, maximum)
+    answer = partial(_finish_auto, model, len(batch), seed, tolerance, sampler, encode)
     while stretches := sampler.pending():
-        sampler.add(await asyncio.gather(*(model.runner.draw(stretch, _unchanged) for stretch in stretches)))
-    return await model.runner.in_mc_pool(partial(_finish_auto, model, len(batch), seed, tolerance, sampler, encode))
+        alone = len(stretches) == 1
+        steps = await asyncio.gather(
+            *(model.runner.draw(s, partial(_auto_round, sampler, i, alone, answer)) for i, s in enumerate(stretches))
+        )
+        if isinstance(steps[0], InferResult):
+            return steps[0]
+        sampler.advance(steps)
+    return await model.runner.in_mc_pool(answer)
 
 
-def _unchanged(draws: signatures.Samples) -> signatures.Samples:
-    return draws
+def _auto_round(
+    sampler: adaptive.Adaptive,
+    index: int,
+    alone: bool,
+    answer: Callable[[], InferResult],
+    drawn: signatures.Samples,
+) -> adaptive.Step | InferResult:
+    """In the worker thread: the stretch's step; the whole answer if this was the request's last stretch."""
+    step = sampler.step(index, drawn)
+    if alone and not step.active:
+        sampler.advance([step])
+        return answer()
+    return step
 
 
 def _finish_auto(

@@ -132,9 +132,18 @@ class _Group:
     target: int
 
 
+@dataclass(slots=True)
+class Step:
+    """What one stretch's draws decide for its group: the groups that go on, the parts that stopped."""
+
+    active: list[_Group]
+    finished: list[tuple[np.ndarray, Samples]]
+
+
 class Adaptive:
-    """One request's adaptive sampling: which stretches to draw next (``pending``), what came back
-    (``add``), and each instance's draws when done (``finished``).
+    """One request's adaptive sampling: which stretches to draw next (``pending``), what each one's draws
+    decide (``step``, no side effects, so a server runs it in its worker thread), taking those decisions
+    (``advance``), and each instance's draws when done (``finished``).
 
     Instances that share their samples so far and their next target share a ``Segment`` (masks
     depend only on seed and sample, so grouping never changes a draw), which keeps calls few.
@@ -159,26 +168,32 @@ class Adaptive:
         """The stretches to draw next, one per active group; empty when every instance has settled."""
         return [Segment(self._inputs[g.rows], self._seed, g.used, g.target - g.used) for g in self._active]
 
-    def add(self, results: list[Samples]) -> None:
-        """The draws of ``pending()``'s segments, in order: decide each instance's next target."""
-        active: list[_Group] = []
-        for group, drawn in zip(self._active, results, strict=True):
-            draws = drawn if group.draws is None else joined([group.draws, drawn])
-            used = group.target
-            targets = np.array(
-                [self._schedule.target(used, float(e), self._tolerance, self._maximum) for e in self._error(draws)]
-            )
-            for target in np.unique(targets):
-                keep = targets == target
-                part = draws if keep.all() else Samples(*(None if a is None else a[:, keep] for a in draws[:2]))
-                if target == used:
-                    self.finished.append((group.rows[keep], part))
-                else:
-                    active.append(_Group(group.rows[keep], part, used, int(target)))
-        self._active = active
+    def step(self, index: int, drawn: Samples) -> Step:
+        """What the draws of ``pending()[index]`` decide: each of its instances' next target."""
+        group = self._active[index]
+        draws = drawn if group.draws is None else joined([group.draws, drawn])
+        used = group.target
+        errors = self._error(draws)
+        targets = np.array([self._schedule.target(used, float(e), self._tolerance, self._maximum) for e in errors])
+        step = Step([], [])
+        for target in np.unique(targets):
+            keep = targets == target
+            part = draws if keep.all() else Samples(*(None if a is None else a[:, keep] for a in draws[:2]))
+            if target == used:
+                step.finished.append((group.rows[keep], part))
+            else:
+                step.active.append(_Group(group.rows[keep], part, used, int(target)))
+        return step
+
+    def advance(self, steps: list[Step]) -> None:
+        """Take the steps of every pending stretch, in order."""
+        if len(steps) != len(self._active):
+            raise ValueError(f"{len(steps)} steps for {len(self._active)} pending stretches")
+        self._active = [group for step in steps for group in step.active]
+        self.finished += [part for step in steps for part in step.finished]
 
     def run(self, draw: Callable[[list[Segment]], list[Samples]]) -> list[tuple[np.ndarray, Samples]]:
         """Draw until done, synchronously (``draw``: e.g. ``partial(segment_draws, signature)``)."""
         while segments := self.pending():
-            self.add(draw(segments))
+            self.advance([self.step(i, drawn) for i, drawn in enumerate(draw(segments))])
         return self.finished

@@ -8,7 +8,7 @@ tensor protocols (v2 REST and gRPC) through ``tensors``, by the names ``output_n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -103,11 +103,19 @@ CONFORMAL_OUTPUTS: dict[str | None, list[str]] = {
 
 
 def summarize(model: ServedModel, draws: signatures.Samples) -> Summary:
-    """The per-instance MC summaries of ``draws``, observed for the uncertainty histograms."""
+    """The per-instance MC summaries of ``draws``, observed for the uncertainty histograms.
+
+    A calibrated classifier's predictive comes from ``mc_dropout``'s ``predictive``, or, for an artifact
+    with ``mc_dropout_segments`` (whose requests may be batched or drawn in stretches), from the
+    request's own draws here: the same bits whichever calls they came from.
+    """
     outputs = draws.outputs.astype(np.float64)
     summary: ClassificationSummary | RegressionSummary
     if model.task == "classification":
-        summary = summarize_classification(outputs, draws.predictive)  # predictive: calibrated, if the model is
+        predictive = draws.predictive  # calibrated, if the model is
+        if model.runner.batches_mc and model.predictive_temperature is not None:
+            predictive = signatures.calibrated_predictive(draws.outputs, model.predictive_temperature)
+        summary = summarize_classification(outputs, predictive)
     elif model.task == "regression":
         summary = summarize_regression(outputs, model.tau, draws.variance)  # variance: heteroscedastic noise
     else:
@@ -116,15 +124,42 @@ def summarize(model: ServedModel, draws: signatures.Samples) -> Summary:
     return summary
 
 
-def output_names(model: ServedModel, mc: bool) -> list[str]:
-    """The output tensors an answer of ``model`` has: its output key, or the MC summary's."""
+def output_names(model: ServedModel, mc: bool, auto: bool = False) -> list[str]:
+    """The output tensors an answer of ``model`` has: its output key, or the MC summary's (and with
+    ``samples: "auto"``, ``samples_used``: each instance's T)."""
     if not mc:
         return [model.output_key]
     names = MC_OUTPUTS[model.task]
     if model.task is not None and conformity.unavailable(model.metadata) is None:
         names = names + CONFORMAL_OUTPUTS[model.task]
     noise = model.tau is not None or (model.metadata is not None and model.metadata.likelihood == "heteroscedastic")
-    return [n for n in names if n != "aleatoric_std"] if model.task == "regression" and not noise else names
+    names = [n for n in names if n != "aleatoric_std"] if model.task == "regression" and not noise else names
+    return [*names, SAMPLES_USED] if auto else names
+
+
+SAMPLES_USED = "samples_used"
+"""With ``samples: "auto"``: the T each prediction used (a field of each native prediction, an INT64 tensor)."""
+
+
+def merge(parts: list[tuple[np.ndarray, Summary]], count: int) -> Summary:
+    """One summary of ``count`` instances from the summaries of disjoint groups of them (``rows`` each):
+    ``samples: "auto"`` summarizes together the instances that stopped at the same T."""
+    if len(parts) == 1:
+        rows, summary = parts[0]
+        if np.array_equal(rows, np.arange(count)):
+            return summary
+    first = parts[0][1]
+    merged = {}
+    for field in fields(first):
+        values = [getattr(summary, field.name) for _, summary in parts]
+        if not isinstance(values[0], np.ndarray):  # the same for every group (a homoscedastic aleatoric std)
+            merged[field.name] = values[0]
+            continue
+        whole = np.empty((count, *values[0].shape[1:]), values[0].dtype)
+        for (rows, _), value in zip(parts, values, strict=True):
+            whole[rows] = value
+        merged[field.name] = whole
+    return type(first)(**merged)
 
 
 def tensors(

@@ -147,7 +147,7 @@ def test_bad_levels_are_a_422_naming_the_field(server, digit_rows, fields, named
     [
         ({"mc_dropout": True, "alpha": 2}, "parameters.alpha"),
         ({"mc_dropout": True, "risk": "low"}, "parameters.risk"),
-        ({"alpha": 0.1}, "parameters.samples, seed, alpha and risk need parameters.mc_dropout"),
+        ({"alpha": 0.1}, "parameters.samples, seed, tolerance, alpha and risk need parameters.mc_dropout"),
     ],
 )
 def test_bad_v2_levels_are_a_400_naming_the_parameter(server, digit_rows, parameters, named):

@@ -25,6 +25,22 @@ Signatures of the SavedModel (inputs are float32 with a free batch axis ``N``):
     the dropout layers stochastic and every other layer in inference mode; no variable changes.
     The same inputs, T and seed give bit-identical samples in any process. Sample ``t`` is one
     draw of the network, shared by all instances of the call (see ``training.mc_dropout``).
+``mc_dropout_segments`` (written beside ``mc_dropout`` since issue 18; a server serves artifacts
+    without it through ``mc_dropout`` as before)
+    Several ``mc_dropout`` calls in one, so a server can batch concurrent MC requests without
+    changing any answer. ``inputs [N, *input_shape]``, ``segments [N]`` (int32: the segment, i.e.
+    the request, each row belongs to), ``seeds [R]`` (int64), ``first [R]`` and ``samples [R]``
+    (int32 >= 0): segment ``r`` gets samples ``first[r] .. first[r] + samples[r] - 1`` of the seed
+    ``seeds[r]``. -> ``outputs [T, N, *output_shape]`` with T the largest ``samples`` of a segment
+    that has rows (at least one must ask for a sample): ``outputs[k, i]`` is sample ``first[r] + k``
+    of row ``i`` (``r = segments[i]``) for ``k < samples[r]``, 0 beyond. Sample ``t`` of a segment is
+    bit-identical to sample ``t`` of ``mc_dropout`` called on the segment's rows alone with its seed
+    (T > t): the masks depend only on (seed, layer, t), one per sample shared by the segment's rows,
+    and the network computes each row on its own. So a request may also take its samples in
+    stretches (``first``) over several calls and get exactly the draws of one call. A
+    heteroscedastic model adds ``variance`` (same shape); there is no ``predictive``: a calibrated
+    client computes ``softmax(log(mean_t p_t) / predictive_temperature)`` itself over all of a
+    request's samples (``training.signatures.calibrated_predictive``).
 
 Preprocessing (feature scaling, target de-standardization) is part of both signatures, so
 clients send raw features.
@@ -87,6 +103,10 @@ from pydantic import BaseModel, Field, PrivateAttr
 
 SERVING_SIGNATURE = "serving_default"
 MC_SIGNATURE = "mc_dropout"
+MC_SEGMENTS_SIGNATURE = "mc_dropout_segments"
+SEGMENTS_KEY = "segments"
+SEEDS_KEY = "seeds"
+FIRST_KEY = "first"
 INPUTS_KEY = "inputs"
 SAMPLES_KEY = "samples"
 SEED_KEY = "seed"

@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from training import artifact, conformity
-from training.mc_dropout import dropout_layers, mc_dropout_fn
+from training.mc_dropout import dropout_layers, mc_dropout_fn, mc_dropout_segments_fn
 
 ACTIVATION_BUDGET = 2**22
 """Most float32 elements one intermediate tensor of an MC forward pass may hold (16 MiB)."""
@@ -117,11 +117,32 @@ def write_saved_model(
         ]
         mc = tf.function(mc_dropout, input_signature=mc_spec, autograph=False)
         signatures[artifact.MC_SIGNATURE] = mc.get_concrete_function()
+        signatures[artifact.MC_SEGMENTS_SIGNATURE] = _segments_signature(model, spec, rows_per_pass, likelihood)
 
     holder = tf.Module()
     holder.model = model
     tf.saved_model.save(holder, str(path), signatures=signatures)
     return rows_per_pass
+
+
+def _segments_signature(
+    model: keras.Model, spec: tf.TensorSpec, rows_per_pass: int, likelihood: artifact.Likelihood
+) -> tf.types.experimental.ConcreteFunction:
+    """``mc_dropout_segments``: the raw draws of several requests' segments in one call (no ``predictive``:
+    a request's calibrated predictive is over all its samples, which may come from several calls)."""
+    sample = mc_dropout_segments_fn(model, rows_per_pass)
+
+    def mc_dropout_segments(inputs, segments, seeds, first, samples) -> dict[str, tf.Tensor]:
+        return _outputs(sample(inputs, segments, seeds, first, samples), likelihood, None)
+
+    segments_spec = [
+        spec,
+        tf.TensorSpec([None], tf.int32, name=artifact.SEGMENTS_KEY),
+        tf.TensorSpec([None], tf.int64, name=artifact.SEEDS_KEY),
+        tf.TensorSpec([None], tf.int32, name=artifact.FIRST_KEY),
+        tf.TensorSpec([None], tf.int32, name=artifact.SAMPLES_KEY),
+    ]
+    return tf.function(mc_dropout_segments, input_signature=segments_spec, autograph=False).get_concrete_function()
 
 
 def export_model(

@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from app.context import record_of
-from app.dataplane import DataPlane, InferRequest, InferResult, MonteCarlo
+from app.dataplane import DataPlane, InferRequest, InferResult, monte_carlo
 from app.loading import ServedModel
 from app.protocols.body import dataplane, json_body_schema, json_response, may_hold_booleans, read_json, validate
 from app.schemas import (
@@ -25,7 +25,7 @@ from app.schemas import (
     PredictRequest,
     PredictResponse,
 )
-from app.summaries import ConformalAnswer, RawSummary
+from app.summaries import SAMPLES_USED, ConformalAnswer, RawSummary
 from training import conformity
 from training.uncertainty import ClassificationSummary
 
@@ -34,6 +34,7 @@ router = APIRouter()
 REQUEST_MODELS = (PredictRequest, MCDropoutRequest)
 """Documented in the OpenAPI components although no route takes them as a parameter."""
 
+_MC_NAMES = ("samples", "seed", "tolerance")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "the body is not valid JSON"},
     404: {"model": ErrorResponse, "description": "unknown model or version, or no model loaded"},
@@ -80,7 +81,15 @@ async def predict_mc_dropout(request: Request) -> Response:
         body.instances,
         body.model,
         body.version,
-        mc=MonteCarlo(body.samples, body.seed, body.return_samples, body.alpha, body.risk),
+        mc=monte_carlo(
+            body.samples,
+            body.seed,
+            body.return_samples,
+            body.tolerance,
+            names=_MC_NAMES,
+            alpha=body.alpha,
+            risk=body.risk,
+        ),
         booleans=may_hold_booleans(raw),
         record=record_of(request.scope),
         encode=_mc_answer,  # up to 0.2 s for the largest T x N: in the MC worker thread, not on the loop
@@ -92,6 +101,10 @@ def _mc_answer(result: InferResult) -> Response:
     model, conformal = result.model, result.conformal
     predictions = _mc_predictions(result)
     extra: dict[str, Any] = {"samples": result.samples, "seed": result.seed}
+    if result.samples_used is not None:  # samples "auto": each prediction's own T
+        extra["tolerance"] = result.tolerance
+        for prediction, used in zip(predictions, result.samples_used.tolist(), strict=True):
+            prediction[SAMPLES_USED] = used
     if conformal is not None:
         extra["alpha"] = conformal.alpha
         if conformal.risk is not None:

@@ -4,7 +4,8 @@ Parameters are the protocol's extension point, and other servers' clients send t
 codecs ``content_type``, Triton's ``priority`` and ``timeout``, KServe's custom ones. So a parameter
 this server does not know is ignored, never refused (unknown *fields* of the body still are). The
 ones it knows: ``{"mc_dropout": true, "samples": T, "seed": s}`` ask for Monte-Carlo dropout,
-checked strictly; ``binary_data_output`` (the binary extension) is read by ``v2_codec``; the
+checked strictly (``"samples": "auto"``, with an optional ``"tolerance"``, samples each instance until
+its answer is settled); ``binary_data_output`` (the binary extension) is read by ``v2_codec``; the
 shared-memory and classification extensions, which would change the answer's meaning, are refused
 there. ``"alpha"`` and ``"risk"`` (with ``mc_dropout``) set the levels of a calibrated version's
 ``prediction_set``/``abstain`` or ``conformal_lower``/``conformal_upper`` outputs. Both doors hand this
@@ -26,7 +27,7 @@ from typing import Any
 from app.dataplane import MonteCarlo, monte_carlo
 from app.errors import ApiError, describe
 
-MC_PARAMETERS = frozenset({"mc_dropout", "samples", "seed", "alpha", "risk"})
+MC_PARAMETERS = frozenset({"mc_dropout", "samples", "seed", "tolerance", "alpha", "risk"})
 ONE_TENSOR = "np"
 """The request ``content_type`` of MLServer's ``NumpyRequestCodec``: the whole request is one tensor."""
 
@@ -41,16 +42,17 @@ def mc_parameters(parameters: Mapping[str, Any]) -> MonteCarlo | None:
     mc = parameters.get("mc_dropout", False)
     if not isinstance(mc, bool):
         raise ApiError(400, f"parameters.mc_dropout: expected true or false, got {describe(mc)}")
-    samples, seed = parameters.get("samples"), parameters.get("seed")
+    samples, seed, tolerance = parameters.get("samples"), parameters.get("seed"), parameters.get("tolerance")
     alpha, risk = parameters.get("alpha"), parameters.get("risk")
     if not mc:
-        if any(value is not None for value in (samples, seed, alpha, risk)):
-            raise ApiError(400, "parameters.samples, seed, alpha and risk need parameters.mc_dropout: true")
+        if any(value is not None for value in (samples, seed, tolerance, alpha, risk)):
+            raise ApiError(400, "parameters.samples, seed, tolerance, alpha and risk need parameters.mc_dropout: true")
         return None
     return monte_carlo(
         samples,
         seed,
-        names=("parameters.samples", "parameters.seed"),
+        tolerance=tolerance,
+        names=("parameters.samples", "parameters.seed", "parameters.tolerance"),
         alpha=alpha,
         risk=risk,
         level_names=("parameters.alpha", "parameters.risk"),

@@ -127,7 +127,9 @@ def test_auto_reports_t_per_prediction_stops_early_when_sure_and_replays(server,
         for key in alone.keys() - {"label"}:
             np.testing.assert_allclose(alone[key], beside[key], rtol=1e-12, atol=1e-15, err_msg=key)
     loose = mc(server.url, {**body, "tolerance": 0.5}).json()
-    assert all(p["samples_used"] == 10 for p in loose["predictions"]) and loose["tolerance"] == 0.5
+    assert loose["tolerance"] == 0.5
+    loose_used = [p["samples_used"] for p in loose["predictions"]]
+    assert min(loose_used) == 10 and sum(loose_used) < sum(used), (loose_used, used)  # a looser tolerance stops sooner
 
 
 def test_auto_in_v2_parameters(server):

@@ -27,13 +27,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.context import record_of
-from app.dataplane import DataPlane, InferRequest, InferResult, RepositoryEntry
+from app.dataplane import DataPlane, InferRequest, RepositoryEntry
 from app.errors import ApiError, describe
 from app.protocols import v2_codec as codec
 from app.protocols import v2_schemas as docs
 from app.protocols.body import body_bytes, dataplane
-from app.protocols.v2_parameters import input_name, mc_parameters
-from app.summaries import SAMPLES_USED, output_names, tensors
+from app.protocols.v2_parameters import answer, input_name, mc_parameters
+from app.summaries import output_names
 
 router = APIRouter(prefix="/v2", tags=["v2 (KServe, Triton)"])
 
@@ -113,15 +113,6 @@ def _ready(request: Request, name: str, number: int | None) -> JSONResponse:
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-def _conformal_parameters(result: InferResult) -> dict[str, Any]:
-    """The levels a calibrated version's conformal outputs were made at, and why they are approximate, if so."""
-    conformal = result.conformal
-    if conformal is None:
-        return {}
-    levels = {"alpha": conformal.alpha, "risk": conformal.risk, "conformal_note": conformal.note}
-    return {key: value for key, value in levels.items() if value is not None}
-
-
 @router.post(
     "/models/{name}/infer",
     response_model=docs.InferResponse,
@@ -166,18 +157,11 @@ async def _infer(request: Request, name: str, number: int | None) -> Response:
     header: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
     if parsed.id is not None:
         header["id"] = parsed.id
-    auto = result.samples_used is not None
-    if result.summary is None:
-        outputs = {model.output_key: result.outputs}
-    else:
-        outputs = tensors(result.summary, model.output_shape, result.conformal)
-        header["parameters"] = {"mc_dropout": True, "samples": result.samples, "seed": result.seed}
-        header["parameters"] |= _conformal_parameters(result)
-        if auto:
-            outputs[SAMPLES_USED] = result.samples_used
-            header["parameters"]["tolerance"] = result.tolerance
+    outputs, parameters, names = answer(result)
+    if parameters:
+        header["parameters"] = parameters
     if parsed.outputs is None:
-        wanted = [(n, parsed.binary_output) for n in output_names(model, result.summary is not None, auto)]
+        wanted = [(n, parsed.binary_output) for n in names]
     else:
         wanted = [(output.name, output.binary) for output in parsed.outputs]
     content, length = codec.encode_infer_response(header, [codec.OutputTensor(n, outputs[n], b) for n, b in wanted])

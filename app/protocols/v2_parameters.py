@@ -24,8 +24,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from app.dataplane import MonteCarlo, monte_carlo
+import numpy as np
+
+from app.dataplane import InferResult, MonteCarlo, monte_carlo
 from app.errors import ApiError, describe
+from app.summaries import SAMPLES_USED, output_names, tensors
 
 MC_PARAMETERS = frozenset({"mc_dropout", "samples", "seed", "tolerance", "alpha", "risk"})
 ONE_TENSOR = "np"
@@ -57,3 +60,22 @@ def mc_parameters(parameters: Mapping[str, Any]) -> MonteCarlo | None:
         risk=risk,
         level_names=("parameters.alpha", "parameters.risk"),
     )
+
+
+def answer(result: InferResult) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
+    """A result as the v2 doors answer it: the output tensors by name, the response parameters (an MC
+    answer's T, seed, conformal levels and ``auto`` tolerance) and the names sent when none is asked for."""
+    model = result.model
+    if result.summary is None:
+        return {model.output_key: result.outputs}, {}, [model.output_key]
+    outputs = tensors(result.summary, model.output_shape, result.conformal)
+    parameters: dict[str, Any] = {"mc_dropout": True, "samples": result.samples, "seed": result.seed}
+    conformal = result.conformal
+    if conformal is not None:  # the levels its outputs were made at, and why they are approximate, if so
+        levels = {"alpha": conformal.alpha, "risk": conformal.risk, "conformal_note": conformal.note}
+        parameters |= {key: value for key, value in levels.items() if value is not None}
+    auto = result.samples_used is not None
+    if auto:
+        outputs[SAMPLES_USED] = result.samples_used
+        parameters["tolerance"] = result.tolerance
+    return outputs, parameters, output_names(model, True, auto)

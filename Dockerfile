@@ -26,21 +26,28 @@ WORKDIR /src
 
 # Dependencies first, read from pyproject.toml alone, so editing the code does not download
 # TensorFlow again. pip applies the platform markers. Both TensorFlow distributions install the
-# same `tensorflow` package, so a TENSORFLOW swap removes one before adding the other. Then what
-# serving never uses goes: TensorFlow's C++ headers (~290 MB, for compiling custom ops), libclang
-# (64 MB, a TensorFlow dependency for generating code), and the debug symbols of the shared
-# libraries (~290 MB; `strip --strip-unneeded` keeps the dynamic symbols that loading needs).
-# Libraries that auditwheel grafted into `*.libs/` folders are left as they are.
+# same `tensorflow` package, so a TENSORFLOW swap removes one before adding the other. Packages
+# that pyproject's [tool.dropout-serve] no-deps lists go in without their requirements (as the
+# Makefile does; pyproject says why). Then what serving never uses goes:
+# TensorFlow's C++ headers (~290 MB, for compiling custom ops), libclang (64 MB, a TensorFlow
+# dependency for generating code), the packages' own test suites (~18 MB, numpy's nearly all) and
+# the debug symbols of the shared libraries (~290 MB; `strip --strip-unneeded` keeps the dynamic
+# symbols that loading needs). Libraries that auditwheel grafted into `*.libs/` folders are left
+# as they are.
 COPY pyproject.toml ./
 RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
         > /tmp/requirements.txt \
+ && python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb")).get("tool", {}).get("dropout-serve", {}).get("no-deps", []), sep="\n")' \
+        > /tmp/no-deps.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && if grep -q . /tmp/no-deps.txt; then pip install --no-cache-dir --no-deps -r /tmp/no-deps.txt; fi \
  && if [ -n "$TENSORFLOW" ]; then \
         pip uninstall -y tensorflow-cpu tensorflow && pip install --no-cache-dir "$TENSORFLOW"; \
     fi \
  && pip uninstall -y libclang \
  && cd /opt/dropout-serve/lib/python3.11/site-packages \
  && rm -rf tensorflow/include \
+ && find . -type d -name tests -prune -exec rm -rf {} + \
  && find . -name '*.so*' -type f -not -path '*.libs/*' -exec strip --strip-unneeded {} +
 
 # The project itself, non-editable. --no-deps: the layer above has them (and a TENSORFLOW

@@ -14,12 +14,13 @@ thread) summarizes them and builds the result.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -30,30 +31,65 @@ from app.loading import ServedModel
 from app.registry import Registry, VersionStatus
 from app.schemas import SEED_MAX
 from app.settings import Settings
-from app.summaries import Summary, output_names, summarize
-from training import artifact, signatures
+from app.summaries import ConformalAnswer, Summary, conformal_answer, merge, output_names, summarize
+from training import adaptive, artifact, conformal, signatures
+from training.draws import Segment
 
 __all__ = ["SEED_MAX", "DataPlane", "InferRequest", "InferResult", "MonteCarlo", "RepositoryEntry", "monte_carlo"]
 
 
+AUTO = "auto"
+
+
 @dataclass(slots=True, frozen=True)
 class MonteCarlo:
-    samples: int | None = None
-    """None: the server default (DROPOUT_SERVE_DEFAULT_SAMPLES)."""
+    samples: int | Literal["auto"] | None = None
+    """None: the server default (DROPOUT_SERVE_DEFAULT_SAMPLES); "auto": each instance samples until its answer
+    is settled (``training.adaptive``), at most DROPOUT_SERVE_AUTO_MAX_SAMPLES."""
     seed: int | None = None
     """None: a fresh random seed, reported in the result."""
     return_samples: bool = False
     """The raw draws ``[T, N, ...]`` in the result (bounded by DROPOUT_SERVE_MAX_RETURN_VALUES)."""
+    tolerance: float | None = None
+    """With "auto": the Monte-Carlo standard error that settles an answer; None: DROPOUT_SERVE_AUTO_TOLERANCE."""
+    alpha: float | None = None
+    """Conformal sets and intervals at coverage 1 - alpha; None: 0.1 (``training.conformity.DEFAULT_ALPHA``)."""
+    risk: float | None = None
+    """Abstention at this risk; None: the version's stored default."""
 
 
-def monte_carlo(samples: Any, seed: Any, return_samples: bool = False, *, names: tuple[str, str]) -> MonteCarlo:
+def monte_carlo(
+    samples: Any,
+    seed: Any,
+    return_samples: bool = False,
+    tolerance: Any = None,
+    *,
+    names: tuple[str, ...],
+    alpha: Any = None,
+    risk: Any = None,
+    level_names: tuple[str, str] = ("alpha", "risk"),
+) -> MonteCarlo:
     """``MonteCarlo`` from loosely typed wire values (JSON parameters, TF Serving inputs, gRPC parameters),
-    or a 422 that calls them by the door's ``names`` for samples and seed."""
-    if samples is not None and (type(samples) is not int or samples < 1):
-        raise ApiError(422, f"{names[0]} must be a positive integer, got {describe(samples)}")
+    or a 422 that calls them by the door's ``names`` for samples, seed (and tolerance), ``level_names`` for
+    alpha and risk."""
+    if samples is not None and samples != AUTO and (type(samples) is not int or samples < 1):
+        raise ApiError(422, f'{names[0]} must be a positive integer or "auto", got {describe(samples)}')
     if seed is not None and (type(seed) is not int or not 0 <= seed <= SEED_MAX):
         raise ApiError(422, f"{names[1]} must be an integer from 0 to 2**63-1, got {describe(seed)}")
-    return MonteCarlo(samples, seed, return_samples)
+    if tolerance is not None and (type(tolerance) not in (int, float) or not 0 < tolerance <= 1):
+        raise ApiError(422, f"{names[2]} must be a number above 0 and at most 1, got {describe(tolerance)}")
+    if tolerance is not None and samples != AUTO:
+        raise ApiError(422, f'{names[2]}: only with {names[0]} "auto"')
+    pairs = zip(level_names, (alpha, risk), strict=True)
+    alpha, risk = (None if value is None else _level(name, value) for name, value in pairs)
+    return MonteCarlo(samples, seed, return_samples, None if tolerance is None else float(tolerance), alpha, risk)
+
+
+def _level(name: str, value: Any) -> float:
+    try:
+        return conformal.check_level(name, value)
+    except ValueError as error:
+        raise ApiError(422, str(error)) from None
 
 
 @dataclass(slots=True)
@@ -94,8 +130,14 @@ class InferResult:
     seed: int | None = None
     draws: signatures.Samples | None = None
     """MC with ``return_samples``: the raw draws."""
+    conformal: ConformalAnswer | None = None
+    """MC of a version with a usable conformal calibration: sets and abstention, or intervals."""
     encoded: Any = None
     """What the request's ``encode`` made of this result, if it had one."""
+    samples_used: np.ndarray | None = None
+    """MC with ``samples: "auto"``: each instance's T (``samples`` is then the largest)."""
+    tolerance: float | None = None
+    """MC with ``samples: "auto"``: the tolerance that settled the answers."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -140,19 +182,38 @@ class DataPlane:
             if record is not None:
                 record.instances = len(batch)
             if request.outputs is not None:
-                _check_outputs(request.outputs, output_names(model, mc is not None), mc is not None)
+                auto = mc is not None and mc.samples == AUTO
+                _check_outputs(request.outputs, output_names(model, mc is not None, auto), mc is not None)
             if mc is None:
                 return InferResult(model, await model.runner.predict(batch))
             samples = self._check_mc(model, len(batch), mc)
-            if record is not None:
-                record.samples = samples
             seed = secrets.randbits(63) if mc.seed is None else mc.seed
-            return await self._sample(model, batch, samples, seed, mc, request.encode)
+            if mc.samples == AUTO:
+                tolerance = settings.auto_tolerance if mc.tolerance is None else mc.tolerance
+                result = await _sample_auto(model, batch, samples, seed, tolerance, mc, request.encode)
+            else:
+                result = await self._sample(model, batch, samples, seed, mc, request.encode)
+            if record is not None:
+                record.samples = result.samples
+            return result
 
     def _check_mc(self, model: ServedModel, count: int, mc: MonteCarlo) -> int:
-        """T for an MC request of ``count`` instances, or a 422 saying which limit it breaks."""
+        """T for an MC request of ``count`` instances (with "auto": the most it may take), or a 422 saying
+        which limit it breaks."""
         settings = self.settings
-        samples = mc.samples or settings.default_samples
+        if mc.samples == AUTO:
+            if mc.return_samples:
+                raise ApiError(422, 'return_samples: not with samples "auto" (each instance stops at its own T)')
+            if model.task is None and model.mc_dropout is not None:
+                raise ApiError(
+                    422,
+                    f'samples: "auto" needs a classification or regression model; {model.name!r} version '
+                    f"{model.version} has no task in its metadata",
+                )
+            limit = max(settings.max_mc_rows // max(count, 1), 1)
+            samples = min(settings.auto_max_samples, settings.max_samples, limit)
+        else:
+            samples = mc.samples or settings.default_samples
         if samples > settings.max_samples:
             raise ApiError(422, f"samples: {samples} asked, at most {settings.max_samples} (DROPOUT_SERVE_MAX_SAMPLES)")
         if samples * count > settings.max_mc_rows:
@@ -183,7 +244,9 @@ class DataPlane:
     async def _sample(
         model: ServedModel, batch: np.ndarray, samples: int, seed: int, mc: MonteCarlo, encode: Callable | None
     ) -> InferResult:
-        finish = partial(_finish, model, samples, seed, mc.return_samples, encode)
+        finish = partial(_finish, model, batch, samples, seed, mc, encode)
+        if model.runner.batches_mc and not mc.return_samples:  # (return_samples: mc_dropout's own outputs)
+            return await model.runner.draw(Segment(batch, seed, 0, samples), finish)
         return await model.runner.sample(batch, samples, seed, finish)
 
     # -- metadata and control: each door only encodes these -----------------------------------------
@@ -281,13 +344,79 @@ def _check_outputs(asked: list[str], names: list[str], mc: bool) -> None:
 
 def _finish(
     model: ServedModel,
+    batch: np.ndarray,
     samples: int,
     seed: int,
-    return_samples: bool,
+    mc: MonteCarlo,
     encode: Callable[[InferResult], Any] | None,
     draws: signatures.Samples,
 ) -> InferResult:
-    result = InferResult(model, None, summarize(model, draws), samples, seed, draws if return_samples else None)
+    summary = summarize(model, draws)
+    result = InferResult(model, None, summary, samples, seed, draws if mc.return_samples else None)
+    result.conformal = conformal_answer(model, summary, batch, seed, samples, mc.alpha, mc.risk)
+    if encode is not None:
+        result.encoded = encode(result)
+    return result
+
+
+async def _sample_auto(
+    model: ServedModel,
+    batch: np.ndarray,
+    maximum: int,
+    seed: int,
+    tolerance: float,
+    mc: MonteCarlo,
+    encode: Callable | None,
+) -> InferResult:
+    """``samples: "auto"``: rounds of stretches (``training.adaptive``) until every instance is settled or at
+    ``maximum``, each round's stretches batched with other requests. What a stretch's draws decide is worked
+    out in the MC worker thread; so is the answer (summaries of each group of instances that stopped at the
+    same T, as one, and its encoding), by the request's last stretch, or after the last round if it had several."""
+    error = adaptive.error_function(model.task, model.tau, model.predictive_temperature)
+    sampler = adaptive.Adaptive(batch, seed, error, tolerance, maximum)
+    answer = partial(_finish_auto, model, batch, seed, tolerance, mc, sampler, encode)
+    while stretches := sampler.pending():
+        alone = len(stretches) == 1
+        steps = await asyncio.gather(
+            *(model.runner.draw(s, partial(_auto_round, sampler, i, alone, answer)) for i, s in enumerate(stretches))
+        )
+        if isinstance(steps[0], InferResult):
+            return steps[0]
+        sampler.advance(steps)
+    return await model.runner.in_mc_pool(answer)
+
+
+def _auto_round(
+    sampler: adaptive.Adaptive,
+    index: int,
+    alone: bool,
+    answer: Callable[[], InferResult],
+    drawn: signatures.Samples,
+) -> adaptive.Step | InferResult:
+    """In the worker thread: the stretch's step; the whole answer if this was the request's last stretch."""
+    step = sampler.step(index, drawn)
+    if alone and not step.active:
+        sampler.advance([step])
+        return answer()
+    return step
+
+
+def _finish_auto(
+    model: ServedModel,
+    batch: np.ndarray,
+    seed: int,
+    tolerance: float,
+    mc: MonteCarlo,
+    sampler: adaptive.Adaptive,
+    encode: Callable[[InferResult], Any] | None,
+) -> InferResult:
+    count = len(batch)
+    summary = merge([(rows, summarize(model, draws)) for rows, draws in sampler.finished], count)
+    used = np.empty(count, np.int64)
+    for rows, draws in sampler.finished:
+        used[rows] = draws.outputs.shape[0]
+    result = InferResult(model, None, summary, int(used.max()), seed, samples_used=used, tolerance=tolerance)
+    result.conformal = conformal_answer(model, summary, batch, seed, result.samples, mc.alpha, mc.risk)
     if encode is not None:
         result.encoded = encode(result)
     return result

@@ -1,17 +1,19 @@
 """One loaded model version: a SavedModel read through the artifact contract and warmed up.
 
 Only ``tf.saved_model.load`` is used, never Keras: any SavedModel whose ``serving_default``
-takes one float32 tensor serves; ``mc_dropout`` is used when the artifact has it.
+takes one float32 tensor serves; ``mc_dropout`` is used when the artifact has it, and
+``mc_dropout_segments`` (MC requests batched together) when it has that too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from app.runner import Runner, Runtime
 from app.settings import Settings
@@ -58,6 +60,11 @@ class ServedModel:
         return self.metadata.tau if self.metadata else None
 
     @property
+    def predictive_temperature(self) -> float | None:
+        """The calibrated classifier's temperature of the MC predictive (None: not calibrated)."""
+        return self.metadata.predictive_temperature if self.metadata else None
+
+    @property
     def class_labels(self) -> list[str] | None:
         if self.metadata and self.metadata.class_labels:
             return self.metadata.class_labels
@@ -66,9 +73,28 @@ class ServedModel:
         return None
 
 
+@cache
+def signature_defs(path: Path) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """A version's SignatureDefs as TF Serving lists them (without internal ``__`` ones), read from its
+    ``saved_model.pb`` once: the metadata both TF Serving doors (REST and gRPC) answer."""
+    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    defs = saved.meta_graphs[0].signature_def
+    return {key: defs[key] for key in defs if not key.startswith("__")}
+
+
 def _call_serving(serving: tf.types.experimental.ConcreteFunction, output_key: str, inputs: np.ndarray) -> np.ndarray:
     outputs = serving._call_flat([tf.constant(inputs, tf.float32)], serving.captured_inputs)
     return outputs[output_key].numpy()
+
+
+def _draw_segments(mc, segments, stretches: list[signatures.Segment]) -> list[signatures.Samples]:
+    """One call for several requests' stretches. A lone stretch from sample 0 goes to ``mc_dropout``, which
+    tiles the batch without gathers and draws the same bits (``tests/test_mc_segments.py``)."""
+    if len(stretches) == 1 and stretches[0].first == 0:
+        alone = stretches[0]
+        outputs, variance, _ = signatures.mc_draws(mc, alone.inputs, alone.samples, alone.seed)
+        return [signatures.Samples(outputs, variance)]
+    return signatures.segment_draws(segments, stretches)
 
 
 def load_version(name: str, path: Path, runtime: Runtime | None = None) -> ServedModel:
@@ -92,10 +118,17 @@ def load_version(name: str, path: Path, runtime: Runtime | None = None) -> Serve
         raise ValueError(f"{path}: input must be float32 [batch, fixed dims...], got {spec}")
     metadata = artifact.read_metadata(path)
     mc = loaded.signatures.get(artifact.MC_SIGNATURE)
+    segments = loaded.signatures.get(artifact.MC_SEGMENTS_SIGNATURE)
     version, task = int(path.name), metadata.task if metadata else None
     runtime = runtime or Runtime(Settings(), pooled=False)
+    draw_segments = None if mc is None or segments is None else partial(_draw_segments, mc, segments)
     runner = runtime.runner(
-        name, version, task, partial(_call_serving, serving, output_key), partial(signatures.mc_draws, mc)
+        name,
+        version,
+        task,
+        partial(_call_serving, serving, output_key),
+        partial(signatures.mc_draws, mc),
+        draw_segments,
     )
     model = ServedModel(
         name=name,
@@ -116,4 +149,6 @@ def load_version(name: str, path: Path, runtime: Runtime | None = None) -> Serve
     model.predict(warm)
     if mc is not None:
         model.sample(warm, 2, 0)
+    if draw_segments is not None:
+        draw_segments([signatures.Segment(warm, 0, 0, 2), signatures.Segment(warm, 1, 2, 1)])
     return model

@@ -103,6 +103,12 @@ QUEUE_WAIT = Histogram(
     ["model", "version"],
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
+MC_BATCH_REQUESTS = Histogram(
+    "dropout_serve_mc_batch_requests",
+    "MC stretches (requests, or rounds of samples auto) per mc_dropout_segments call.",
+    ["model", "version"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 PREDICTIVE_ENTROPY = Histogram(
     "dropout_serve_mc_predictive_entropy_nats",
     "Predictive entropy (total uncertainty) of each instance served by the MC endpoint.",
@@ -198,6 +204,11 @@ def observe_batch(name: str, version: int, rows: int, queue_wait_seconds: float)
     """One model call of the batcher: how many rows it ran, how long its oldest request waited."""
     _observe(_child(BATCH_ROWS, name, str(version)), rows)
     _observe(_child(QUEUE_WAIT, name, str(version)), queue_wait_seconds)
+
+
+def observe_mc_batch(name: str, version: int, jobs: int, rows: int) -> None:
+    """One MC call shared by ``jobs`` stretches of samples (``rows``: their instances x samples)."""
+    _observe(_child(MC_BATCH_REQUESTS, name, str(version)), jobs)
 
 
 def model_loaded(name: str, version: int, seconds: float) -> None:

@@ -307,7 +307,7 @@ class Registry:
         """The (model, version) a request means; 404 with a message naming what is missing."""
         if name is None:
             name = self._default_name
-            if name is None:
+            if name is None or not self._serving:
                 raise ApiError(404, "no models are loaded")
         served = self._serving.get(name)
         if not served:

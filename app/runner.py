@@ -19,8 +19,10 @@ import numpy as np
 
 from app import metrics
 from app.batcher import Batcher
+from app.mc_batcher import SegmentBatcher
 from app.settings import Settings
 from training import signatures
+from training.draws import Segment
 
 R = TypeVar("R")
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -28,16 +30,45 @@ Sample = Callable[[np.ndarray, int, int], signatures.Samples]
 
 
 class Runner:
-    """One version's calls: ``predict`` batched with concurrent callers, ``sample`` in the MC pool."""
+    """One version's calls: ``predict`` batched with concurrent callers, ``sample`` in the MC pool, and
+    ``draw`` (stretches of MC samples) batched across requests when the artifact has ``mc_dropout_segments``."""
 
-    __slots__ = ("_batched", "_mc_pool", "_predict", "_predict_pool", "_sample")
+    __slots__ = ("_batched", "_mc_pool", "_predict", "_predict_pool", "_sample", "_segments")
 
     def __init__(
-        self, predict: Predict, sample: Sample, predict_pool: Executor | None, mc_pool: Executor | None, batcher
+        self,
+        predict: Predict,
+        sample: Sample,
+        predict_pool: Executor | None,
+        mc_pool: Executor | None,
+        batcher: Batcher | None,
+        segments: SegmentBatcher | None = None,
     ) -> None:
         self._predict, self._sample = predict, sample
         self._predict_pool, self._mc_pool = predict_pool, mc_pool
-        self._batched: Batcher | None = batcher
+        self._batched = batcher
+        self._segments = segments
+
+    @property
+    def batches_mc(self) -> bool:
+        """Whether MC requests share calls (the artifact has ``mc_dropout_segments``)."""
+        return self._segments is not None
+
+    async def draw(self, segment: Segment, finish: Callable[[signatures.Samples], R]) -> R:
+        """``finish`` of one stretch of MC draws (``segment``), in the MC worker thread.
+
+        Batched with concurrent MC requests of this version when the artifact has ``mc_dropout_segments``
+        (``app.mc_batcher``); otherwise alone, by ``mc_dropout`` from sample 0, keeping the stretch.
+        Either way the draws are bit for bit those of ``mc_dropout`` with the segment's seed.
+        """
+        if self._segments is not None:
+            return await self._segments(segment, finish)
+        call = partial(_stretch_then, self._sample, segment, finish)
+        return await asyncio.get_running_loop().run_in_executor(self._mc_pool, call)
+
+    async def in_mc_pool(self, call: Callable[[], R]) -> R:
+        """``call()`` in the MC worker pool (summaries and encoding of an answer drawn in several calls)."""
+        return await asyncio.get_running_loop().run_in_executor(self._mc_pool, call)
 
     async def predict(self, batch: np.ndarray) -> np.ndarray:
         """Inference-mode outputs ``[N, ...]`` (dropout off), batched with concurrent callers."""
@@ -60,6 +91,12 @@ def _sample_then(sample: Sample, batch: np.ndarray, samples: int, seed: int, fin
     return finish(sample(batch, samples, seed))
 
 
+def _stretch_then(sample: Sample, segment: Segment, finish: Callable) -> object:
+    draws = sample(segment.inputs, segment.first + segment.samples, segment.seed)
+    kept = (None if a is None else a[segment.first :] for a in draws[:2])
+    return finish(signatures.Samples(*kept))
+
+
 def _predict_observed(predict: Predict, name: str, version: int, task: str | None, batch: np.ndarray) -> np.ndarray:
     """One model call, its outputs observed for the metrics once per call, not once per request."""
     outputs = predict(batch)
@@ -75,7 +112,16 @@ class Runtime:
         self._predict_pool = ThreadPoolExecutor(4, thread_name_prefix="predict") if pooled else None
         self._mc_pool = ThreadPoolExecutor(settings.mc_threads, thread_name_prefix="mc-dropout") if pooled else None
 
-    def runner(self, name: str, version: int, task: str | None, predict: Predict, sample: Sample) -> Runner:
+    def runner(
+        self,
+        name: str,
+        version: int,
+        task: str | None,
+        predict: Predict,
+        sample: Sample,
+        draw_segments: Callable[[list[Segment]], list[signatures.Samples]] | None = None,
+    ) -> Runner:
+        """``draw_segments``: the version's ``mc_dropout_segments`` client, if it has the signature."""
         observed = partial(_predict_observed, predict, name, version, task)
         batcher = None
         if self._settings.max_batch_size > 1:
@@ -86,7 +132,12 @@ class Runtime:
                 self._settings.batch_timeout_ms / 1000,
                 observe=partial(metrics.observe_batch, name, version),
             )
-        return Runner(observed, sample, self._predict_pool, self._mc_pool, batcher)
+        segments = None
+        if draw_segments is not None:
+            rows, calls = self._settings.mc_batch_rows, self._settings.mc_threads
+            observe = partial(metrics.observe_mc_batch, name, version)
+            segments = SegmentBatcher(draw_segments, self._mc_pool, rows, calls, observe)
+        return Runner(observed, sample, self._predict_pool, self._mc_pool, batcher, segments)
 
     def close(self) -> None:
         for pool in (self._predict_pool, self._mc_pool):

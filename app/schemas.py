@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 DIGIT_ZERO = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0]
 DIGIT_ZERO += [0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
@@ -41,12 +42,39 @@ class PredictRequest(BaseModel):
     version: int | None = Field(None, ge=1, description="model version; default: the latest loaded")
 
 
+def _samples(value: Any) -> Any:
+    """One clear message for a bad ``samples`` (a union would report each of its members)."""
+    if value is None or value == "auto":
+        return value
+    if type(value) is not int:
+        raise PydanticCustomError("samples_type", 'Input should be a positive integer or "auto"')
+    if value < 1:
+        raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to 1")
+    return value
+
+
 class MCDropoutRequest(PredictRequest):
-    samples: int | None = Field(None, ge=1, description="Monte-Carlo samples T (default 100, bounded)")
+    samples: Annotated[Annotated[int, Field(ge=1)] | Literal["auto"] | None, BeforeValidator(_samples)] = Field(
+        None,
+        description='Monte-Carlo samples T (default 100, bounded), or "auto": each instance samples until the '
+        "Monte-Carlo standard error of its answer is below the tolerance (or the server's maximum)",
+    )
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description='with samples "auto": the standard error that settles an answer (default: the server\'s, 0.05)',
+    )
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, description="makes the answer reproducible; default: fresh random"
     )
     return_samples: bool = Field(False, description="include every sample's output")
+    alpha: float | None = Field(
+        None, gt=0, lt=1, description="conformal sets and intervals cover the truth with probability 1 - alpha (0.1)"
+    )
+    risk: float | None = Field(
+        None, gt=0, lt=1, description="abstain so that accepted answers are wrong at most this often (model default)"
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -84,7 +112,12 @@ class ClassMCPrediction(ClassPrediction):
     expected_entropy: float = Field(description="mean entropy of each sample (nats): aleatoric part")
     mutual_information: float = Field(description="their difference, BALD (nats): epistemic part")
     variation_ratio: float = Field(description="share of samples whose top class is not the modal one")
+    prediction_set: list[str] | None = Field(
+        None, description="conformal set: holds the true label with probability 1 - alpha (may be empty)"
+    )
+    abstain: bool | None = Field(None, description="true: do not act on this answer at the requested risk")
     samples: list[list[float]] | None = Field(None, description="every sample, raw (uncalibrated)")
+    samples_used: int | None = Field(None, description='with samples "auto": the T this prediction used')
 
 
 class RegressionMCPrediction(BaseModel):
@@ -95,7 +128,11 @@ class RegressionMCPrediction(BaseModel):
     )
     total_std: float | list[float]
     interval_95: list[float | list[float]] = Field(description="[lower, upper], mean ± 1.96 total_std")
+    interval: list[float | list[float]] | None = Field(
+        None, description="[lower, upper], conformal: holds the truth with probability 1 - alpha"
+    )
     samples: list[Any] | None = None
+    samples_used: int | None = Field(None, description='with samples "auto": the T this prediction used')
 
 
 class RawMCPrediction(BaseModel):
@@ -107,9 +144,13 @@ class RawMCPrediction(BaseModel):
 class MCDropoutResponse(BaseModel):
     model: str
     version: int
-    samples: int = Field(description="T, the number of Monte-Carlo samples used")
+    samples: int = Field(description='T, the number of Monte-Carlo samples used (with "auto": the most any used)')
     seed: int = Field(description="the seed used; send it back to reproduce this answer exactly")
+    tolerance: float | None = Field(None, description='with samples "auto": the tolerance that settled the answers')
     class_labels: list[str] | None = None
+    alpha: float | None = Field(None, description="the conformal level used (coverage 1 - alpha), if the model has one")
+    risk: float | None = Field(None, description="the abstention risk used, if the model abstains")
+    conformal_note: str | None = Field(None, description="why the guarantee is only approximate for this request")
     predictions: list[ClassMCPrediction | RegressionMCPrediction | RawMCPrediction]
 
 
@@ -122,6 +163,10 @@ class ModelVersion(BaseModel):
     dropout_layers: list[dict[str, Any]]
     mc_dropout: bool = Field(description="whether the artifact has the mc_dropout signature")
     tau: float | None
+    conformal: dict[str, Any] | None = Field(
+        None, description="the calibration behind prediction sets, intervals and abstention (rows, T, seed, risk)"
+    )
+    conformal_unavailable: str | None = Field(None, description="why the version answers without them")
     metrics: dict[str, dict[str, float]]
     created_at: str | None
 

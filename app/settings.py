@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.adaptive import DEFAULT_MAXIMUM, DEFAULT_TOLERANCE
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DROPOUT_SERVE_")
@@ -44,6 +46,18 @@ class Settings(BaseSettings):
     max_samples: int = Field(10_000, ge=1, description="MC samples T per request")
     default_samples: int = Field(100, ge=1, description="MC samples T when a request gives none")
     max_mc_rows: int = Field(200_000, ge=1, description="T x instances per MC request")
+    mc_batch_rows: int = Field(
+        4096,
+        ge=1,
+        description="instances x samples per MC call shared by concurrent requests (artifacts with "
+        "mc_dropout_segments; a larger request runs alone)",
+    )
+    auto_tolerance: float = Field(
+        DEFAULT_TOLERANCE, gt=0, le=1, description="samples 'auto': the Monte-Carlo standard error that settles it"
+    )
+    auto_max_samples: int = Field(
+        DEFAULT_MAXIMUM, ge=1, description="samples 'auto': most samples per instance (and max_samples, max_mc_rows)"
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request body size")
     log_format: Literal["text", "json"] = Field("text", description="one line per request, as text or JSON")
     api_keys: SecretStr | None = Field(

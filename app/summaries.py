@@ -8,13 +8,13 @@ tensor protocols (v2 REST and gRPC) through ``tensors``, by the names ``output_n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from app import metrics
 from app.loading import ServedModel
-from training import signatures
+from training import conformity, signatures
 from training.uncertainty import (
     ClassificationSummary,
     RegressionSummary,
@@ -33,6 +33,55 @@ class RawSummary:
 
 Summary = ClassificationSummary | RegressionSummary | RawSummary
 
+
+@dataclass(frozen=True, slots=True)
+class ConformalAnswer:
+    """What the version's stored conformal calibration says about this request's instances.
+
+    Classifiers: ``prediction_set [N, K]`` (class membership, in class-label order) at coverage
+    ``1 - alpha`` and ``abstain [N]`` at ``risk``; regression: ``lower``/``upper [N, *output_shape]``,
+    the conformal interval at ``1 - alpha``. ``note`` says when the request's T differs from the
+    calibration's (the guarantee is then approximate).
+    """
+
+    alpha: float
+    risk: float | None = None
+    prediction_set: np.ndarray | None = None
+    abstain: np.ndarray | None = None
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    note: str | None = None
+
+
+def conformal_answer(
+    model: ServedModel,
+    summary: Summary,
+    rows: np.ndarray,
+    seed: int,
+    samples: int,
+    alpha: float | None,
+    risk: float | None,
+) -> ConformalAnswer | None:
+    """Sets and abstention, or conformal intervals, for ``summary``; None when the version has no usable
+    calibration (``conformity.unavailable`` says why) or no task."""
+    if isinstance(summary, RawSummary) or conformity.unavailable(model.metadata) is not None:
+        return None
+    calibration = model.metadata.conformal
+    alpha = conformity.DEFAULT_ALPHA if alpha is None else alpha
+    note = conformity.samples_note(calibration, samples)
+    if isinstance(summary, RegressionSummary):
+        lower, upper = conformity.intervals(calibration, summary, alpha)
+        return ConformalAnswer(alpha, lower=lower, upper=upper, note=note)
+    risk = calibration.default_risk if risk is None else risk
+    return ConformalAnswer(
+        alpha,
+        risk,
+        prediction_set=conformity.prediction_sets(calibration, summary, rows, seed, alpha),
+        abstain=conformity.abstentions(calibration, summary, risk),
+        note=note,
+    )
+
+
 MC_OUTPUTS: dict[str | None, list[str]] = {
     "classification": [
         "probabilities",
@@ -46,14 +95,27 @@ MC_OUTPUTS: dict[str | None, list[str]] = {
     None: ["mean", "std"],
 }
 """Output tensors of an MC-dropout answer by task (None: a SavedModel without metadata)."""
+CONFORMAL_OUTPUTS: dict[str | None, list[str]] = {
+    "classification": ["prediction_set", "abstain"],
+    "regression": ["conformal_lower", "conformal_upper"],
+}
+"""More output tensors of a version with a usable conformal calibration (``conformal_answer``)."""
 
 
 def summarize(model: ServedModel, draws: signatures.Samples) -> Summary:
-    """The per-instance MC summaries of ``draws``, observed for the uncertainty histograms."""
+    """The per-instance MC summaries of ``draws``, observed for the uncertainty histograms.
+
+    A calibrated classifier's predictive comes from ``mc_dropout``'s ``predictive``, or, for an artifact
+    with ``mc_dropout_segments`` (whose requests may be batched or drawn in stretches), from the
+    request's own draws here: the same bits whichever calls they came from.
+    """
     outputs = draws.outputs.astype(np.float64)
     summary: ClassificationSummary | RegressionSummary
     if model.task == "classification":
-        summary = summarize_classification(outputs, draws.predictive)  # predictive: calibrated, if the model is
+        predictive = draws.predictive  # calibrated, if the model is
+        if model.runner.batches_mc and model.predictive_temperature is not None:
+            predictive = signatures.calibrated_predictive(draws.outputs, model.predictive_temperature)
+        summary = summarize_classification(outputs, predictive)
     elif model.task == "regression":
         summary = summarize_regression(outputs, model.tau, draws.variance)  # variance: heteroscedastic noise
     else:
@@ -62,17 +124,61 @@ def summarize(model: ServedModel, draws: signatures.Samples) -> Summary:
     return summary
 
 
-def output_names(model: ServedModel, mc: bool) -> list[str]:
-    """The output tensors an answer of ``model`` has: its output key, or the MC summary's."""
+def output_names(model: ServedModel, mc: bool, auto: bool = False) -> list[str]:
+    """The output tensors an answer of ``model`` has: its output key, or the MC summary's (and with
+    ``samples: "auto"``, ``samples_used``: each instance's T)."""
     if not mc:
         return [model.output_key]
     names = MC_OUTPUTS[model.task]
+    if model.task is not None and conformity.unavailable(model.metadata) is None:
+        names = names + CONFORMAL_OUTPUTS[model.task]
     noise = model.tau is not None or (model.metadata is not None and model.metadata.likelihood == "heteroscedastic")
-    return [n for n in names if n != "aleatoric_std"] if model.task == "regression" and not noise else names
+    names = [n for n in names if n != "aleatoric_std"] if model.task == "regression" and not noise else names
+    return [*names, SAMPLES_USED] if auto else names
 
 
-def tensors(summary: Summary, output_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The summary as named tensors ``[N, ...]`` (FP64), as tensor protocols answer it."""
+SAMPLES_USED = "samples_used"
+"""With ``samples: "auto"``: the T each prediction used (a field of each native prediction, an INT64 tensor)."""
+
+
+def merge(parts: list[tuple[np.ndarray, Summary]], count: int) -> Summary:
+    """One summary of ``count`` instances from the summaries of disjoint groups of them (``rows`` each):
+    ``samples: "auto"`` summarizes together the instances that stopped at the same T."""
+    if len(parts) == 1:
+        rows, summary = parts[0]
+        if np.array_equal(rows, np.arange(count)):
+            return summary
+    first = parts[0][1]
+    merged = {}
+    for field in fields(first):
+        values = [getattr(summary, field.name) for _, summary in parts]
+        if not isinstance(values[0], np.ndarray):  # the same for every group (a homoscedastic aleatoric std)
+            merged[field.name] = values[0]
+            continue
+        whole = np.empty((count, *values[0].shape[1:]), values[0].dtype)
+        for (rows, _), value in zip(parts, values, strict=True):
+            whole[rows] = value
+        merged[field.name] = whole
+    return type(first)(**merged)
+
+
+def tensors(
+    summary: Summary, output_shape: tuple[int, ...], conformal: ConformalAnswer | None = None
+) -> dict[str, np.ndarray]:
+    """The summary as named tensors ``[N, ...]`` (FP64; BOOL for sets and abstention), as tensor protocols
+    answer it."""
+    named = _summary_tensors(summary, output_shape)
+    if conformal is not None and conformal.prediction_set is not None:
+        named.update(prediction_set=conformal.prediction_set, abstain=conformal.abstain)
+    elif conformal is not None:
+        named.update(
+            conformal_lower=conformal.lower.reshape(-1, *output_shape),
+            conformal_upper=conformal.upper.reshape(-1, *output_shape),
+        )
+    return named
+
+
+def _summary_tensors(summary: Summary, output_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     if isinstance(summary, ClassificationSummary):
         return {
             "probabilities": summary.mean,

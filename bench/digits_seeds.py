@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 
 from bench import trained  # noqa: E402
-from training import metrics  # noqa: E402
+from training import conformal_report, metrics  # noqa: E402
 from training.report import evaluate, load_predictions, prediction_key  # noqa: E402
 
 REFERENCE = "deterministic (uncalibrated)"
@@ -133,6 +133,8 @@ def markdown(results: dict[int, dict[int, dict]], summaries: dict[int, dict]) ->
                 ),
                 "",
             ]
+        if "conformal" in s:
+            lines += [*conformal_report.pooled_markdown(s["conformal"]), ""]
         lines += [
             "| seed | NLL MC cal. / det. uncal. | ECE MC cal. / det. uncal. | ECE floor MC / det. "
             "| lowest OOD AUROC | bars met |",
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     summaries = summary(results, args.seeds)
     for eval_seed, folders in report_dirs.items():
         summaries[eval_seed]["pooled"] = pooled(folders)
+        if all((folder / conformal_report.ARRAYS).exists() for folder in folders):
+            summaries[eval_seed]["conformal"] = conformal_report.pooled(folders)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"seeds": args.seeds, "training_args": extra, "results": results, "summary": summaries}

@@ -23,8 +23,10 @@ def best_of(fn: Callable[[], object], repeat: int = 7, number: int = 50) -> floa
     return min(times) * 1000
 
 
-def measure(version_dir: Path, instance: list[float]) -> dict[str, float]:
-    """Milliseconds per call of each way, for one instance."""
+def measure(version_dir: Path, instance: list[float], rows: list[list[float]]) -> dict[str, float]:
+    """Milliseconds per call of each way, for one instance; and the MC compute limit: one call of ``rows``
+    (32 instances) x T = 100, with one seed (``mc_dropout``) and as 32 requests of their own seeds
+    (``mc_dropout_segments``, what MC batching runs)."""
     import keras
     import tensorflow as tf
 
@@ -35,12 +37,25 @@ def measure(version_dir: Path, instance: list[float]) -> dict[str, float]:
         [keras.Input((len(instance),)), keras.layers.TFSMLayer(str(version_dir), call_endpoint="serving_default")]
     )
     samples, seed = tf.constant(100), tf.constant(1, tf.int64)
-    return {
+    batch = tf.constant(rows, tf.float32)
+    timings = {
         "signature_ms": best_of(lambda: serving(inputs=x)),
         "keras_predict_ms": best_of(lambda: keras_model.predict(x.numpy(), verbose=0), repeat=3, number=10),
         "mc_dropout_t100_ms": best_of(lambda: mc(inputs=x, samples=samples, seed=seed)),
         "loop_100_passes_ms": best_of(lambda: [serving(inputs=x) for _ in range(100)], repeat=3, number=3),
+        "mc_dropout_32x100_ms": best_of(lambda: mc(inputs=batch, samples=samples, seed=seed), number=10),
     }
+    segments = loaded.signatures.get("mc_dropout_segments")
+    if segments is not None:
+        count = len(rows)
+        each = {
+            "segments": tf.range(count),
+            "seeds": tf.range(count, dtype=tf.int64),
+            "first": tf.zeros([count], tf.int32),
+            "samples": tf.fill([count], 100),
+        }
+        timings["mc_segments_32x100_ms"] = best_of(lambda: segments(inputs=batch, **each), number=10)
+    return timings
 
 
 def report(ms: dict[str, float]) -> str:
@@ -53,5 +68,12 @@ def report(ms: dict[str, float]) -> str:
             f"  keras model.predict             {predict:8.3f}   {predict / signature:6.1f}x the signature",
             f"  mc_dropout, T=100, one call     {one_call:8.3f}",
             f"  100 inference passes in a loop  {loop:8.3f}   {loop / one_call:6.1f}x the one MC call",
+            "MC compute limit, one call of 32 instances x T=100 (ms per call; instances per second)",
+            _limit("  mc_dropout, one seed           ", ms["mc_dropout_32x100_ms"]),
+            *[_limit("  mc_dropout_segments, 32 seeds  ", ms[k]) for k in ["mc_segments_32x100_ms"] if k in ms],
         ]
     )
+
+
+def _limit(label: str, milliseconds: float) -> str:
+    return f"{label}{milliseconds:8.3f}   {32_000 / milliseconds:8,.0f} instances/s at T=100"

@@ -34,11 +34,13 @@ MLSERVER_REQUIREMENTS = ["mlserver==1.7.*", f"{_TF}==2.21.*", "httptools"]
 
 @dataclass(frozen=True)
 class Workload:
-    """One kind of request: ``rows`` digit instances, plain prediction or MC dropout with ``samples``."""
+    """One kind of request: ``rows`` digit instances, plain prediction or MC dropout with ``samples``; with
+    ``stream``, each row is a request of its own and they are sent in turn."""
 
     name: str
     rows: list[list[float]]
-    samples: int | None = None
+    samples: int | str | None = None
+    stream: bool = False
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Server:
     command: list[str]
     env: dict[str, str]
     port: int
-    requests: dict[str, tuple[str, str]]
+    requests: dict[str, tuple[str, str | list[str]]]
     read: Callable[[dict], np.ndarray | None]  # an answer -> probabilities [rows, classes], or None
     cwd: Path = ROOT
     grpc_port: int | None = None
@@ -83,8 +85,10 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError(f"{self.name} did not answer 200 within {timeout:.0f} s: {log.read_text()[-3000:]}")
 
-    def post(self, path: str, body: str) -> httpx.Response:
-        return httpx.post(self.url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+    def post(self, path: str, body: str | list[str]) -> httpx.Response:
+        """One request (of a stream: the first)."""
+        content = body if isinstance(body, str) else body[0]
+        return httpx.post(self.url + path, content=content, headers={"content-type": "application/json"}, timeout=30)
 
     def answer(self, workload: str) -> np.ndarray | None:
         """One request of ``workload``; its probabilities (None where the server returns none)."""
@@ -118,11 +122,11 @@ def _uvicorn(app: str, port: int) -> list[str]:
     return [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
 
 
-def _native(workload: Workload) -> str:
-    body: dict = {"instances": workload.rows}
-    if workload.samples is not None:
-        body["samples"] = workload.samples
-    return json.dumps(body)
+def _native(workload: Workload) -> str | list[str]:
+    extra = {} if workload.samples is None else {"samples": workload.samples}
+    if workload.stream:
+        return [json.dumps({"instances": [row], **extra}) for row in workload.rows]
+    return json.dumps({"instances": workload.rows, **extra})
 
 
 def floor(port: int, workloads: list[Workload]) -> Server:
@@ -169,7 +173,7 @@ def ours(ports: tuple[int, int], model_dir: Path, model: str, workloads: list[Wo
     if not batched:
         settings["DROPOUT_SERVE_MAX_BATCH_SIZE"] = "1"
     requests = {w.name: ("/predict/mc-dropout" if w.samples else "/predict", _native(w)) for w in workloads}
-    (one_row,) = (w for w in workloads if w.samples is None and len(w.rows) == 1)
+    (one_row,) = (w for w in workloads if w.samples is None and len(w.rows) == 1 and not w.stream)
     if batched:  # the default configuration, which the protocol comparison is about
         requests["v2-1"] = (f"/v2/models/{model}/infer", _v2_json(one_row))
     return Server(
@@ -185,12 +189,15 @@ def ours(ports: tuple[int, int], model_dir: Path, model: str, workloads: list[Wo
     )
 
 
-def before(port: int, model_dir: Path, model: str, workloads: list[Workload], commit: str, scratch: Path) -> Server:
-    """This server as it was at ``commit`` (default settings), from a ``git worktree`` of it, on ``/predict``."""
-    checkout = scratch / f"before-{commit}"
-    if not checkout.exists():
-        command = ["git", "worktree", "add", "--detach", str(checkout), commit]
-        subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+def before(port: int, model_dir: Path, model: str, workloads: list[Workload], source: str, scratch: Path) -> Server:
+    """This server as it was before a change (default settings), on the workloads that code knows (fixed T):
+    ``source`` is a source tree, or a commit served from a ``git worktree`` of it."""
+    checkout = Path(source)
+    if not checkout.is_dir():
+        checkout = scratch / f"before-{source}"
+        if not checkout.exists():
+            command = ["git", "worktree", "add", "--detach", str(checkout), source]
+            subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
     settings = {"DROPOUT_SERVE_MODEL_DIR": str(model_dir), "DROPOUT_SERVE_DEFAULT_MODEL": model}
     settings["DROPOUT_SERVE_ACCESS_LOG"] = "false"
 
@@ -199,14 +206,18 @@ def before(port: int, model_dir: Path, model: str, workloads: list[Workload], co
 
     return Server(
         name="ours-before",
-        description=f"dropout-serve at {commit} (before the data-plane refactor), batched",
+        description=f"dropout-serve at {source} (before this session's changes), batched",
         command=_uvicorn("app.main:app", port),
         env=_env(**settings),
         port=port,
-        requests={w.name: ("/predict", _native(w)) for w in workloads if w.samples is None},
+        requests={
+            w.name: ("/predict/mc-dropout" if w.samples else "/predict", _native(w))
+            for w in workloads
+            if not isinstance(w.samples, str)
+        },
         read=_read_probabilities,
         cwd=checkout,
-        cleanup=remove,
+        cleanup=None if checkout == Path(source) else remove,
     )
 
 

@@ -21,6 +21,7 @@ SCRIPT = """
 wrk.method = "POST"
 wrk.body = [==[{body}]==]
 wrk.headers["Content-Type"] = "application/json"
+{stream}
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("RESULT %f %f %f %d %d %d %d %d %d %d\\n",
@@ -28,6 +29,16 @@ done = function(summary, latency, requests)
     summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout))
 end
 """
+
+STREAM = """
+local bodies = {{ {bodies} }}
+local next_body = 0
+request = function()
+  next_body = next_body % #bodies + 1
+  return wrk.format(nil, nil, nil, bodies[next_body])
+end
+"""
+"""A stream of bodies, each connection sending them in turn (wrk's per-request Lua costs the client a little)."""
 
 
 @dataclass
@@ -68,13 +79,21 @@ def parse(output: str) -> WrkResult:
     )
 
 
-def run(url: str, body: str, connections: int, seconds: int) -> WrkResult:
-    """POST ``body`` (JSON text) to ``url`` over ``connections`` connections for ``seconds``."""
+def script(body: str | list[str]) -> str:
+    """The Lua script that POSTs ``body``, or each of a list of bodies in turn."""
+    if isinstance(body, str):
+        return SCRIPT.format(body=body, stream="")
+    stream = STREAM.format(bodies=", ".join(f"[==[{b}]==]" for b in body))
+    return SCRIPT.format(body=body[0], stream=stream)
+
+
+def run(url: str, body: str | list[str], connections: int, seconds: int) -> WrkResult:
+    """POST ``body`` (JSON text; a list: a stream of bodies) to ``url``, ``connections`` at once, for ``seconds``."""
     with tempfile.TemporaryDirectory() as scratch:
-        script = Path(scratch) / "post.lua"
-        script.write_text(SCRIPT.format(body=body))
+        path = Path(scratch) / "post.lua"
+        path.write_text(script(body))
         threads = min(connections, 2)  # wrk needs connections >= threads; the machine has few cores
-        command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script)]
+        command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(path)]
         completed = subprocess.run([*command, url], capture_output=True, text=True, timeout=seconds + 60)
     if completed.returncode != 0:
         raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stderr[-2000:]}")

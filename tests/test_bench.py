@@ -48,11 +48,17 @@ def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_p
     assert shutil.which("wrk"), wrk.INSTALL_HINT
     repository = tiny_classifier_dir.parents[1]
     servers = ["floor", "minimal", "ours-unbatched", "ours-batched"]
-    results = run_bench(repository, tmp_path / "r.json", "--servers", *servers, "--connections", "1", "8")
+    before = tmp_path / "before"  # this tree again, standing in for the code before a change
+    shutil.copytree(ROOT / "app", before / "app")
+    shutil.copytree(ROOT / "training", before / "training")
+    arguments = ["--connections", "1", "8", "--mixed-connections", "8", "--before", str(before)]
+    results = run_bench(repository, tmp_path / "r.json", "--servers", *servers, "ours-before", *arguments)
     predict = [("predict-1", c) for c in (1, 8)] + [("predict-32", c) for c in (1, 8)]
     expected = {("floor", "predict-1", c) for c in (1, 8)} | {("minimal", w, c) for w, c in predict}
+    mc = [("mc-100", 1), ("mc-100", 8), ("mc-100-mixed", 8)]
     for ours in servers[2:]:
-        expected |= {(ours, w, c) for w, c in [*predict, ("mc-100", 1), ("mc-100", 8)]}
+        expected |= {(ours, w, c) for w, c in [*predict, *mc, ("mc-auto-mixed", 8)]}
+    expected |= {("ours-before", w, c) for w, c in [*predict, *mc]}  # no samples "auto" before
     expected |= {("ours-batched", w, c) for w in ("v2-1", "grpc-v2-1", "grpc-live") for c in (1, 8)}  # the default
     assert_complete(results, expected)
     assert results["run"]["model"] == str(tiny_classifier_dir)
@@ -103,10 +109,11 @@ def test_medians_take_each_cell_over_the_rounds():
 def test_rounds_measure_every_server_again(tiny_classifier_dir, tmp_path):
     repository = tiny_classifier_dir.parents[1]
     args = ["--servers", "floor", "ours-batched", "--connections", "8", "--mc-connections", "1", "--rounds", "2"]
-    results = run_bench(repository, tmp_path / "r.json", *args)
+    results = run_bench(repository, tmp_path / "r.json", *args, "--mixed-connections", "1")
     rounds = {(r["server"], r["workload"], r["connections"], r["round"]) for r in results["runs"]}
     cells = {("floor", "predict-1", 8), ("ours-batched", "predict-1", 8), ("ours-batched", "predict-32", 8)}
-    cells |= {("ours-batched", w, 8) for w in ("v2-1", "grpc-v2-1", "grpc-live")} | {("ours-batched", "mc-100", 1)}
+    cells |= {("ours-batched", "mc-100", 1), ("ours-batched", "mc-100-mixed", 1), ("ours-batched", "mc-auto-mixed", 1)}
+    cells |= {("ours-batched", w, 8) for w in ("v2-1", "grpc-v2-1", "grpc-live")}
     assert rounds == {(*cell, k) for cell in cells for k in (1, 2)}
     assert len(results["ratios_per_round"]) == 2
     assert [f["name"] for f in results["ratios_per_round"][1]] == [f["name"] for f in results["ratios"]]

@@ -155,6 +155,20 @@ def test_mc_parameters_equal_native_mc_dropout(triton, rest, rows):
     assert answered["seed"].int64_param == 11
 
 
+def test_auto_outputs_equal_rest_v2(triton, rest, rows):
+    parameters = {"mc_dropout": True, "samples": "auto", "seed": 5}
+    result = triton.infer("tiny", [triton_input(rows)], headers=AUTH, parameters=parameters)
+    tensor = {"name": "inputs", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}
+    answer = rest.post("/v2/models/tiny/infer", json={"inputs": [tensor], "parameters": parameters})
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in answer.json()["outputs"]}
+    assert {"samples_used", "probabilities", "mutual_information"} <= outputs.keys()
+    for name, expected in outputs.items():
+        np.testing.assert_array_equal(result.as_numpy(name), expected, err_msg=name)
+    answered = result.get_response().parameters
+    assert answered["tolerance"].double_param == answer.json()["parameters"]["tolerance"] == 0.05
+
+
 def test_metadata_and_readiness(triton):
     assert triton.is_server_live(headers=AUTH) and triton.is_server_ready(headers=AUTH)
     assert triton.is_model_ready("tiny", headers=AUTH) and triton.is_model_ready("tiny", "1", headers=AUTH)
@@ -251,7 +265,7 @@ def test_model_metadata_lists_both_signatures(channel):
     response = stub.GetModelMetadata(request, metadata=METADATA)
     signatures = get_model_metadata_pb2.SignatureDefMap()
     assert response.metadata["signature_def"].Unpack(signatures)
-    assert set(signatures.signature_def) == {"serving_default", "mc_dropout"}
+    assert set(signatures.signature_def) == {"serving_default", "mc_dropout", "mc_dropout_segments"}
     assert set(signatures.signature_def["mc_dropout"].inputs) == {"inputs", "samples", "seed"}
     assert response.model_spec.version.value == 1
 

@@ -93,3 +93,22 @@ def test_with_fastapi_telemetry_on_every_request_goes_through_fastapi(tiny_class
         answer = _send(client, "/predict", {"instances": [DIGIT_ZERO]}, "application/json")
     assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in "0123456789"
     assert not taken, "the shortcut skipped FastAPI's span"
+
+
+def test_an_unexpected_error_is_the_same_plain_500_on_both_paths(tiny_classifier_dir, monkeypatch):
+    """Not an ApiError: FastAPI's ServerErrorMiddleware answers a plain 500; the shortcut must too."""
+    from app.dataplane import DataPlane
+
+    async def broken(self, request):
+        raise RuntimeError("a bug, not the client's fault")
+
+    monkeypatch.setattr(DataPlane, "infer", broken)
+    answers = []
+    for shortcut in (True, False):
+        app = _client(tiny_classifier_dir.parents[1], shortcut).app
+        with TestClient(app, raise_server_exceptions=False) as client:
+            answers.append(_send(client, "/predict", {"instances": [DIGIT_ZERO]}, "application/json"))
+    for answer in answers:
+        assert answer.status_code == 500
+        assert answer.text == "Internal Server Error"
+        assert answer.headers["content-type"].startswith("text/plain")

@@ -249,6 +249,22 @@ def test_regression_model_gets_tau_and_serves_mc(imported, server):
     assert answer["predictions"][0]["aleatoric_std"] == pytest.approx(1 / np.sqrt(meta.tau))
 
 
+def test_imported_models_keep_half_their_calibration_rows_for_conformal_scores(imported, server):
+    # 400 digit rows: 200 fit the temperatures, the other 200 (nothing fitted on them) give the conformal scores.
+    repository = imported[0]
+    meta = artifact.read_metadata(repository / "sequential" / "1")
+    assert meta.conformal.rows == 200 and meta.conformal.score == "aps-randomized" and "skip" in meta.conformal.source
+    assert meta.conformal.predictive_temperature == meta.predictive_temperature
+    regression = artifact.read_metadata(repository / "regression" / "1")  # 142 diabetes rows: tau on 71
+    assert regression.conformal.rows == 71 and regression.conformal.tau == regression.tau
+    assert artifact.read_metadata(repository / "plain" / "1").conformal is None  # no --calibration-data
+    rows = imported[2].x[1600:1602].tolist()
+    response = httpx.post(f"{server.url}/predict/mc-dropout", json={"model": "sequential", "instances": rows})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["alpha"] == 0.1 and isinstance(answer["predictions"][0]["prediction_set"], list)
+
+
 def test_model_without_dropout_is_published_for_inference_only(imported, server):
     repository, _, data, _ = imported
     meta = artifact.read_metadata(repository / "plain" / "1")

@@ -46,6 +46,17 @@ def test_evaluate_writes_scores_auroc_and_plots(tmp_path):
             assert compared["difference"] == pytest.approx(report["scores"]["mc"][name] - report["scores"][kind][name])
             assert compared["low"] <= compared["high"] and 0.0 <= compared["share_lower"] <= 1.0
     assert "| MC minus |" in result.stdout
+    conformal = report["conformal"]  # the sets and abstention rules of the stored calibration, and the plain softmax's
+    assert conformal["available"] and conformal["calibration"]["scores_reproduced"]
+    assert conformal["calibration"]["rows"] == 288 and not conformal["calibration"]["same_samples_as_evaluation"]
+    for kind in ("mc", "plain softmax"):
+        sizes = [conformal["sets"][kind][alpha]["mean_size"] for alpha in ("0.05", "0.1", "0.2")]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+        for rule in conformal["abstention"][kind].values():
+            assert 0.0 <= rule["accepted"] <= 1.0
+            assert set(rule["ood_abstained"]) == {"uniform noise", "inverted", "boxes"}
+    assert (out / "risk_coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Conformal prediction sets (randomized APS), 288 calibration rows" in result.stdout
 
 
 def test_evaluate_refuses_unknown_models(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training import artifact, metrics, uci
+from training import artifact, metrics, signatures, uci
 from training.__main__ import main as training_cli
 from training.concrete import ConcreteDropout, concrete_regularizers
 from training.data import DataError
@@ -261,7 +261,12 @@ def test_cli_writes_json_and_markdown_with_sane_numbers(protocol_run):
     assert summary["mean"] == pytest.approx(np.mean([r["rmse_mc"] for r in result["splits"]]))
     assert summary["standard_error"] == pytest.approx(np.std([r["rmse_mc"] for r in result["splits"]]) / math.sqrt(2))
     table = (out / "toy.md").read_text()
-    assert "| ours (mean ± s.e.) |" in table and table.count("\n| 0 |") + table.count("\n| 1 |") == 2
+    assert "| ours (mean ± s.e.) |" in table
+    assert table.count("\n| 0 |") + table.count("\n| 1 |") == 4  # the interval table, then the scores table
+    for r in result["splits"]:
+        for kind in ("calibrated_coverage_conformal", "calibrated_coverage_gaussian", "coverage_gaussian"):
+            assert 0.0 <= r[kind] <= 1.0
+        assert r["calibrated_width_conformal"] > 0 and r["width_gaussian"] > 0
     assert "split 1: p=" in stdout and "grid search: epoch 20/20" in stdout
 
 
@@ -283,6 +288,26 @@ def test_test_scores_come_from_the_published_saved_model(protocol_run):
         assert samples.shape == (300, len(test), 1)
         assert metrics.mc_log_likelihood(data.y[test][:, None], samples, r["tau"]) == r["ll"]
         assert metrics.rmse(samples.mean(axis=0), data.y[test][:, None]) == r["rmse_mc"]
+
+
+def test_conformal_figures_come_from_the_calibrated_grid_network(protocol_run):
+    # Each split also publishes its chosen grid network, calibrated on the grid search's validation rows;
+    # its stored scores are those rows' normalized residuals through its own mc_dropout (same T and seed).
+    from training.uncertainty import summarize_regression
+
+    folder, out, _ = protocol_run
+    data = uci.load_dataset(folder)
+    for r in json.loads((out / "toy.json").read_text())["splits"]:
+        meta = artifact.read_metadata(Path(r["calibrated_artifact"]))
+        train = data.splits[r["split"]][0]
+        validation = train[int(len(train) * (1 - uci.VALIDATION_FRACTION)) :]
+        assert meta.conformal.rows == len(validation) and meta.conformal.score == "normalized-residual"
+        assert (meta.conformal.samples, meta.conformal.seed, meta.conformal.tau) == (300, r["mc_seed"], r["tau"])
+        loaded = tf.saved_model.load(r["calibrated_artifact"])
+        draws = signatures.mc_draws(loaded.signatures["mc_dropout"], data.x[validation], 300, r["mc_seed"])
+        summary = summarize_regression(draws.outputs, r["tau"], draws.variance)
+        residuals = np.abs(data.y[validation] - summary.mean[:, 0]) / summary.total_std[:, 0]
+        np.testing.assert_allclose(meta.conformal.scores, np.sort(residuals), rtol=1e-12)
 
 
 def test_a_split_reproduces_alone(protocol_run, tmp_path):

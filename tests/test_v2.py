@@ -29,6 +29,8 @@ MC_CLASSIFICATION = [
     "mutual_information",
     "variation_ratio",
 ]
+CONFORMAL = ["prediction_set", "abstain"]
+"""The default model is calibrated (held-out rows), so its MC answer also has sets and abstention."""
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +114,7 @@ def test_model_metadata_and_readiness(tc):
     assert metadata["inputs"] == [{"name": "inputs", "datatype": "FP32", "shape": [-1, 64]}]
     assert metadata["outputs"] == [{"name": "outputs", "datatype": "FP32", "shape": [-1, 10]}]
     assert metadata["parameters"]["mc_dropout"] is True
-    assert metadata["parameters"]["mc_dropout_outputs"].split(",") == MC_CLASSIFICATION
+    assert metadata["parameters"]["mc_dropout_outputs"].split(",") == MC_CLASSIFICATION + CONFORMAL
     assert tc.is_model_ready("digits") and tc.is_model_ready("digits", "1")
     assert not tc.is_model_ready("digits", "7") and not tc.is_model_ready("mnist")
     with pytest.raises(InferenceServerException) as caught:
@@ -180,7 +182,10 @@ def test_parameters_this_server_does_not_know_are_ignored_at_every_level(client)
     mc_body = {"parameters": {**body["parameters"], "mc_dropout": True, "samples": 5, "seed": 3}, "inputs": [tensor]}
     mc = client.post(INFER, json=mc_body)
     assert mc.status_code == 200, mc.text
-    assert mc.json()["parameters"] == {"mc_dropout": True, "samples": 5, "seed": 3}
+    parameters = mc.json()["parameters"]
+    assert {key: parameters.pop(key) for key in ("alpha", "risk")} == {"alpha": 0.1, "risk": 0.05}  # calibrated
+    assert "T = 5" in parameters.pop("conformal_note")
+    assert parameters == {"mc_dropout": True, "samples": 5, "seed": 3}
 
 
 def test_plain_json_with_nested_data(client):
@@ -197,9 +202,16 @@ def test_plain_json_with_nested_data(client):
 def test_mc_dropout_through_v2_equals_the_native_endpoint(tc, client):
     expected = native(client, "/predict/mc-dropout", instances=ROWS.tolist(), samples=64, seed=17)
     result = tc.infer("digits", [tensor_input()], parameters={"mc_dropout": True, "samples": 64, "seed": 17})
-    assert result.get_response()["parameters"] == {"mc_dropout": True, "samples": 64, "seed": 17}
-    assert [o["name"] for o in result.get_response()["outputs"]] == MC_CLASSIFICATION
+    parameters = result.get_response()["parameters"]
+    assert {key: parameters.pop(key) for key in ("alpha", "risk")} == {"alpha": 0.1, "risk": 0.05}
+    assert "T = 100" in parameters.pop("conformal_note")  # the calibration's T; this request asked 64
+    assert parameters == {"mc_dropout": True, "samples": 64, "seed": 17}
+    assert [o["name"] for o in result.get_response()["outputs"]] == MC_CLASSIFICATION + CONFORMAL
     predictions = expected["predictions"]
+    members = result.as_numpy("prediction_set")
+    assert members.dtype == np.bool_ and members.shape == (5, 10)
+    assert [[str(k) for k in np.flatnonzero(m)] for m in members] == [p["prediction_set"] for p in predictions]
+    np.testing.assert_array_equal(result.as_numpy("abstain"), [p["abstain"] for p in predictions])
     for name, key in [("probabilities", "probabilities"), ("std", "std")]:
         assert result.as_numpy(name).shape == (5, 10)
         np.testing.assert_array_equal(result.as_numpy(name), [p[key] for p in predictions])

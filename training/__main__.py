@@ -43,6 +43,16 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--validation-split", type=float, default=0.1)
     p.add_argument("--test-split", type=float, default=0.2)
+    p.add_argument(
+        "--calibration-split",
+        type=float,
+        default=0.2,
+        help="share of the training rows held out for conformal prediction sets, intervals and abstention "
+        "(0: none; default 0.2)",
+    )
+    p.add_argument(
+        "--risk", type=float, default=0.05, help="classifiers: abstention risk served when a request names none (0.05)"
+    )
     p.add_argument("--mc-samples", type=int, default=100, help="MC samples for the held-out scores")
     p.add_argument(
         "--calibrate",
@@ -86,6 +96,7 @@ def _run_train(args: argparse.Namespace) -> None:
         return
 
     from training.concrete import INITIAL_RATE
+    from training.conformity import CalibrationRows
     from training.export import export_model
     from training.model import ModelConfig
     from training.train import TrainConfig, train
@@ -108,6 +119,7 @@ def _run_train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size or (128 if regression else 32),
         validation_split=args.validation_split,
         test_split=args.test_split,
+        calibration_split=args.calibration_split,
         seed=args.seed,
         tau=args.tau,
         mc_samples=args.mc_samples,
@@ -139,6 +151,14 @@ def _run_train(args: argparse.Namespace) -> None:
             "target": args.target,
         },
         history=trained.history,
+        calibration=None
+        if trained.calibration is None
+        else CalibrationRows(
+            trained.calibration.x,
+            trained.calibration.y,
+            source=f"held out: {args.calibration_split:.0%} of the training rows, seed {args.seed}",
+            default_risk=args.risk,
+        ),
     )
     _print_summary(trained.metrics, trained.tau, trained.temperature, trained.predictive_temperature)
     print(f"published {path}")

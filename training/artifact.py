@@ -25,6 +25,22 @@ Signatures of the SavedModel (inputs are float32 with a free batch axis ``N``):
     the dropout layers stochastic and every other layer in inference mode; no variable changes.
     The same inputs, T and seed give bit-identical samples in any process. Sample ``t`` is one
     draw of the network, shared by all instances of the call (see ``training.mc_dropout``).
+``mc_dropout_segments`` (written beside ``mc_dropout`` since issue 18; a server serves artifacts
+    without it through ``mc_dropout`` as before)
+    Several ``mc_dropout`` calls in one, so a server can batch concurrent MC requests without
+    changing any answer. ``inputs [N, *input_shape]``, ``segments [N]`` (int32: the segment, i.e.
+    the request, each row belongs to), ``seeds [R]`` (int64), ``first [R]`` and ``samples [R]``
+    (int32 >= 0): segment ``r`` gets samples ``first[r] .. first[r] + samples[r] - 1`` of the seed
+    ``seeds[r]``. -> ``outputs [T, N, *output_shape]`` with T the largest ``samples`` of a segment
+    that has rows (at least one must ask for a sample): ``outputs[k, i]`` is sample ``first[r] + k``
+    of row ``i`` (``r = segments[i]``) for ``k < samples[r]``, 0 beyond. Sample ``t`` of a segment is
+    bit-identical to sample ``t`` of ``mc_dropout`` called on the segment's rows alone with its seed
+    (T > t): the masks depend only on (seed, layer, t), one per sample shared by the segment's rows,
+    and the network computes each row on its own. So a request may also take its samples in
+    stretches (``first``) over several calls and get exactly the draws of one call. A
+    heteroscedastic model adds ``variance`` (same shape); there is no ``predictive``: a calibrated
+    client computes ``softmax(log(mean_t p_t) / predictive_temperature)`` itself over all of a
+    request's samples (``training.signatures.calibrated_predictive``).
 
 Preprocessing (feature scaling, target de-standardization) is part of both signatures, so
 clients send raw features.
@@ -50,6 +66,25 @@ one draw of the network, uncalibrated) and adds ``predictive [N, *output_shape]`
 predictive ``softmax(log(mean_t p_t) / predictive_temperature)`` over the call's T samples; a
 client that reads only ``outputs`` gets the uncalibrated samples. The raw inference-mode
 probabilities are ``softmax(temperature * log outputs)``.
+
+Conformal calibration (``conformal`` in the metadata, None for models exported without calibration
+rows, which then serve no prediction sets, conformal intervals or abstention): what a server needs
+to answer any coverage level ``1 - alpha`` and any risk, computed through this version's own
+``mc_dropout`` signature on rows nothing was fitted on (``training.conformity``):
+
+- ``scores``: the calibration rows' conformity scores, sorted ascending. Classification: randomized
+  APS of the true class on the MC predictive as served (``predictive`` if calibrated, else the mean
+  of the samples), ``u`` from ``training.conformal.tie_breaks(instance, seed)`` with the seed of the
+  request; regression: ``max_d |y_d - μ_d| / sigma_d`` with μ and sigma the MC predictive's mean and total
+  standard deviation (``training.uncertainty.summarize_regression``). A server answers level
+  ``1 - alpha`` with ``training.conformal.quantile(scores, alpha)``.
+- classifiers also store, per calibration row, its ``uncertainties`` (``1 - probability`` of the
+  served predictive's label) and whether that label was ``correct``, the ``default_risk`` and the
+  confidence ``1 - delta`` of the abstention rule (``training.conformal.abstention_threshold``).
+- ``samples``, ``seed``, ``predictive_temperature`` and ``tau``: the MC predictive the scores were
+  computed from. The coverage guarantee is for that predictive; ``mismatch`` says when the version's
+  metadata no longer matches it (then the scores must be rebuilt), and a server should say when a
+  request's T differs from ``samples``.
 """
 
 from __future__ import annotations
@@ -64,10 +99,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 SERVING_SIGNATURE = "serving_default"
 MC_SIGNATURE = "mc_dropout"
+MC_SEGMENTS_SIGNATURE = "mc_dropout_segments"
+SEGMENTS_KEY = "segments"
+SEEDS_KEY = "seeds"
+FIRST_KEY = "first"
 INPUTS_KEY = "inputs"
 SAMPLES_KEY = "samples"
 SEED_KEY = "seed"
@@ -98,6 +137,38 @@ class Preprocessing(BaseModel):
     target_scale: list[float] | None = None
 
 
+class ConformalCalibration(BaseModel):
+    """Conformity scores of held-out calibration rows and how they were computed (see the module docstring)."""
+
+    rows: int = Field(description="calibration rows")
+    source: str = Field(description="which rows, e.g. 'held out: 25 % of the training rows, seed 0'")
+    score: Literal["aps-randomized", "normalized-residual"]
+    scores: list[float] = Field(description="sorted ascending")
+    samples: int = Field(description="MC samples T of the predictive the scores come from")
+    seed: int = Field(description="mc_dropout seed of that predictive (and of the APS tie-breaks)")
+    predictive_temperature: float | None = None
+    tau: float | None = None
+    uncertainty: Literal["1 - probability"] | None = None
+    uncertainties: list[float] | None = Field(None, description="classifiers: per calibration row, row order")
+    correct: list[bool] | None = Field(None, description="classifiers: per calibration row, row order")
+    default_risk: float | None = Field(None, description="classifiers: abstention risk when a request names none")
+    delta: float | None = Field(None, description="classifiers: the risk bound holds with probability 1 - delta")
+    _thresholds: dict[float, float] = PrivateAttr(default_factory=dict)
+    """Abstention thresholds already computed, by risk (``training.conformity``); not stored."""
+
+
+def conformal_mismatch(meta: ModelMetadata) -> str | None:
+    """Why ``meta.conformal`` cannot be used as stored (None: it can, or there is none)."""
+    calibration = meta.conformal
+    if calibration is None:
+        return None
+    for field in ("predictive_temperature", "tau"):
+        built, now = getattr(calibration, field), getattr(meta, field)
+        if built != now:
+            return f"conformal scores were computed with {field} {built}, the model now has {now}: rebuild them"
+    return None
+
+
 class ModelMetadata(BaseModel):
     """Everything about a version that the SavedModel's signatures do not say themselves."""
 
@@ -122,6 +193,9 @@ class ModelMetadata(BaseModel):
         None, description="classifier temperature of the MC predictive, mc_dropout's 'predictive'"
     )
     preprocessing: Preprocessing | None = None
+    conformal: ConformalCalibration | None = Field(
+        None, description="conformity scores of held-out calibration rows; None: no sets, intervals or abstention"
+    )
     mc_rows_per_pass: int = Field(description="rows per forward pass inside mc_dropout")
     training: dict[str, object] = Field(default_factory=dict, description="training settings")
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)

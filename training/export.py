@@ -9,8 +9,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from training import artifact
-from training.mc_dropout import dropout_layers, mc_dropout_fn
+from training import artifact, conformity
+from training.mc_dropout import dropout_layers, mc_dropout_fn, mc_dropout_segments_fn
 
 ACTIVATION_BUDGET = 2**22
 """Most float32 elements one intermediate tensor of an MC forward pass may hold (16 MiB)."""
@@ -117,11 +117,32 @@ def write_saved_model(
         ]
         mc = tf.function(mc_dropout, input_signature=mc_spec, autograph=False)
         signatures[artifact.MC_SIGNATURE] = mc.get_concrete_function()
+        signatures[artifact.MC_SEGMENTS_SIGNATURE] = _segments_signature(model, spec, rows_per_pass, likelihood)
 
     holder = tf.Module()
     holder.model = model
     tf.saved_model.save(holder, str(path), signatures=signatures)
     return rows_per_pass
+
+
+def _segments_signature(
+    model: keras.Model, spec: tf.TensorSpec, rows_per_pass: int, likelihood: artifact.Likelihood
+) -> tf.types.experimental.ConcreteFunction:
+    """``mc_dropout_segments``: the raw draws of several requests' segments in one call (no ``predictive``:
+    a request's calibrated predictive is over all its samples, which may come from several calls)."""
+    sample = mc_dropout_segments_fn(model, rows_per_pass)
+
+    def mc_dropout_segments(inputs, segments, seeds, first, samples) -> dict[str, tf.Tensor]:
+        return _outputs(sample(inputs, segments, seeds, first, samples), likelihood, None)
+
+    segments_spec = [
+        spec,
+        tf.TensorSpec([None], tf.int32, name=artifact.SEGMENTS_KEY),
+        tf.TensorSpec([None], tf.int64, name=artifact.SEEDS_KEY),
+        tf.TensorSpec([None], tf.int32, name=artifact.FIRST_KEY),
+        tf.TensorSpec([None], tf.int32, name=artifact.SAMPLES_KEY),
+    ]
+    return tf.function(mc_dropout_segments, input_signature=segments_spec, autograph=False).get_concrete_function()
 
 
 def export_model(
@@ -143,6 +164,7 @@ def export_model(
     history: dict[str, list[float]] | None = None,
     rows_per_pass: int | None = None,
     output_meaning: str | None = None,
+    calibration: conformity.CalibrationRows | None = None,
 ) -> Path:
     """Publish ``model`` as the next version of ``name`` in ``repository``; returns its folder.
 
@@ -154,6 +176,9 @@ def export_model(
     signatures. A heteroscedastic regression model outputs ``[mean (D), variance (D)]`` in target
     units (see ``training.model.with_preprocessing``); its signatures return them as two keys.
     ``output_meaning`` replaces the metadata's default description of the outputs.
+    ``calibration`` (held-out rows nothing was fitted on) stores conformity scores computed through
+    the staged version's own ``mc_dropout`` (``training.conformity``), so the published version
+    serves prediction sets, conformal intervals and abstention.
     """
     input_shape = [int(d) for d in _input_spec(model).shape[1:]]
     output_shape = [int(d) for d in model.outputs[0].shape[1:]]
@@ -205,7 +230,35 @@ def export_model(
             keras_version=keras.__version__,
             created_at=datetime.now(UTC),
         )
+        if calibration is not None:
+            metadata.conformal = _calibrate(staged, task, tau, predictive_temperature, calibration)
         return artifact.publish(staged, metadata)
+
+
+def _calibrate(
+    staged: Path,
+    task: artifact.Task,
+    tau: float | None,
+    predictive_temperature: float | None,
+    rows: conformity.CalibrationRows,
+) -> artifact.ConformalCalibration:
+    """Conformity scores through the staged SavedModel's ``mc_dropout``: the predictive a server answers with."""
+    loaded = tf.saved_model.load(str(staged))
+    if artifact.MC_SIGNATURE not in loaded.signatures:
+        raise ValueError("conformal calibration needs MC dropout: the model has no dropout layers")
+    return conformity.calibrate(
+        loaded.signatures[artifact.MC_SIGNATURE],
+        task,
+        rows.x,
+        rows.y,
+        source=rows.source,
+        samples=rows.samples,
+        seed=rows.seed,
+        tau=tau,
+        predictive_temperature=predictive_temperature,
+        default_risk=rows.default_risk,
+        delta=rows.delta,
+    )
 
 
 def _meaning(

@@ -17,12 +17,15 @@ import numpy as np
 
 from training import artifact, metrics
 from training.calibration import Calibration, fit_calibration
+from training.conformity import CalibrationRows
 from training.data import read_columns
 from training.export import export_model
 from training.keras_file import ImportRefused, load
 from training.mc_dropout import dropout_layers
 
 PROBE_ROWS = 64
+CONFORMAL_ROWS = 20
+"""Fewest calibration rows that are split in two (temperatures / tau, and conformal scores); fewer: no scores."""
 
 
 @dataclass
@@ -71,12 +74,18 @@ def import_model(
     elif not any(getattr(layer, "rate", 1.0) for layer in layers):
         notes.append("every dropout layer has rate 0: MC samples will all be equal")
 
-    fitted, scores = Calibration(), {}
+    fitted, scores, conformal = Calibration(), {}, None
     if rows is not None:
         x, raw = rows
         y = _targets(raw, task, class_labels, output_shape, calibration_data)
-        fitted = fit_calibration(served, x, y, task, samples=samples, seed=seed)
+        fit, held = _halves(len(y), seed) if layers and len(y) >= CONFORMAL_ROWS else (np.arange(len(y)), None)
+        fitted = fit_calibration(served, x[fit], y[fit], task, samples=samples, seed=seed)
         scores = {"calibration_rows_uncalibrated": _scores(served, x, y, task)}
+        if held is not None:
+            source = f"--calibration-data: the {len(held)} of {len(y)} rows (seed {seed}) the temperatures or tau skip"
+            conformal = CalibrationRows(x[held], y[held], source=source, samples=samples)
+        elif layers:
+            notes.append(f"fewer than {CONFORMAL_ROWS} calibration rows: no prediction sets, intervals or abstention")
     else:
         notes.append(
             "no --calibration-data: probabilities are served uncalibrated"
@@ -100,8 +109,16 @@ def import_model(
             "notes": notes,
         },
         **fitted.export_arguments(),
+        calibration=conformal,
     )
     return Imported(path, task, fitted, notes)
+
+
+def _halves(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration rows in two random halves: one fits the temperatures or tau, the other (which nothing
+    is fitted on) gives the conformal scores, so the coverage guarantee holds (``training.conformity``)."""
+    order = np.random.default_rng(seed).permutation(rows)
+    return np.sort(order[: rows // 2]), np.sort(order[rows // 2 :])
 
 
 def _check_structure(model: keras.Model) -> list[int]:

@@ -15,13 +15,18 @@ every instance in the batch, and taken from the generator's stream at a position
 only on ``t``. So an instance's samples do not depend on which other instances share the
 request, and running the samples in chunks (to bound memory) gives the same draws as running
 them all at once.
+
+``mc_dropout_segments_fn`` runs several such calls as one: each segment of the batch (one
+client request) has its own seed and its own stretch of samples, and gets exactly the draws a
+``mc_dropout`` call of its own would give it. That is what lets a server batch concurrent MC
+requests without changing any request's answer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import keras
@@ -34,6 +39,12 @@ DROPOUT_LAYERS = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.laye
 """Layer types switched on for MC sampling (SpatialDropout1D/2D/3D subclass ``Dropout``; ``ConcreteDropout``
 samples hard masks at its learned rate)."""
 
+_ROW_PACKET = 16
+"""Every forward pass has a multiple of this many rows, so that a row's outputs are the same bits
+wherever it sits in the pass. CPU kernels compute elementwise functions (exp in softplus or sigmoid,
+tanh, ...) in vector packets of up to 16 float32 (AVX-512) and finish a ragged tail with scalar code
+that rounds differently, and a single-row matrix product takes its own path; whole packets of rows
+avoid both, so a request's samples do not depend on who shares its call."""
 _PHILOX = tf.random.Algorithm.PHILOX.value
 _FLOATS_PER_PHILOX_BLOCK = 4  # one Philox counter step yields four float32 numbers
 _SELU_ALPHA_P = -1.6732632423543772 * 1.0507009873554805  # AlphaDropout's dropped value
@@ -102,6 +113,19 @@ def _noise_shape(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
     return tf.stack([features[i] if d is None else tf.constant(d, tf.int64) for i, d in enumerate(declared[1:])])
 
 
+def _normal_quantile(u: tf.Tensor) -> tf.Tensor:
+    """``ndtri(u + 2**-25)`` (``u + 2**-25`` lies in (0, 1): finite quantiles), the same bits wherever
+    ``u`` sits in its tensor.
+
+    CPU kernels compute ``ndtri`` in vector packets and finish a ragged tail with scalar code that
+    rounds differently; padding the last axis to a multiple of 16 keeps every value in the packets,
+    so a sample's noise does not depend on how many samples or segments share the call.
+    """
+    width = tf.shape(u)[-1]
+    pad = tf.concat([tf.zeros([tf.rank(u) - 1, 2], tf.int32), [[0, -width % 16]]], 0)
+    return tf.math.ndtri(tf.pad(u, pad) + 2.0**-25)[..., :width]
+
+
 def _apply_noise(layer: keras.layers.Layer, x: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
     """Keras' training-mode formula for ``layer``, with ``u`` as its uniform noise."""
     if isinstance(layer, ConcreteDropout):  # hard Bernoulli masks at the learned rate, read from its variable
@@ -109,8 +133,7 @@ def _apply_noise(layer: keras.layers.Layer, x: tf.Tensor, u: tf.Tensor) -> tf.Te
         return x * tf.cast(u >= rate, x.dtype) / (1.0 - rate)
     rate = layer.rate
     if isinstance(layer, keras.layers.GaussianDropout):
-        normal = tf.math.ndtri(u + 2.0**-25)  # u + 2**-25 lies in (0, 1): finite quantiles
-        return x * tf.cast(1.0 + math.sqrt(rate / (1.0 - rate)) * normal, x.dtype)
+        return x * tf.cast(1.0 + math.sqrt(rate / (1.0 - rate)) * _normal_quantile(u), x.dtype)
     kept = tf.cast(u >= rate, x.dtype)
     if isinstance(layer, keras.layers.AlphaDropout):
         a = ((1 - rate) * (1 + rate * _SELU_ALPHA_P**2)) ** -0.5
@@ -132,16 +155,99 @@ def _stochastic_call(layer: keras.layers.Layer, stream: int, draw: _Draw):
     return call
 
 
+@dataclass
+class _SegmentDraws:
+    """The random streams of one forward pass over several segments, each with its own seed.
+
+    Segment ``r`` takes ``counts[r]`` samples from ``first[r]`` on, as ``_Draw(seeds[r], first[r], counts[r])``
+    would; row ``p`` of the pass gets the noise of sample ``slot[p]`` of all those samples, in segment order.
+    """
+
+    seeds: tf.Tensor  # [R] int64
+    first: tf.Tensor  # [R] int64: each segment's first sample in this pass
+    counts: tf.Tensor  # [R] int64: each segment's samples in this pass
+    slot: tf.Tensor  # [rows] int64
+
+    def uniform(self, stream: int, per_sample_shape: tf.Tensor) -> tf.Tensor:
+        """Uniform noise ``[rows, *per_sample_shape]``: one Philox call per segment, then a gather.
+
+        Each call reads the stretch of the stream ``_Draw.uniform`` reads; the loop body is kept to
+        the calls themselves (it runs once per segment and layer).
+        """
+        size = tf.reduce_prod(per_sample_shape)
+        padded = (size + _FLOATS_PER_PHILOX_BLOCK - 1) // _FLOATS_PER_PHILOX_BLOCK * _FLOATS_PER_PHILOX_BLOCK
+        blocks = padded // _FLOATS_PER_PHILOX_BLOCK
+        offsets = tf.cast(tf.stack([self.first * blocks, tf.zeros_like(self.first)], axis=1), tf.uint64)
+        lengths = tf.reshape(self.counts * padded, [-1, 1])
+        stream = tf.constant(stream, tf.int64)
+
+        def one_segment(r: tf.Tensor, noise: tf.TensorArray):
+            key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=tf.stack([self.seeds[r], stream]))
+            flat = tf.raw_ops.StatelessRandomUniformV2(
+                shape=lengths[r], key=key, counter=counter + offsets[r], alg=_PHILOX, dtype=tf.float32
+            )
+            return r + 1, noise.write(r, flat)
+
+        segments = tf.shape(self.seeds)[0]
+        noise = tf.TensorArray(tf.float32, size=segments, infer_shape=False)
+        _, noise = tf.while_loop(lambda r, _: r < segments, one_segment, (tf.constant(0), noise))
+        per_sample = tf.reshape(noise.concat(), tf.stack([-1, padded]))[:, :size]
+        return tf.gather(tf.reshape(per_sample, tf.concat([[-1], per_sample_shape], 0)), self.slot)
+
+
+def _segment_call(layer: keras.layers.Layer, stream: int, draws: _SegmentDraws):
+    def call(inputs, *args, **kwargs):
+        noisy = _apply_noise(layer, inputs, draws.uniform(stream, _noise_shape(layer, inputs)))
+        return tf.ensure_shape(noisy, inputs.shape)  # the gathered noise has no static shape
+
+    return call
+
+
 @contextlib.contextmanager
-def _dropout_switched_on(layers: list[keras.layers.Layer], draw: _Draw) -> Iterator[None]:
+def _dropout_switched_on(layers: list[keras.layers.Layer], draw: _Draw | _SegmentDraws) -> Iterator[None]:
     """Give each dropout layer a stochastic ``call`` while the forward pass is traced."""
+    stochastic = _segment_call if isinstance(draw, _SegmentDraws) else _stochastic_call
     for stream, layer in enumerate(layers):
-        layer.call = _stochastic_call(layer, stream, draw)
+        layer.call = stochastic(layer, stream, draw)
     try:
         yield
     finally:
         for layer in layers:
             del layer.call
+
+
+def _in_passes(model: keras.Model, rows_per_pass: int, batch: tf.Tensor, total: tf.Tensor, run: Callable) -> tf.Tensor:
+    """``run(start, count)`` for consecutive stretches of ``total >= 1`` samples, concatenated: ``[total, batch, ...]``.
+
+    Each pass holds at most ``rows_per_pass`` rows (at least one sample), so memory stays bounded for any T.
+    """
+    per_pass = tf.maximum(tf.constant(rows_per_pass, tf.int64) // tf.maximum(batch, 1), 1)
+    chunks = tf.TensorArray(model.compute_dtype, size=0, dynamic_size=True, infer_shape=False)
+
+    def one_pass(start: tf.Tensor, chunks: tf.TensorArray):
+        count = tf.minimum(per_pass, total - start)
+        return start + count, chunks.write(tf.cast(start // per_pass, tf.int32), run(start, count))
+
+    _, chunks = tf.while_loop(lambda start, _: start < total, one_pass, (tf.constant(0, tf.int64), chunks))
+    return tf.ensure_shape(chunks.concat(), [None, None, *model.outputs[0].shape[1:]])
+
+
+def _one_seed(model: keras.Model, layers: list, inputs: tf.Tensor, seed: tf.Tensor, first: tf.Tensor):
+    """``run(start, count)`` for ``_in_passes``: samples ``first + start ..`` of every row with one seed,
+    the batch tiled sample-major."""
+
+    def run(start: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(inputs, out_type=tf.int64)
+        # A few samples more (dropped below) make the pass's rows whole vector packets (see _ROW_PACKET).
+        packets = _ROW_PACKET // tf.maximum(tf.minimum(tf.bitwise.bitwise_and(shape[0], -shape[0]), _ROW_PACKET), 1)
+        drawn = count + (-count) % packets
+        tiled = tf.tile(inputs[tf.newaxis], tf.concat([[drawn], tf.ones_like(shape)], 0))
+        rows = tf.reshape(tiled, tf.concat([[-1], shape[1:]], 0))
+        with _dropout_switched_on(layers, _Draw(seed, first + start, drawn)):
+            outputs = model(rows, training=False)
+        return tf.reshape(outputs, tf.concat([[drawn, shape[0]], tf.shape(outputs, out_type=tf.int64)[1:]], 0))[:count]
+
+    return run
 
 
 def mc_dropout_fn(model: keras.Model, rows_per_pass: int):
@@ -155,27 +261,64 @@ def mc_dropout_fn(model: keras.Model, rows_per_pass: int):
 
     def mc_dropout(inputs: tf.Tensor, samples: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         samples = tf.cast(samples, tf.int64)
-        seed = tf.cast(seed, tf.int64)
-        tf.debugging.assert_positive(samples, message="samples must be at least 1")
-        batch = tf.shape(inputs, out_type=tf.int64)[0]
-        per_pass = tf.maximum(tf.constant(rows_per_pass, tf.int64) // tf.maximum(batch, 1), 1)
-        chunks = tf.TensorArray(model.compute_dtype, size=0, dynamic_size=True, infer_shape=False)
-
-        def one_pass(first: tf.Tensor, chunks: tf.TensorArray):
-            count = tf.minimum(per_pass, samples - first)
-            tiled = tf.tile(
-                inputs[tf.newaxis], tf.concat([[count], tf.ones_like(tf.shape(inputs, out_type=tf.int64))], 0)
-            )
-            rows = tf.reshape(tiled, tf.concat([[-1], tf.shape(inputs, out_type=tf.int64)[1:]], 0))
-            with _dropout_switched_on(layers, _Draw(seed, first, count)):
-                outputs = model(rows, training=False)
-            outputs = tf.reshape(outputs, tf.concat([[count, batch], tf.shape(outputs, out_type=tf.int64)[1:]], 0))
-            return first + count, chunks.write(tf.cast(first // per_pass, tf.int32), outputs)
-
-        _, chunks = tf.while_loop(lambda first, _: first < samples, one_pass, (tf.constant(0, tf.int64), chunks))
-        return tf.ensure_shape(chunks.concat(), [None, None, *model.outputs[0].shape[1:]])
+        with tf.control_dependencies([tf.debugging.assert_positive(samples, message="samples must be at least 1")]):
+            batch = tf.shape(inputs, out_type=tf.int64)[0]
+        run = _one_seed(model, layers, inputs, tf.cast(seed, tf.int64), tf.constant(0, tf.int64))
+        return _in_passes(model, rows_per_pass, batch, samples, run)
 
     return mc_dropout
+
+
+def mc_dropout_segments_fn(model: keras.Model, rows_per_pass: int):
+    """A graph function ``(inputs, segments, seeds, first, samples) -> outputs [T, N, ...]``.
+
+    Row ``i`` of ``inputs`` belongs to segment ``segments[i]``; segment ``r`` asks for samples
+    ``first[r] .. first[r] + samples[r] - 1`` drawn with ``seeds[r]``. ``outputs[k, i]`` is sample
+    ``first[r] + k`` of row ``i`` for ``k < samples[r]`` and 0 beyond (T is the largest ``samples``
+    of a segment with rows). A segment's samples equal, bit for bit, what ``mc_dropout_fn`` gives
+    its rows alone with its seed: the same masks (one per sample, shared by the segment's rows),
+    from the same stretch of the stream, and the network computes each row on its own. A call
+    with one segment runs exactly as ``mc_dropout_fn`` does (the batch tiled, no gathers).
+    """
+    layers = dropout_layers(model)
+
+    def mc_dropout_segments(
+        inputs: tf.Tensor, segments: tf.Tensor, seeds: tf.Tensor, first: tf.Tensor, samples: tf.Tensor
+    ) -> tf.Tensor:
+        segments, seeds = tf.cast(segments, tf.int64), tf.cast(seeds, tf.int64)
+        first, samples = tf.cast(first, tf.int64), tf.cast(samples, tf.int64)
+        count_segments = tf.shape(seeds, out_type=tf.int64)[0]
+        # Out-of-range segments and ragged first / samples fail in the gathers below with TensorFlow's own message.
+        checks = [
+            tf.debugging.assert_non_negative(tf.concat([first, samples], 0), message="first and samples must be >= 0"),
+            tf.debugging.assert_equal(tf.size(segments), tf.shape(inputs)[0], message="one segment per row"),
+        ]
+        with tf.control_dependencies(checks):
+            row_samples = tf.gather(samples, segments)  # [N]
+        batch = tf.shape(inputs, out_type=tf.int64)[0]
+        total = tf.reduce_max(row_samples)
+        with tf.control_dependencies([tf.debugging.assert_positive(total, message="no row asks for a sample")]):
+            total = tf.identity(total)
+
+        def run(start: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+            wanted = (start + tf.range(count))[:, tf.newaxis] < row_samples[tf.newaxis, :]  # [count, N]
+            pairs = tf.where(wanted)  # (sample in pass, row), sample-major
+            counts = tf.clip_by_value(samples - start, 0, count)  # each segment's samples in this pass
+            offsets = tf.cumsum(counts, exclusive=True)
+            slot = tf.gather(offsets, tf.gather(segments, pairs[:, 1])) + pairs[:, 0]
+            padding = tf.zeros([-tf.shape(pairs)[0] % _ROW_PACKET], tf.int64)  # whole vector packets: _ROW_PACKET
+            draws = _SegmentDraws(seeds, first + start, counts, tf.concat([slot, padding], 0))
+            with _dropout_switched_on(layers, draws):
+                outputs = model(tf.gather(inputs, tf.concat([pairs[:, 1], padding], 0)), training=False)
+            outputs = outputs[: tf.shape(pairs)[0]]
+            return tf.scatter_nd(pairs, outputs, tf.concat([[count, batch], tf.shape(outputs, tf.int64)[1:]], 0))
+
+        def one_segment() -> tf.Tensor:
+            return _in_passes(model, rows_per_pass, batch, total, _one_seed(model, layers, inputs, seeds[0], first[0]))
+
+        return tf.cond(count_segments == 1, one_segment, lambda: _in_passes(model, rows_per_pass, batch, total, run))
+
+    return mc_dropout_segments
 
 
 def sample(model: keras.Model, inputs: np.ndarray, samples: int, seed: int, rows_per_pass: int = 2**15) -> np.ndarray:
@@ -183,3 +326,18 @@ def sample(model: keras.Model, inputs: np.ndarray, samples: int, seed: int, rows
     fn = tf.function(mc_dropout_fn(model, rows_per_pass), autograph=False)
     outputs = fn(tf.constant(inputs, tf.float32), tf.constant(samples, tf.int32), tf.constant(seed, tf.int64))
     return outputs.numpy()
+
+
+def sample_segments(
+    model: keras.Model,
+    inputs: np.ndarray,
+    segments: np.ndarray,
+    seeds: np.ndarray,
+    first: np.ndarray,
+    samples: np.ndarray,
+    rows_per_pass: int = 2**15,
+) -> np.ndarray:
+    """Run ``mc_dropout_segments_fn`` on an in-memory model (what the exported signature computes)."""
+    fn = tf.function(mc_dropout_segments_fn(model, rows_per_pass), autograph=False)
+    arguments = [(inputs, tf.float32), (segments, tf.int32), (seeds, tf.int64), (first, tf.int32), (samples, tf.int32)]
+    return fn(*(tf.constant(value, dtype) for value, dtype in arguments)).numpy()

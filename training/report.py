@@ -22,7 +22,7 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
 
-from training import artifact, metrics, signatures
+from training import artifact, conformal_report, metrics, signatures
 from training.data import DIGITS, Dataset, digits, load, split
 from training.uncertainty import entropy, summarize_classification
 
@@ -95,11 +95,24 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
             uncalibrated[name] = _uncertainties(raw_det, summarize_classification(draws.outputs))
     auroc = _aurocs(uncertainty)
 
+    def plain(x: np.ndarray) -> np.ndarray:  # the Keras model's own softmax, before temperature calibration
+        return deterministic(x) if meta.temperature is None else metrics.temper(deterministic(x), 1 / meta.temperature)
+
+    def mc_at(x: np.ndarray, t: int, s: int) -> signatures.Samples:
+        return signatures.mc_draws(loaded.signatures[artifact.MC_SIGNATURE], x, t, s)
+
+    conformal, conformal_arrays = conformal_report.evaluate(
+        meta, train, test, plain, mc_at, out_of_distribution(train, test.x, seed), samples, seed
+    )
+
     out.mkdir(parents=True, exist_ok=True)
     _plot_reliability(det_probs, mc_summary.mean, test.y, out / "reliability.png")
     _plot_uncertainty(uncertainty, out / "uncertainty.png")
     if meta.history:
         _plot_history(meta.history, out / "training.png")
+    if conformal_arrays:
+        conformal_report.plot_risk_coverage(conformal_arrays, conformal, out / "risk_coverage.png")
+        np.savez_compressed(out / conformal_report.ARRAYS, **conformal_arrays)
     report = {
         "model": meta.name,
         "version": meta.version,
@@ -111,6 +124,7 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
         "scores": scores,
         "mc_against": _mc_against(predictions, test.y, seed),
         "ood_auroc": auroc,
+        "conformal": conformal,
     }
     if calibrated:
         report["ood_auroc_uncalibrated"] = _aurocs(uncalibrated)
@@ -211,6 +225,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{values[m]:.3f}" for m in measures) + " |")
     for name, values in report.get("ood_auroc_uncalibrated", {}).items():
         lines.append(f"| {name}, uncalibrated | " + " | ".join(f"{values[m]:.3f}" for m in measures) + " |")
+    lines += conformal_report.markdown(report["conformal"])
     return "\n".join(lines) + "\n"
 
 

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from training import artifact
+from training.draws import Samples, Segment, calibrated_predictive, joined
 
-
-class Samples(NamedTuple):
-    """What one ``mc_dropout`` call returns: sampled outputs, per-sample variances and the calibrated
-    predictive if it has them."""
-
-    outputs: np.ndarray
-    """``[T, N, ...]``: class probabilities, or predicted (mean) values."""
-    variance: np.ndarray | None
-    """``[T, N, ...]`` predicted aleatoric variance of a heteroscedastic model, else None."""
-    predictive: np.ndarray | None = None
-    """``[N, K]`` calibrated MC predictive of a temperature-calibrated classifier, else None."""
+__all__ = ["Samples", "Segment", "calibrated_predictive", "infer", "infer_variance", "joined", "mc_draws"]
+__all__ += ["segment_draws"]
 
 
 def infer(
@@ -52,3 +44,33 @@ def mc_draws(signature, inputs: np.ndarray, samples: int, seed: int) -> Samples:
         None if variance is None else variance.numpy(),
         None if predictive is None else predictive.numpy(),
     )
+
+
+def segment_draws(signature, segments: Sequence[Segment]) -> list[Samples]:
+    """Each segment's draws from one ``mc_dropout_segments`` call, in order: ``outputs [samples, N_r, ...]``
+    (and ``variance``), bit-identical to what ``mc_dropout`` gives the segment's rows with its seed.
+
+    Every array is the segment's own contiguous copy, so what a caller computes from it cannot depend
+    on the segments it shared the call with. No ``predictive``: see ``calibrated_predictive``.
+    """
+    sizes = [len(segment.inputs) for segment in segments]
+    inputs = segments[0].inputs if len(segments) == 1 else np.concatenate([s.inputs for s in segments])
+    outputs = signature(
+        **{
+            artifact.INPUTS_KEY: tf.constant(inputs, tf.float32),
+            artifact.SEGMENTS_KEY: tf.constant(np.repeat(np.arange(len(segments), dtype=np.int32), sizes)),
+            artifact.SEEDS_KEY: tf.constant([s.seed for s in segments], tf.int64),
+            artifact.FIRST_KEY: tf.constant([s.first for s in segments], tf.int32),
+            artifact.SAMPLES_KEY: tf.constant([s.samples for s in segments], tf.int32),
+        }
+    )
+    draws = outputs[artifact.OUTPUTS_KEY].numpy()
+    variance = outputs[artifact.VARIANCE_KEY].numpy() if artifact.VARIANCE_KEY in outputs else None
+    bounds = np.cumsum([0, *sizes])
+    return [
+        Samples(
+            np.ascontiguousarray(draws[: segment.samples, start:stop]),
+            None if variance is None else np.ascontiguousarray(variance[: segment.samples, start:stop]),
+        )
+        for segment, start, stop in zip(segments, bounds[:-1], bounds[1:], strict=True)
+    ]

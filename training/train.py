@@ -23,6 +23,8 @@ class TrainConfig:
     batch_size: int = 32
     validation_split: float = 0.1
     test_split: float = 0.2
+    calibration_split: float = 0.2
+    """Share of the training rows held out for conformal calibration (``calibration_rows``); 0: none."""
     seed: int = 0
     tau: float | None = None
     """Regression model precision; None fits it on the validation rows after training."""
@@ -51,6 +53,8 @@ class TrainedModel:
     predictive_temperature: float | None = None
     """Classifier temperature of the MC predictive, applied after averaging the samples (None: not calibrated)."""
     test: Dataset | None = field(default=None, repr=False)
+    calibration: Dataset | None = field(default=None, repr=False)
+    """Rows nothing was fitted on (not the weights, temperatures or tau), for ``training.conformity``."""
 
 
 def _input_scaling(data: Dataset, config: ModelConfig) -> tuple[np.ndarray, np.ndarray, str]:
@@ -68,6 +72,9 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
     tf.config.experimental.enable_op_determinism()
     train_rows, test = split(data, settings.test_split, settings.seed)
     fit_rows, validation = split(train_rows, settings.validation_split, settings.seed)
+    fit_rows, calibration = calibration_rows(
+        fit_rows, settings.calibration_split, settings.validation_split, settings.seed
+    )
 
     shift, scale, description = _input_scaling(fit_rows, config)
     preprocessing = Preprocessing(inputs=description, input_shift=shift.tolist(), input_scale=scale.tolist())
@@ -151,8 +158,35 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
     )
     history = {k: [float(v) for v in vs] for k, vs in history.items()}
     return TrainedModel(
-        served, preprocessing, history, scores, fitted.tau, fitted.temperature, fitted.predictive_temperature, test
+        served,
+        preprocessing,
+        history,
+        scores,
+        fitted.tau,
+        fitted.temperature,
+        fitted.predictive_temperature,
+        test,
+        calibration,
     )
+
+
+def calibration_rows(
+    fit_rows: Dataset, calibration_split: float, validation_split: float, seed: int
+) -> tuple[Dataset, Dataset | None]:
+    """Split conformal calibration rows off the rows the weights would be fitted on.
+
+    They are taken after the test and validation rows are split off (those stay the rows they were
+    without calibration), so the weights, the temperatures and tau (fitted on the validation rows)
+    never see them: their conformity scores are exchangeable with those of fresh rows from the same
+    distribution, which is all the coverage guarantee needs. ``calibration_split`` is a share of the
+    training rows (test rows excluded), as ``validation_split`` is.
+    """
+    if not calibration_split:
+        return fit_rows, None
+    share = calibration_split / (1.0 - validation_split)
+    if not 0.0 < share < 1.0:
+        raise ValueError("calibration and validation splits must together leave rows to train on")
+    return split(fit_rows, share, seed)
 
 
 def evaluate(

@@ -10,7 +10,8 @@ TensorFlow's own ``make_ndarray`` / ``make_tensor_proto``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -49,6 +50,19 @@ def v2_parameters(parameters: Mapping[str, service_pb2.InferParameter]) -> codec
             raise bad(f"parameters.{key}: no value set")
         values[key] = getattr(parameter, choice)
     return values
+
+
+def set_v2_parameters(target: MutableMapping[str, service_pb2.InferParameter], values: Mapping[str, Any]) -> None:
+    """Plain response parameters (the REST door's JSON ``parameters``) as ``InferParameter`` values."""
+    for key, value in values.items():
+        if isinstance(value, bool):
+            target[key].bool_param = value
+        elif isinstance(value, int):
+            target[key].int64_param = value
+        elif isinstance(value, float):
+            target[key].double_param = value
+        else:
+            target[key].string_param = str(value)
 
 
 def v2_inputs(request: service_pb2.ModelInferRequest) -> list[codec.InputTensor]:

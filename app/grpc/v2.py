@@ -22,9 +22,7 @@ from app.errors import ApiError
 from app.grpc import tensors
 from app.grpc.server import current_record
 from app.protocols.v2 import EXTENSIONS, PLATFORM, REPOSITORY_STATES
-from app.protocols.v2_parameters import input_name, mc_parameters
-from app.summaries import output_names
-from app.summaries import tensors as summary_tensors
+from app.protocols.v2_parameters import answer, input_name, mc_parameters
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -92,15 +90,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
         model = result.model
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
-        if result.summary is None:
-            named = {model.output_key: result.outputs}
-        else:
-            named = summary_tensors(result.summary, model.output_shape)
-            response.parameters["mc_dropout"].bool_param = True
-            response.parameters["samples"].int64_param = result.samples
-            response.parameters["seed"].int64_param = result.seed
-        names = asked or output_names(model, result.summary is not None)
-        return tensors.v2_outputs(response, [(name, named[name]) for name in names])
+        named, parameters, names = answer(result)
+        tensors.set_v2_parameters(response.parameters, parameters)
+        return tensors.v2_outputs(response, [(name, named[name]) for name in asked or names])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
         """Every model of the repository: each version the registry tracks, or the model alone when untracked."""

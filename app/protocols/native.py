@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from app.context import record_of
-from app.dataplane import DataPlane, InferRequest, InferResult, MonteCarlo
+from app.dataplane import DataPlane, InferRequest, InferResult, monte_carlo
 from app.loading import ServedModel
 from app.protocols.body import dataplane, json_body_schema, json_response, may_hold_booleans, read_json, validate
 from app.schemas import (
@@ -25,7 +25,8 @@ from app.schemas import (
     PredictRequest,
     PredictResponse,
 )
-from app.summaries import RawSummary
+from app.summaries import SAMPLES_USED, ConformalAnswer, RawSummary
+from training import conformity
 from training.uncertainty import ClassificationSummary
 
 router = APIRouter()
@@ -33,6 +34,7 @@ router = APIRouter()
 REQUEST_MODELS = (PredictRequest, MCDropoutRequest)
 """Documented in the OpenAPI components although no route takes them as a parameter."""
 
+_MC_NAMES = ("samples", "seed", "tolerance")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "the body is not valid JSON"},
     404: {"model": ErrorResponse, "description": "unknown model or version, or no model loaded"},
@@ -79,7 +81,15 @@ async def predict_mc_dropout(request: Request) -> Response:
         body.instances,
         body.model,
         body.version,
-        mc=MonteCarlo(body.samples, body.seed, body.return_samples),
+        mc=monte_carlo(
+            body.samples,
+            body.seed,
+            body.return_samples,
+            body.tolerance,
+            names=_MC_NAMES,
+            alpha=body.alpha,
+            risk=body.risk,
+        ),
         booleans=may_hold_booleans(raw),
         record=record_of(request.scope),
         encode=_mc_answer,  # up to 0.2 s for the largest T x N: in the MC worker thread, not on the loop
@@ -88,9 +98,31 @@ async def predict_mc_dropout(request: Request) -> Response:
 
 
 def _mc_answer(result: InferResult) -> Response:
-    model = result.model
+    model, conformal = result.model, result.conformal
     predictions = _mc_predictions(result)
-    return json_response(_answer(model, predictions, samples=result.samples, seed=result.seed))
+    extra: dict[str, Any] = {"samples": result.samples, "seed": result.seed}
+    if result.samples_used is not None:  # samples "auto": each prediction's own T
+        extra["tolerance"] = result.tolerance
+        for prediction, used in zip(predictions, result.samples_used.tolist(), strict=True):
+            prediction[SAMPLES_USED] = used
+    if conformal is not None:
+        extra["alpha"] = conformal.alpha
+        if conformal.risk is not None:
+            extra["risk"] = conformal.risk
+        if conformal.note is not None:
+            extra["conformal_note"] = conformal.note
+        _add_conformal(predictions, conformal, model.class_labels)
+    return json_response(_answer(model, predictions, **extra))
+
+
+def _add_conformal(answers: list[dict[str, Any]], conformal: ConformalAnswer, labels: list[str] | None) -> None:
+    """Each instance's prediction set and abstention, or its conformal interval (beside ``interval_95``)."""
+    for i, answer in enumerate(answers):
+        if conformal.prediction_set is not None:
+            answer["prediction_set"] = [labels[k] for k in np.flatnonzero(conformal.prediction_set[i])]
+            answer["abstain"] = bool(conformal.abstain[i])
+        else:
+            answer["interval"] = [_scalar_or_list(conformal.lower[i]), _scalar_or_list(conformal.upper[i])]
 
 
 def _answer(model: ServedModel, predictions: list[dict], **extra) -> dict:
@@ -155,9 +187,20 @@ def _version_info(model: ServedModel) -> ModelVersion:
         dropout_layers=[layer.model_dump() for layer in meta.dropout_layers] if meta else [],
         mc_dropout=model.mc_dropout is not None,
         tau=model.tau,
+        **_conformal_info(model),
         metrics=meta.metrics if meta else {},
         created_at=meta.created_at.isoformat() if meta else None,
     )
+
+
+def _conformal_info(model: ServedModel) -> dict[str, Any]:
+    """The calibration behind the conformal fields (not its scores), or why the version has none."""
+    reason = conformity.unavailable(model.metadata) if model.task is not None else "the model has no task"
+    if reason is not None:
+        return {"conformal_unavailable": reason}
+    c = model.metadata.conformal
+    facts = c.model_dump(include={"rows", "source", "score", "samples", "seed", "default_risk", "delta"})
+    return {"conformal": {key: value for key, value in facts.items() if value is not None}}
 
 
 def _model_info(plane: DataPlane, name: str) -> ModelInfo:

@@ -20,12 +20,11 @@ from fastapi import APIRouter, Request, Response
 from google.protobuf import json_format
 from pydantic import BaseModel, Field
 from starlette.convertors import Convertor, register_url_convertor
-from tensorflow.core.protobuf import saved_model_pb2
 
 from app.context import record_of
 from app.dataplane import DataPlane, InferRequest, InferResult, monte_carlo
 from app.errors import ApiError, describe
-from app.loading import ServedModel
+from app.loading import ServedModel, signature_defs
 from app.protocols.body import dataplane, json_response, may_hold_booleans, read_json
 from app.schemas import DIGIT_ZERO, ProtocolError
 from training import artifact
@@ -132,17 +131,13 @@ async def label_status(name: str, label: str, request: Request) -> Response:
 
 
 @cache
-def _signature_defs(path: Path) -> dict[str, Any]:
-    """The SavedModel's SignatureDefs as TF Serving's JSON printer writes them."""
-    saved = saved_model_pb2.SavedModel()
-    saved.ParseFromString((path / "saved_model.pb").read_bytes())
-    defs = saved.meta_graphs[0].signature_def
+def _signature_defs_json(path: Path) -> dict[str, Any]:
+    """The SignatureDefs as TF Serving's JSON printer writes them."""
     return {
         key: json_format.MessageToDict(
-            defs[key], always_print_fields_with_no_presence=True, preserving_proto_field_name=True
+            definition, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
         )
-        for key in defs
-        if not key.startswith("__")
+        for key, definition in signature_defs(path).items()
     }
 
 
@@ -150,7 +145,7 @@ def _metadata(model: ServedModel) -> Response:
     return json_response(
         {
             "model_spec": {"name": model.name, "signature_name": "", "version": str(model.version)},
-            "metadata": {"signature_def": {"signature_def": _signature_defs(model.path)}},
+            "metadata": {"signature_def": {"signature_def": _signature_defs_json(model.path)}},
         }
     )
 

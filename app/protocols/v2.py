@@ -11,6 +11,8 @@ between them and the protocol's names.
 - Request ``parameters`` ``{"mc_dropout": true, "samples": T, "seed": s}`` run Monte-Carlo dropout
   instead; the outputs are the summaries of ``training.uncertainty`` (FP64, as the native
   ``/predict/mc-dropout`` computes them) and the response ``parameters`` state T and the seed.
+  ``"samples": "auto"`` (optional ``"tolerance"``) samples each instance until its answer is settled;
+  the answer adds ``samples_used`` (INT64, each instance's T) and the tolerance to the parameters.
 - Errors are ``{"error": ...}``: 400 for a bad request (also where the native API says 422, as
   Triton maps invalid arguments), 404 for an unknown model or version, 503 for not ready.
 """
@@ -30,8 +32,8 @@ from app.errors import ApiError, describe
 from app.protocols import v2_codec as codec
 from app.protocols import v2_schemas as docs
 from app.protocols.body import body_bytes, dataplane
-from app.protocols.v2_parameters import input_name, mc_parameters
-from app.summaries import output_names, tensors
+from app.protocols.v2_parameters import answer, input_name, mc_parameters
+from app.summaries import output_names
 
 router = APIRouter(prefix="/v2", tags=["v2 (KServe, Triton)"])
 
@@ -155,13 +157,11 @@ async def _infer(request: Request, name: str, number: int | None) -> Response:
     header: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
     if parsed.id is not None:
         header["id"] = parsed.id
-    if result.summary is None:
-        outputs = {model.output_key: result.outputs}
-    else:
-        outputs = tensors(result.summary, model.output_shape)
-        header["parameters"] = {"mc_dropout": True, "samples": result.samples, "seed": result.seed}
+    outputs, parameters, names = answer(result)
+    if parameters:
+        header["parameters"] = parameters
     if parsed.outputs is None:
-        wanted = [(n, parsed.binary_output) for n in output_names(model, result.summary is not None)]
+        wanted = [(n, parsed.binary_output) for n in names]
     else:
         wanted = [(output.name, output.binary) for output in parsed.outputs]
     content, length = codec.encode_infer_response(header, [codec.OutputTensor(n, outputs[n], b) for n, b in wanted])

@@ -1,0 +1,109 @@
+"""Conformal calibration stored at export: computed through the version's own mc_dropout, rebuilt or refused
+when the predictive it was computed from changes, and covering fresh rows at the level."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from training import artifact, conformal, conformity, export_model, signatures
+from training.uncertainty import summarize_classification
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_classifier, tmp_path_factory):
+    """The tiny classifier exported with its held-out calibration rows (and temperatures)."""
+    rows = tiny_classifier.calibration
+    path = export_model(
+        tiny_classifier.model,
+        tmp_path_factory.mktemp("calibrated"),
+        "tiny",
+        task="classification",
+        class_labels=list("0123456789"),
+        temperature=tiny_classifier.temperature,
+        predictive_temperature=tiny_classifier.predictive_temperature,
+        calibration=conformity.CalibrationRows(rows.x, rows.y, source="test rows", samples=30, seed=5),
+    )
+    return path, artifact.read_metadata(path)
+
+
+def test_calibration_rows_are_held_out_from_fitting_validation_and_test(tiny_classifier):
+    from training.data import digits, split
+
+    train_rows, test = split(digits(), 0.2, 0)
+    _, validation = split(train_rows, 0.1, 0)
+    calibration = tiny_classifier.calibration
+    assert abs(len(calibration.y) - 0.2 * len(train_rows.y)) <= 1  # 20 % of the training rows
+    seen = {row.tobytes() for part in (test, validation) for row in part.x}
+    assert not any(row.tobytes() in seen for row in calibration.x)  # (digits has a few duplicate images)
+
+
+def test_stored_scores_are_those_of_the_served_mc_predictive(calibrated, tiny_classifier):
+    path, meta = calibrated
+    stored = meta.conformal
+    assert (stored.rows, stored.samples, stored.seed, stored.score) == (288, 30, 5, "aps-randomized")
+    assert stored.predictive_temperature == meta.predictive_temperature is not None
+    rows = tiny_classifier.calibration
+    draws = signatures.mc_draws(tf.saved_model.load(str(path)).signatures["mc_dropout"], rows.x, 30, 5)
+    served = summarize_classification(draws.outputs, draws.predictive).mean
+    expected = conformal.aps_scores(served, rows.y, conformal.tie_breaks(rows.x, 5))
+    np.testing.assert_array_equal(stored.scores, np.sort(expected))
+    np.testing.assert_array_equal(stored.correct, served.argmax(-1) == rows.y)
+    np.testing.assert_allclose(stored.uncertainties, 1 - served.max(-1))
+    assert stored.default_risk == conformity.DEFAULT_RISK and stored.delta == conformity.DEFAULT_DELTA
+
+
+def test_another_temperature_or_t_rebuilds_the_scores_and_a_changed_model_is_refused(calibrated, tiny_classifier):
+    path, meta = calibrated
+    rows = tiny_classifier.calibration
+    hotter = export_model(
+        tiny_classifier.model,
+        path.parent.parent,
+        "tiny",
+        task="classification",
+        predictive_temperature=2 * tiny_classifier.predictive_temperature,
+        calibration=conformity.CalibrationRows(rows.x, rows.y, source="test rows", samples=10, seed=5),
+    )
+    rebuilt = artifact.read_metadata(hotter).conformal
+    assert (rebuilt.samples, rebuilt.predictive_temperature) == (10, 2 * tiny_classifier.predictive_temperature)
+    assert rebuilt.scores != meta.conformal.scores
+    assert artifact.conformal_mismatch(meta) is None
+    edited = meta.model_copy(update={"predictive_temperature": 1.5})  # someone recalibrated the signature's temperature
+    assert "predictive_temperature" in artifact.conformal_mismatch(edited) and "rebuild" in artifact.conformal_mismatch(
+        edited
+    )
+
+
+def test_sets_cover_fresh_rows_and_grow_as_alpha_shrinks(calibrated, tiny_classifier):
+    path, meta = calibrated
+    test = tiny_classifier.test
+    loaded = tf.saved_model.load(str(path))
+    coverage, sizes = {}, {}
+    for alpha in (0.3, 0.1, 0.05):
+        covered, size = [], []
+        for seed in range(3):  # three requests, each its own MC masks and tie-breaks
+            draws = signatures.mc_draws(loaded.signatures["mc_dropout"], test.x, 30, seed)
+            summary = summarize_classification(draws.outputs, draws.predictive)
+            sets = conformity.prediction_sets(meta.conformal, summary, test.x, seed, alpha)
+            covered.append(sets[np.arange(len(test.y)), test.y])
+            size.append(sets.sum(axis=1))
+        coverage[alpha], sizes[alpha] = np.mean(covered), np.mean(size)
+        # 360 rows x 3 seeds; the seeds share rows, so allow the one-seed binomial error (4 s.e.) plus the
+        # calibration set's own spread (about sqrt(alpha (1 - alpha) / 288))
+        band = 4 * math.sqrt(alpha * (1 - alpha) / 360) + 2 * math.sqrt(alpha * (1 - alpha) / 288)
+        assert abs(coverage[alpha] - (1 - alpha)) < band, (alpha, coverage[alpha])
+    assert sizes[0.3] < sizes[0.1] < sizes[0.05]
+
+
+def test_export_without_dropout_cannot_be_calibrated(tmp_path):
+    import keras
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    rows = conformity.CalibrationRows(np.zeros((5, 3), np.float32), np.zeros((5, 1), np.float32), source="zeros")
+    with pytest.raises(ValueError, match="needs MC dropout"):
+        export_model(model, tmp_path, "plain", task="regression", calibration=rows)
+    assert artifact.versions(tmp_path / "plain") == []

@@ -23,8 +23,8 @@ def test_health_serving_once_the_default_model_loads_and_sigterm_drains_calls(ti
     repository = tmp_path / "models"
     repository.mkdir()
     port = free_port()
-    # python -m app, as deployed; a large MC call (T x rows = 1,000,000, seconds long) is still running at SIGTERM.
-    server = Server(repository, entry="app", grpc_port=port, default_model="tiny", poll_seconds=0.5, max_mc_rows=10**6)
+    # python -m app, as deployed; a large MC call (T x rows = 10,000,000, seconds long) is still running at SIGTERM.
+    server = Server(repository, entry="app", grpc_port=port, default_model="tiny", poll_seconds=0.5, max_mc_rows=10**7)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         check = health_pb2.HealthCheckRequest
@@ -41,7 +41,7 @@ def test_health_serving_once_the_default_model_loads_and_sigterm_drains_calls(ti
         answers: list = []
         done = threading.Event()
         parameters = {"mc_dropout": True, "samples": 10_000, "seed": 1}
-        x = triton_input(np.zeros((100, 64), np.float32))
+        x = triton_input(np.zeros((1000, 64), np.float32))
 
         def callback(result, error) -> None:
             answers.append((result, error))
@@ -53,7 +53,7 @@ def test_health_serving_once_the_default_model_loads_and_sigterm_drains_calls(ti
         assert done.wait(60)
         triton.close()
     ((result, error),) = answers
-    assert error is None and result.as_numpy("probabilities").shape == (100, 10)
+    assert error is None and result.as_numpy("probabilities").shape == (1000, 10)
     log = Path(server.log.name).read_text()
     shutdown = log.index("Shutting down")
     assert log.index("GRPC /inference.GRPCInferenceService/ModelInfer 200", shutdown) > shutdown
@@ -63,12 +63,12 @@ def test_overload_deadline_and_message_size(tiny_classifier_dir, tmp_path):
     repository = tmp_path / "models"
     shutil.copytree(tiny_classifier_dir, repository / "tiny" / "1")
     port = free_port()
-    server = Server(repository, grpc_port=port, max_in_flight=1, request_timeout=1, max_mc_rows=10**6)
+    server = Server(repository, grpc_port=port, max_in_flight=1, request_timeout=1, max_mc_rows=10**7)
     triton = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     try:
         answers: list = []
         parameters = {"mc_dropout": True, "samples": 10_000, "seed": 1}  # seconds of work, past the 1 s deadline
-        x = triton_input(np.zeros((100, 64), np.float32))
+        x = triton_input(np.zeros((1000, 64), np.float32))
         triton.async_infer("tiny", [x], lambda result, error: answers.append(error), parameters=parameters)
         refused = None
         deadline = time.monotonic() + 1

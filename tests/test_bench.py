@@ -138,11 +138,12 @@ def test_grpc_and_the_pre_refactor_server_are_measured_beside_rest(tiny_classifi
     before the refactor, all in one run with no error; their figures are computed."""
     repository = tiny_classifier_dir.parents[1]
     args = ["--servers", "ours-batched", "ours-before", "--connections", "1", "8", "--mc-connections", "1"]
-    results = run_bench(repository, tmp_path / "r.json", *args)
+    results = run_bench(repository, tmp_path / "r.json", *args, "--mixed-connections", "1")
     workloads = ("predict-1", "predict-32", "v2-1", "grpc-v2-1", "grpc-live")
     expected = {("ours-batched", w, c) for w in workloads for c in (1, 8)}
     expected |= {("ours-before", w, c) for w in ("predict-1", "predict-32") for c in (1, 8)}
-    expected.add(("ours-batched", "mc-100", 1))
+    expected |= {("ours-batched", w, 1) for w in ("mc-100", "mc-100-mixed", "mc-auto-mixed")}
+    expected |= {("ours-before", w, 1) for w in ("mc-100", "mc-100-mixed")}  # fixed T only
     assert_complete(results, expected)
     assert "38c439a" in results["servers"]["ours-before"]["description"]
     figures = {f["name"]: f for f in results["ratios"]}

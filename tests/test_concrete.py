@@ -11,7 +11,7 @@ from training import artifact, export_model, signatures
 from training.concrete import ConcreteDropout, ConcreteL2, concrete_regularizers
 from training.data import Dataset, digits, split
 from training.model import ModelConfig, build_network
-from training.train import TrainConfig, train
+from training.train import TrainConfig, calibration_rows, train
 
 
 def test_exported_mc_samples_follow_the_learned_rate(tmp_path):
@@ -80,6 +80,7 @@ def test_trained_concrete_regularizers_are_divided_by_the_homoscedastic_precisio
     settings = TrainConfig(epochs=1, mc_samples=2, tau=tau, likelihood=likelihood)
     train_rows, _ = split(data, settings.test_split, settings.seed)
     fit_rows, _ = split(train_rows, settings.validation_split, settings.seed)
+    fit_rows, _ = calibration_rows(fit_rows, settings.calibration_split, settings.validation_split, settings.seed)
     weight, rate = concrete_regularizers(len(fit_rows.y))
 
     trained = train(data, ModelConfig(hidden=(8,), dropout=0.1, input_dropout=0.1, concrete=True), settings)

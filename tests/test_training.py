@@ -23,7 +23,8 @@ def test_default_run_publishes_an_accurate_digits_model(digits_repository):
     assert meta.temperature is not None and meta.predictive_temperature is not None  # calibrated by default
     assert [(d.type, d.rate) for d in meta.dropout_layers] == [("Dropout", 0.5), ("Dropout", 0.5)]
     assert meta.metrics["test_deterministic"]["accuracy"] >= 0.95
-    assert set(tf.saved_model.load(str(version_dir)).signatures) == {"serving_default", "mc_dropout"}
+    signatures = set(tf.saved_model.load(str(version_dir)).signatures)
+    assert signatures == {"serving_default", "mc_dropout", "mc_dropout_segments"}
 
 
 def test_if_missing_does_not_train_again(digits_repository):

@@ -18,15 +18,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from google.protobuf import json_format
-from pydantic import BaseModel, Field
 from starlette.convertors import Convertor, register_url_convertor
 
 from app.context import record_of
 from app.dataplane import DataPlane, InferRequest, InferResult, monte_carlo
 from app.errors import ApiError, describe
 from app.loading import ServedModel, signature_defs
+from app.protocols import tfserving_schemas as docs
 from app.protocols.body import dataplane, json_response, may_hold_booleans, read_json
-from app.schemas import DIGIT_ZERO, ProtocolError
 from training import artifact
 
 
@@ -45,58 +44,6 @@ class _Segment(Convertor):
 register_url_convertor("segment", _Segment())
 router = APIRouter(prefix="/v1/models", tags=["TensorFlow Serving REST API"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ProtocolError, "description": "invalid argument (TF Serving's INVALID_ARGUMENT), named in 'error'"},
-    404: {"model": ProtocolError, "description": "unknown model, version or label"},
-}
-
-_PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
-    **_ERRORS,
-    413: {"model": ProtocolError, "description": "the body is larger than DROPOUT_SERVE_MAX_BODY_BYTES"},
-}
-
-
-class VersionStatus(BaseModel):
-    version: str
-    state: str = Field(description="LOADING, AVAILABLE, UNLOADING or END")
-    status: dict[str, str] = Field(description="error_code (OK, or UNKNOWN for a failed load) and error_message")
-
-
-class ModelStatus(BaseModel):
-    model_version_status: list[VersionStatus]
-
-
-class ModelMetadata(BaseModel):
-    model_spec: dict[str, str] = Field(description="name, signature_name, version")
-    metadata: dict[str, Any] = Field(description="signature_def: the SavedModel's SignatureDefs")
-
-
-class Prediction(BaseModel):
-    predictions: list[Any] | None = Field(None, description="row format: one entry per instance")
-    outputs: Any = Field(None, description="columnar format (and mc_dropout): the output tensor")
-
-
-_PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "signature_name": {"type": "string", "enum": ["serving_default", "mc_dropout"]},
-                        "instances": {"type": "array", "minItems": 1, "items": {}},
-                        "inputs": {},
-                    },
-                    "oneOf": [{"required": ["instances"]}, {"required": ["inputs"]}],
-                },
-                "example": {"instances": [DIGIT_ZERO]},
-            }
-        },
-    }
-}
-
 
 def _status(plane: DataPlane, name: str, version: int | None = None, label: str | None = None) -> Response:
     statuses = plane.status(name, version, label)
@@ -114,18 +61,18 @@ def _status(plane: DataPlane, name: str, version: int | None = None, label: str 
     )
 
 
-@router.get("/{name:segment}", response_model=ModelStatus, responses=_ERRORS)
+@router.get("/{name:segment}", response_model=docs.ModelStatus, responses=docs.ERRORS)
 async def model_status(name: str, request: Request) -> Response:
     """The state of every version TF Serving would list: LOADING, AVAILABLE, UNLOADING or END."""
     return _status(dataplane(request), name)
 
 
-@router.get("/{name:segment}/versions/{version:segment}", response_model=ModelStatus, responses=_ERRORS)
+@router.get("/{name:segment}/versions/{version:segment}", response_model=docs.ModelStatus, responses=docs.ERRORS)
 async def version_status(name: str, version: int, request: Request) -> Response:
     return _status(dataplane(request), name, version)
 
 
-@router.get("/{name:segment}/labels/{label:segment}", response_model=ModelStatus, responses=_ERRORS)
+@router.get("/{name:segment}/labels/{label:segment}", response_model=docs.ModelStatus, responses=docs.ERRORS)
 async def label_status(name: str, label: str, request: Request) -> Response:
     return _status(dataplane(request), name, label=label)
 
@@ -150,17 +97,19 @@ def _metadata(model: ServedModel) -> Response:
     )
 
 
-@router.get("/{name:segment}/metadata", response_model=ModelMetadata, responses=_ERRORS)
+@router.get("/{name:segment}/metadata", response_model=docs.ModelMetadata, responses=docs.ERRORS)
 async def model_metadata(name: str, request: Request) -> Response:
     return _metadata(dataplane(request).model(name))
 
 
-@router.get("/{name:segment}/versions/{version:segment}/metadata", response_model=ModelMetadata, responses=_ERRORS)
+@router.get(
+    "/{name:segment}/versions/{version:segment}/metadata", response_model=docs.ModelMetadata, responses=docs.ERRORS
+)
 async def version_metadata(name: str, version: int, request: Request) -> Response:
     return _metadata(dataplane(request).model(name, version))
 
 
-@router.get("/{name:segment}/labels/{label:segment}/metadata", response_model=ModelMetadata, responses=_ERRORS)
+@router.get("/{name:segment}/labels/{label:segment}/metadata", response_model=docs.ModelMetadata, responses=docs.ERRORS)
 async def label_metadata(name: str, label: str, request: Request) -> Response:
     return _metadata(dataplane(request).model(name, label=label))
 
@@ -245,9 +194,9 @@ def _signature_outputs(result: InferResult) -> Response:
 
 
 _PREDICT_ROUTE: dict[str, Any] = {
-    "response_model": Prediction,
-    "responses": _PREDICT_ERRORS,
-    "openapi_extra": _PREDICT_BODY,
+    "response_model": docs.Prediction,
+    "responses": docs.PREDICT_ERRORS,
+    "openapi_extra": docs.PREDICT_BODY,
 }
 
 

@@ -44,15 +44,18 @@ def test_calibration_rows_are_held_out_from_fitting_validation_and_test(tiny_cla
 def test_stored_scores_are_those_of_the_served_mc_predictive(calibrated, tiny_classifier):
     path, meta = calibrated
     stored = meta.conformal
-    assert (stored.rows, stored.samples, stored.seed, stored.score) == (288, 30, 5, "aps-randomized")
+    assert (stored.rows, stored.samples, stored.seed) == (288, 30, 5)
+    assert (stored.score, stored.uncertainty) == (conformity.SET_SCORE, conformity.UNCERTAINTY)
     assert stored.predictive_temperature == meta.predictive_temperature is not None
     rows = tiny_classifier.calibration
     draws = signatures.mc_draws(tf.saved_model.load(str(path)).signatures["mc_dropout"], rows.x, 30, 5)
-    served = summarize_classification(draws.outputs, draws.predictive).mean
-    expected = conformal.aps_scores(served, rows.y, conformal.tie_breaks(rows.x, 5))
+    summary = summarize_classification(draws.outputs, draws.predictive)
+    served = summary.mean
+    expected = conformal.set_scores(stored.score, served, rows.y, conformal.tie_breaks(rows.x, 5))
     np.testing.assert_array_equal(stored.scores, np.sort(expected))
     np.testing.assert_array_equal(stored.correct, served.argmax(-1) == rows.y)
-    np.testing.assert_allclose(stored.uncertainties, 1 - served.max(-1))
+    uncertainty = conformal.uncertainty(stored.uncertainty, served, summary.mutual_information)
+    np.testing.assert_allclose(stored.uncertainties, uncertainty)
     assert stored.default_risk == conformity.DEFAULT_RISK and stored.delta == conformity.DEFAULT_DELTA
 
 
@@ -96,6 +99,39 @@ def test_sets_cover_fresh_rows_and_grow_as_alpha_shrinks(calibrated, tiny_classi
         band = 4 * math.sqrt(alpha * (1 - alpha) / 360) + 2 * math.sqrt(alpha * (1 - alpha) / 288)
         assert abs(coverage[alpha] - (1 - alpha)) < band, (alpha, coverage[alpha])
     assert sizes[0.3] < sizes[0.1] < sizes[0.05]
+
+
+def test_a_calibration_stored_before_lac_still_answers_with_its_own_aps_score(calibrated, tiny_classifier):
+    """Versions exported with randomized APS and ``1 - probability`` keep their sets and abstention rule."""
+    path, meta = calibrated
+    rows, test = tiny_classifier.calibration, tiny_classifier.test
+    mc = tf.saved_model.load(str(path)).signatures["mc_dropout"]
+    cal = summarize_classification(*_draws(mc, rows.x, 5))
+    old = meta.conformal.model_copy(
+        update={
+            "score": "aps-randomized",
+            "scores": np.sort(conformal.aps_scores(cal.mean, rows.y, conformal.tie_breaks(rows.x, 5))).tolist(),
+            "uncertainty": "1 - probability",
+            "uncertainties": (1 - cal.mean.max(-1)).tolist(),
+        }
+    )
+    old = artifact.ConformalCalibration.model_validate(old.model_dump())  # as read back from its metadata
+    summary = summarize_classification(*_draws(mc, test.x, 1))
+    sets = conformity.prediction_sets(old, summary, test.x, 1, 0.1)
+    threshold = conformal.quantile(np.asarray(old.scores), 0.1)
+    np.testing.assert_array_equal(sets, conformal.aps_sets(summary.mean, threshold, conformal.tie_breaks(test.x, 1)))
+    assert not np.array_equal(sets, conformity.prediction_sets(meta.conformal, summary, test.x, 1, 0.1))
+    abstain = conformity.abstentions(old, summary, 0.5)
+    expected = 1 - summary.mean.max(-1) > conformal.abstention_threshold(
+        np.asarray(old.uncertainties), np.asarray(old.correct), 0.5, old.delta
+    )
+    np.testing.assert_array_equal(abstain, expected)
+    assert 0 < abstain.mean() < 1
+
+
+def _draws(mc, x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    draws = signatures.mc_draws(mc, x, 30, seed)
+    return draws.outputs, draws.predictive
 
 
 def test_export_without_dropout_cannot_be_calibrated(tmp_path):

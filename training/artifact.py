@@ -142,13 +142,13 @@ class ConformalCalibration(BaseModel):
 
     rows: int = Field(description="calibration rows")
     source: str = Field(description="which rows, e.g. 'held out: 25 % of the training rows, seed 0'")
-    score: Literal["aps-randomized", "normalized-residual"]
+    score: Literal["aps-randomized", "lac", "normalized-residual"]
     scores: list[float] = Field(description="sorted ascending")
     samples: int = Field(description="MC samples T of the predictive the scores come from")
     seed: int = Field(description="mc_dropout seed of that predictive (and of the APS tie-breaks)")
     predictive_temperature: float | None = None
     tau: float | None = None
-    uncertainty: Literal["1 - probability"] | None = None
+    uncertainty: Literal["1 - probability", "1 - probability + mutual information"] | None = None
     uncertainties: list[float] | None = Field(None, description="classifiers: per calibration row, row order")
     correct: list[bool] | None = Field(None, description="classifiers: per calibration row, row order")
     default_risk: float | None = Field(None, description="classifiers: abstention risk when a request names none")

@@ -95,6 +95,31 @@ def aps_sets(probabilities: np.ndarray, threshold: float, u: np.ndarray) -> np.n
     return members
 
 
+def lac_scores(probabilities: np.ndarray, labels: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
+    """LAC score of each row's label, ``1 - p_label`` (``u`` unused: the score needs no tie-breaks)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    return 1.0 - probabilities[np.arange(len(probabilities)), np.asarray(labels)]
+
+
+def lac_sets(probabilities: np.ndarray, threshold: float, u: np.ndarray | None = None) -> np.ndarray:
+    """``[N, K]`` membership: class ``k`` is in the set when ``1 - p_k`` is at most ``threshold``."""
+    return 1.0 - np.asarray(probabilities, dtype=np.float64) <= threshold
+
+
+SET_SCORES = {"aps-randomized": (aps_scores, aps_sets), "lac": (lac_scores, lac_sets)}
+"""Classification conformity scores by their stored name: (score of a label, sets at a threshold)."""
+
+
+def set_scores(score: str, probabilities: np.ndarray, labels: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The ``score`` (a ``SET_SCORES`` name) of each row's label."""
+    return SET_SCORES[score][0](probabilities, labels, u)
+
+
+def sets(score: str, probabilities: np.ndarray, threshold: float, u: np.ndarray) -> np.ndarray:
+    """``[N, K]`` membership of the sets of the ``score`` at ``threshold``."""
+    return SET_SCORES[score][1](probabilities, threshold, u)
+
+
 def normalized_scores(targets: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """``max_d |y_d - μ_d| / sigma_d`` per row (one output: the plain normalized residual)."""
     targets = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
@@ -167,3 +192,16 @@ def abstention_threshold(uncertainty: np.ndarray, correct: np.ndarray, risk: flo
 def top_uncertainty(probabilities: np.ndarray) -> np.ndarray:
     """``1 - max_k p_k``: the abstention score (softmax response) of a predictive."""
     return 1.0 - np.asarray(probabilities, dtype=np.float64).max(axis=-1)
+
+
+UNCERTAINTIES = ("1 - probability", "1 - probability + mutual information")
+"""Abstention scores by their stored name."""
+
+
+def uncertainty(name: str, probabilities: np.ndarray, mutual_information: np.ndarray) -> np.ndarray:
+    """The abstention score ``name`` of each row: ``1 - max_k p_k``, plus the MC samples' mutual information
+    (nats) for the second. A deterministic prediction has none (its samples cannot disagree): pass zeros."""
+    if name not in UNCERTAINTIES:
+        raise ValueError(f"unknown abstention score {name!r}")
+    top = top_uncertainty(probabilities)
+    return top if name == UNCERTAINTIES[0] else top + np.asarray(mutual_information, dtype=np.float64)

@@ -76,20 +76,31 @@ def evaluate(
     if meta.input_shape in ([64], [8, 8, 1]):
         ood["boxes"] = _boxes(len(test.y), seed).reshape(-1, *meta.input_shape)
 
-    def served(x: np.ndarray, t: int, s: int) -> np.ndarray:
+    score, uncertainty_name = stored.score, stored.uncertainty or conformal.UNCERTAINTIES[0]
+
+    def served(x: np.ndarray, t: int, s: int) -> tuple[np.ndarray, np.ndarray]:
         draws = mc(x, t, s)
-        return summarize_classification(draws.outputs, draws.predictive).mean
+        summary = summarize_classification(draws.outputs, draws.predictive)
+        return summary.mean, summary.mutual_information
+
+    def softmax(x: np.ndarray, _t: int, _s: int) -> tuple[np.ndarray, np.ndarray]:
+        return plain(x), np.zeros(len(x))  # one deterministic pass: no samples to disagree
+
+    def uncertainty(predicted: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return conformal.uncertainty(uncertainty_name, *predicted)
 
     cal_u = conformal.tie_breaks(calibration.x, stored.seed)
-    cal_mc = served(calibration.x, stored.samples, stored.seed)
-    reproduced = np.allclose(np.sort(conformal.aps_scores(cal_mc, calibration.y, cal_u)), stored.scores, atol=1e-9)
+    cal_mc, _ = served(calibration.x, stored.samples, stored.seed)
+    cal_scores = conformal.set_scores(score, cal_mc, calibration.y, cal_u)
+    reproduced = np.allclose(np.sort(cal_scores), stored.scores, atol=1e-9)
+    cal_plain = softmax(calibration.x, 0, 0)
     predictions = {
         MC: (np.asarray(stored.scores), np.asarray(stored.uncertainties), np.asarray(stored.correct), served),
         PLAIN: (
-            np.sort(conformal.aps_scores(plain(calibration.x), calibration.y, cal_u)),
-            conformal.top_uncertainty(plain(calibration.x)),
-            plain(calibration.x).argmax(-1) == calibration.y,
-            lambda x, _t, _s: plain(x),
+            np.sort(conformal.set_scores(score, cal_plain[0], calibration.y, cal_u)),
+            uncertainty(cal_plain),
+            cal_plain[0].argmax(-1) == calibration.y,
+            softmax,
         ),
     }
     test_u = conformal.tie_breaks(test.x, seed)
@@ -102,6 +113,8 @@ def evaluate(
             "seed": stored.seed,
             "scores_reproduced": bool(reproduced),
             "same_samples_as_evaluation": stored.samples == samples,
+            "score": score,
+            "uncertainty": uncertainty_name,
         },
         "delta": stored.delta,
         "sets": {},
@@ -109,20 +122,21 @@ def evaluate(
     }
     arrays: dict[str, np.ndarray] = {}
     for kind, (scores, cal_uncertainty, cal_correct, predict) in predictions.items():
-        probs = predict(test.x, samples, seed)
+        predicted = predict(test.x, samples, seed)
+        probs = predicted[0]
         section["sets"][kind] = {}
         for alpha in ALPHAS:
-            sets = conformal.aps_sets(probs, conformal.quantile(scores, alpha), test_u)
+            sets = conformal.sets(score, probs, conformal.quantile(scores, alpha), test_u)
             covered, sizes = sets[np.arange(len(test.y)), test.y], sets.sum(axis=1)
             arrays[array_key(kind, "covered", alpha)], arrays[array_key(kind, "size", alpha)] = covered, sizes
             section["sets"][kind][str(alpha)] = set_summary(covered, sizes)
-        uncertainty, correct = conformal.top_uncertainty(probs), probs.argmax(-1) == test.y
-        arrays[array_key(kind, "uncertainty")], arrays[array_key(kind, "correct")] = uncertainty, correct
-        ood_uncertainty = {name: conformal.top_uncertainty(predict(x, samples, seed)) for name, x in ood.items()}
+        test_uncertainty, correct = uncertainty(predicted), probs.argmax(-1) == test.y
+        arrays[array_key(kind, "uncertainty")], arrays[array_key(kind, "correct")] = test_uncertainty, correct
+        ood_uncertainty = {name: uncertainty(predict(x, samples, seed)) for name, x in ood.items()}
         section["abstention"][kind] = {}
         for risk in RISKS:
             threshold = conformal.abstention_threshold(cal_uncertainty, cal_correct, risk, stored.delta)
-            accepted = uncertainty <= threshold
+            accepted = test_uncertainty <= threshold
             arrays[array_key(kind, "accepted", risk)] = accepted
             abstained = {name: float(np.mean(u > threshold)) for name, u in ood_uncertainty.items()}
             section["abstention"][kind][str(risk)] = {
@@ -169,7 +183,7 @@ def plot_risk_coverage(arrays: dict[str, np.ndarray], section: dict, path: Path)
     ax = figure.subplots()
     for kind, colour in ((MC, "tab:blue"), (PLAIN, "tab:orange")):
         share, risk = risk_coverage(arrays[array_key(kind, "uncertainty")], arrays[array_key(kind, "correct")])
-        ax.plot(share, risk, color=colour, label=f"{kind}: keep the least uncertain (1 - p)")
+        ax.plot(share, risk, color=colour, label=f"{kind}: keep the least uncertain")
         for target, rule in section["abstention"][kind].items():
             ax.plot(rule["accepted"], rule["error_among_accepted"], "o", color=colour, markeredgecolor="black")
             ax.annotate(f"risk {target}", (rule["accepted"], rule["error_among_accepted"]), fontsize=8)
@@ -186,7 +200,7 @@ def markdown(section: dict) -> list[str]:
     c = section["calibration"]
     lines = [
         "",
-        f"Conformal prediction sets (randomized APS), {c['rows']} calibration rows ({c['source']}); stored scores "
+        f"Conformal prediction sets ({c['score']}), {c['rows']} calibration rows ({c['source']}); stored scores "
         f"{'reproduced' if c['scores_reproduced'] else 'NOT reproduced'} through mc_dropout (T = {c['samples']}, "
         f"seed {c['seed']}){'' if c['same_samples_as_evaluation'] else '; the evaluation uses another T'}.",
         "",
@@ -202,8 +216,8 @@ def markdown(section: dict) -> list[str]:
     names = list(next(iter(next(iter(section["abstention"].values())).values()))["ood_abstained"])
     lines += [
         "",
-        f"Abstention (accept when 1 - p is at most the threshold; error among accepted at most the risk with "
-        f"probability {1 - section['delta']:.2f}, Clopper-Pearson, fixed sequence):",
+        f"Abstention (accept when {c['uncertainty']} is at most the threshold; error among accepted at most the "
+        f"risk with probability {1 - section['delta']:.2f}, Clopper-Pearson, fixed sequence):",
         "",
         "| prediction | risk | accepted | errors / accepted | error among accepted | "
         + " | ".join(f"{n} abstained" for n in names)

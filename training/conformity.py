@@ -24,7 +24,11 @@ from training.uncertainty import (
 
 DEFAULT_ALPHA = 0.1
 DEFAULT_RISK = 0.05
-DEFAULT_DELTA = 0.1
+DEFAULT_DELTA = 0.2
+SET_SCORE = "lac"
+"""The classification score new calibrations store (``conformal.SET_SCORES``); see docs/conformal.md for the choice."""
+UNCERTAINTY = "1 - probability + mutual information"
+"""The abstention score new calibrations store (``conformal.UNCERTAINTIES``)."""
 CALIBRATION_SAMPLES = 100
 """T of the calibration predictive: the server's default (``DROPOUT_SERVE_DEFAULT_SAMPLES``)."""
 CALIBRATION_SEED = 0
@@ -76,14 +80,14 @@ def calibrate(
             **common, score="normalized-residual", scores=np.sort(scores).tolist(), tau=tau
         )
     summary = summarize_classification(draws.outputs, draws.predictive)
-    scores = conformal.aps_scores(summary.mean, y, conformal.tie_breaks(x, seed))
+    scores = conformal.set_scores(SET_SCORE, summary.mean, y, conformal.tie_breaks(x, seed))
     return artifact.ConformalCalibration(
         **common,
-        score="aps-randomized",
+        score=SET_SCORE,
         scores=np.sort(scores).tolist(),
         predictive_temperature=predictive_temperature,
-        uncertainty="1 - probability",
-        uncertainties=conformal.top_uncertainty(summary.mean).tolist(),
+        uncertainty=UNCERTAINTY,
+        uncertainties=abstention_scores(UNCERTAINTY, summary).tolist(),
         correct=(summary.label == np.asarray(y)).tolist(),
         default_risk=conformal.check_level("default risk", default_risk),
         delta=conformal.check_level("delta", delta),
@@ -99,7 +103,7 @@ def prediction_sets(
 ) -> np.ndarray:
     """``[N, K]`` membership of the level-``1 - alpha`` sets; ``rows`` and ``seed`` as sent (the tie-breaks)."""
     threshold = conformal.quantile(np.asarray(calibration.scores), alpha)
-    return conformal.aps_sets(summary.mean, threshold, conformal.tie_breaks(rows, seed))
+    return conformal.sets(calibration.score, summary.mean, threshold, conformal.tie_breaks(rows, seed))
 
 
 def intervals(
@@ -113,7 +117,12 @@ def intervals(
 def abstentions(calibration: artifact.ConformalCalibration, summary: ClassificationSummary, risk: float) -> np.ndarray:
     """``[N]`` True where the rule for ``risk`` abstains (uncertainty above the calibrated threshold)."""
     threshold = abstention_threshold(calibration, risk)
-    return conformal.top_uncertainty(summary.mean) > threshold
+    return abstention_scores(calibration.uncertainty or conformal.UNCERTAINTIES[0], summary) > threshold
+
+
+def abstention_scores(name: str, summary: ClassificationSummary) -> np.ndarray:
+    """The abstention score ``name`` of each instance of an MC summary (``conformal.uncertainty``)."""
+    return conformal.uncertainty(name, summary.mean, summary.mutual_information)
 
 
 _CACHED_RISKS = 64

@@ -72,14 +72,18 @@ rows, which then serve no prediction sets, conformal intervals or abstention): w
 to answer any coverage level ``1 - alpha`` and any risk, computed through this version's own
 ``mc_dropout`` signature on rows nothing was fitted on (``training.conformity``):
 
-- ``scores``: the calibration rows' conformity scores, sorted ascending. Classification: randomized
-  APS of the true class on the MC predictive as served (``predictive`` if calibrated, else the mean
-  of the samples), ``u`` from ``training.conformal.tie_breaks(instance, seed)`` with the seed of the
-  request; regression: ``max_d |y_d - μ_d| / sigma_d`` with μ and sigma the MC predictive's mean and total
-  standard deviation (``training.uncertainty.summarize_regression``). A server answers level
-  ``1 - alpha`` with ``training.conformal.quantile(scores, alpha)``.
-- classifiers also store, per calibration row, its ``uncertainties`` (``1 - probability`` of the
-  served predictive's label) and whether that label was ``correct``, the ``default_risk`` and the
+- ``score`` and ``scores``: which conformity score, and the calibration rows' scores, sorted ascending.
+  Classification: ``lac`` (``1 - p`` of the true class) or, in versions exported before it,
+  ``aps-randomized`` (randomized APS, ``u`` from ``training.conformal.tie_breaks(instance, seed)``
+  with the seed of the request), on the MC predictive as served (``predictive`` if calibrated, else the
+  mean of the samples); ``training.conformal.sets`` answers either. Regression:
+  ``max_d |y_d - μ_d| / sigma_d`` with μ and sigma the MC predictive's mean and total standard deviation
+  (``training.uncertainty.summarize_regression``). A server answers level ``1 - alpha`` with
+  ``training.conformal.quantile(scores, alpha)``.
+- classifiers also store, per calibration row, its ``uncertainties`` (the abstention score named by
+  ``uncertainty``: ``1 - probability`` of the served predictive's label, plus the samples' mutual
+  information in versions exported since issue 19's second round; ``training.conformal.uncertainty``)
+  and whether that label was ``correct``, the ``default_risk`` and the
   confidence ``1 - delta`` of the abstention rule (``training.conformal.abstention_threshold``).
 - ``samples``, ``seed``, ``predictive_temperature`` and ``tau``: the MC predictive the scores were
   computed from. The coverage guarantee is for that predictive; ``mismatch`` says when the version's

@@ -4,9 +4,16 @@ Split conformal prediction (Vovk et al. 2005; Angelopoulos & Bates 2021): ``n`` 
 that nothing was fitted on give conformity scores ``s_1 … s_n``; for a new row exchangeable with
 them, the set of answers whose score is at most the ``⌈(n + 1)(1 - alpha)⌉``-th smallest calibration
 score contains the truth with probability at least ``1 - alpha`` (and at most ``1 - alpha + 1 / (n + 1)``
-when scores have no ties), whatever the model. Two scores:
+when scores have no ties), whatever the model. Scores:
 
-- **classification, APS** (adaptive prediction sets, Romano, Sesia & Candès 2020), randomized:
+- **classification, LAC** (least ambiguous set-valued classifier, Sadinle, Lei & Wasserman 2019), the
+  default since issue 19's second round: the score of class ``y`` is ``1 - p_y``, so the set holds every
+  class whose probability is at least one minus the threshold. Among sets with the same coverage
+  these have the least expected size when the probabilities are the true ones, which is why a
+  calibrated predictive gets small LAC sets. A set is empty when no class is probable enough: the
+  row is among the hardest ``alpha`` of them (rows the set may miss at that level).
+- **classification, APS** (adaptive prediction sets, Romano, Sesia & Candès 2020), randomized, the
+  score of versions exported before LAC (they keep it):
   the classes sorted by probability, the score of class ``y`` is the probability of the classes
   ranked above it plus ``u · p_y`` with ``u`` uniform in [0, 1). Randomization is what makes the
   coverage exact rather than at least the accuracy (a 98 %-accurate classifier's never-empty sets
@@ -18,7 +25,8 @@ when scores have no ties), whatever the model. Two scores:
   interval ``μ ± q sigma`` is wide where the model says it is unsure.
 
 Abstention (selective classification, Geifman & El-Yaniv 2017, tested as in Learn-then-Test,
-Angelopoulos et al. 2021): accept a row when its uncertainty is at most λ. λ is the loosest
+Angelopoulos et al. 2021): accept a row when its uncertainty (``uncertainty``: ``1 - p`` of the
+predicted label, plus the MC samples' mutual information since issue 19's second round) is at most λ. λ is the loosest
 threshold such that every threshold from the strictest candidate up to it has a Clopper-Pearson
 upper bound (confidence ``1 - δ``) on the error among accepted calibration rows at most the risk:
 fixed-sequence testing, so with probability ``1 - δ`` the chosen rule's error among accepted rows

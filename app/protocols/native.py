@@ -199,7 +199,7 @@ def _conformal_info(model: ServedModel) -> dict[str, Any]:
     if reason is not None:
         return {"conformal_unavailable": reason}
     c = model.metadata.conformal
-    facts = c.model_dump(include={"rows", "source", "score", "samples", "seed", "default_risk", "delta"})
+    facts = c.model_dump(include={"rows", "source", "score", "uncertainty", "samples", "seed", "default_risk", "delta"})
     return {"conformal": {key: value for key, value in facts.items() if value is not None}}
 
 

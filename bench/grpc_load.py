@@ -4,11 +4,12 @@
         --payload request.bin --concurrency 32 --seconds 10
 
 ``concurrency`` calls are kept in flight over one channel (one HTTP/2 connection, as a gRPC client
-holds; ``--channels N`` spreads them over N, one connection each), each sending the next call as soon as its answer arrives, for ``seconds`` or until
-``max_calls`` answers, after ``warmup`` seconds that are not counted. The request is sent as
-ready-made bytes and the answers are not parsed, so the client spends as little CPU per call as
-it can (it shares the machine with the server, as wrk does); ``bench.servers`` checks the
-answers with a real client before anything is timed. Prints wrk's ``RESULT`` line
+holds; ``--channels N`` spreads them over N, one connection each), each sending the next call as
+soon as its answer arrives, for ``seconds`` or until ``max_calls`` answers, after ``warmup``
+seconds that are not counted. The request is sent as ready-made bytes and the answers are not
+parsed, so the client spends as little CPU per call as it can (it shares the machine with the
+server, as wrk does); ``bench.servers`` checks the answers with a real client before anything is
+timed. ``bench/serving.py`` uses it only where h2load (``bench.h2load``), 8x cheaper, is missing. Prints wrk's ``RESULT`` line
 (``bench.wrk.parse`` reads it): latencies in ms, answers, microseconds, then non-OK answers in
 the status field.
 """

@@ -527,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     print(" (with uncommitted changes)" if run["uncommitted_changes"] else "")
     loads = [status["load_average_before"][0] for status in results["servers"].values()]
     print(
-        f"\n{run['cpus']} CPUs, {run['duration_s']} s per measurement, wrk (gRPC: {run['grpc_load_generator']}), one server process at a time;"
+        f"\n{run['cpus']} CPUs, {run['duration_s']} s per measurement, wrk (gRPC: {run['grpc_load_generator']}),"
+        " one server process at a time;"
         f" 1-minute load average {min(loads, default=0):.1f}-{max(loads, default=0):.1f} when the servers started"
         + (f"; medians of {args.rounds} rounds" if args.rounds > 1 else "")
     )

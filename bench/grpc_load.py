@@ -9,9 +9,9 @@ soon as its answer arrives, for ``seconds`` or until ``max_calls`` answers, afte
 seconds that are not counted. The request is sent as ready-made bytes and the answers are not
 parsed, so the client spends as little CPU per call as it can (it shares the machine with the
 server, as wrk does); ``bench.servers`` checks the answers with a real client before anything is
-timed. ``bench/serving.py`` uses it only where h2load (``bench.h2load``), 8x cheaper, is missing. Prints wrk's ``RESULT`` line
-(``bench.wrk.parse`` reads it): latencies in ms, answers, microseconds, then non-OK answers in
-the status field.
+timed. ``bench/serving.py`` uses it only where h2load (``bench.h2load``), 8x cheaper, is missing.
+Prints wrk's ``RESULT`` line (``bench.wrk.parse`` reads it): latencies in ms, answers,
+microseconds, then non-OK answers in the status field.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ log = logging.getLogger("dropout_serve.grpc")
 
 STATUS_200 = b"\x88"  # ":status: 200", HPACK static table entry 8
 HEADERS = STATUS_200 + header_block([(b"content-type", b"application/grpc")])
+NOT_GRPC = header_block([(b":status", b"415")])
 RESERVED = {b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"}
 TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 MESSAGE_LIMIT = 4096
@@ -135,6 +136,8 @@ async def serve(connection: Connection, stream: Stream, handler: grpc.RpcMethodH
     """Run one call to its end: the answer and trailers sent, or nothing if the client went away."""
     context = Context(connection, stream, handler.response_serializer if handler else None)
     status, details, messages = grpc.StatusCode.OK, "", []
+    if not dict(stream.headers).get(b"content-type", b"").startswith(b"application/grpc"):
+        return await connection.send(stream, None, [], NOT_GRPC)  # HTTP's answer, as the gRPC spec asks
     try:
         if handler is None or handler.request_streaming:
             raise Abort(grpc.StatusCode.UNIMPLEMENTED, f"{stream_path(stream)} is not served", ())

@@ -168,7 +168,9 @@ class Connection(asyncio.Protocol):
             headers = self.decoder.decode(bytes(block), raw=True)
         except hpack.HPACKError:
             return self._fail(COMPRESSION_ERROR)
-        if stream_id in self.streams:  # trailers from the client: a unary or server-streaming call has none
+        if (stream := self.streams.get(stream_id)) is not None:  # the client's trailers end its request
+            if flags & END_STREAM and stream.task is None:
+                self.on_call(self, stream)
             return True
         if stream_id <= self.last_stream or stream_id % 2 == 0:
             return self._fail(PROTOCOL_ERROR)

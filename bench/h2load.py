@@ -32,6 +32,7 @@ import numpy as np
 from bench.wrk import WrkResult
 
 LOOPBACK = "127.0.0.1"
+INSTALL_HINT = "h2load is not installed: `apt-get update && apt-get install -y nghttp2-client` (Debian/Ubuntu)"
 ABANDONED = "499"
 """The status the server records for a call its client cancelled."""
 

@@ -138,7 +138,9 @@ def measure(server: servers.Server, args: argparse.Namespace, reference: dict) -
         spec = specs[ONE_ROW.get(workload, workload)]
         counts = args.mixed_connections if spec.stream else args.mc_connections if spec.samples else args.connections
         load = (
-            partial(_grpc_load, server, workload) if workload in server.grpc_calls else partial(_wrk, server, workload)
+            partial(_grpc_load, server, workload, args.grpc_generator)
+            if workload in server.grpc_calls
+            else partial(_wrk, server, workload)
         )
         load(max(counts), args.warmup)
         for connections in counts:
@@ -150,13 +152,13 @@ def measure(server: servers.Server, args: argparse.Namespace, reference: dict) -
             client = (cpu.children() - client_before) * 1e6 / max(result.requests, 1)
             run = {"server": server.name, "workload": workload, "connections": connections, **result.as_dict()}
             run |= {"cpu_us_per_request": spent, "client_cpu_us_per_request": client}
-            runs.append(run | {"generator": generator(workload, server)})
+            runs.append(run | {"generator": generator(workload, server, args.grpc_generator)})
             print(
                 f"  {server.name:15}{workload:11}{connections:3} conn {result.rps:8.0f} req/s"
                 f"  p50 {result.p50_ms:7.2f}  p99 {result.p99_ms:7.2f} ms"
                 f"  non-2xx {result.non_2xx}  socket errors {result.socket_errors}"
                 + (f"  CPU/request {spent['loop']:.0f} us loop + {spent['other']:.0f} us other" if spent else "")
-                + f", load generator ({generator(workload, server)}) {client:.0f} us",
+                + f", load generator ({generator(workload, server, args.grpc_generator)}) {client:.0f} us",
                 flush=True,
             )
     return runs
@@ -167,18 +169,26 @@ def _wrk(server: servers.Server, workload: str, connections: int, seconds: int) 
     return wrk.run(server.url + path, body, connections, seconds)
 
 
-def generator(workload: str, server: servers.Server) -> str:
-    """The load generator of a workload: wrk for REST; h2load for gRPC where installed, else bench/grpc_load.py."""
-    if workload not in server.grpc_calls:
-        return "wrk"
-    return "h2load" if h2load.available() else "bench/grpc_load.py"
+GRPC_GENERATORS = {"h2load": "h2load", "python": "bench/grpc_load.py"}
 
 
-def _grpc_load(server: servers.Server, workload: str, calls: int, seconds: int) -> wrk.WrkResult:
-    """``calls`` concurrent gRPC calls for ``seconds``, by h2load or else bench/grpc_load.py (own process, as wrk)."""
+def grpc_generator(choice: str) -> str:
+    """The gRPC load generator ``--grpc-generator`` names; "auto": h2load where installed, else bench/grpc_load.py."""
+    if choice == "auto":
+        choice = "h2load" if h2load.available() else "python"
+    return GRPC_GENERATORS[choice]
+
+
+def generator(workload: str, server: servers.Server, choice: str = "auto") -> str:
+    """The load generator of a workload: wrk for REST, ``grpc_generator(choice)`` for gRPC."""
+    return grpc_generator(choice) if workload in server.grpc_calls else "wrk"
+
+
+def _grpc_load(server: servers.Server, workload: str, choice: str, calls: int, seconds: int) -> wrk.WrkResult:
+    """``calls`` concurrent gRPC calls for ``seconds``, by h2load or bench/grpc_load.py (own process, as wrk)."""
     method, payload = server.grpc_calls[workload]
     connections = calls if workload in GRPC_CONNECTIONS else 1
-    if generator(workload, server) == "h2load":
+    if generator(workload, server, choice) == "h2load":
         streams = calls // connections
         return h2load.run(server.grpc_port, method, payload, connections, streams, seconds, server.url + "/metrics")
     with tempfile.NamedTemporaryFile(suffix=".bin") as request:
@@ -433,7 +443,7 @@ def describe_run(args: argparse.Namespace, version_dir: Path) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "wrk": wrk_version.strip(),
-        "grpc_load_generator": "h2load" if h2load.available() else "bench/grpc_load.py",
+        "grpc_load_generator": grpc_generator(args.grpc_generator),
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "connections": args.connections,
@@ -457,6 +467,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixed-connections", type=int, nargs="+", default=[32], help="for mc-*-mixed (32)")
     parser.add_argument("--duration", type=int, help="seconds per measurement (default 10; quick 2)")
     parser.add_argument("--warmup", type=int, help="seconds of warm-up per workload (default 3; quick 1)")
+    parser.add_argument(
+        "--grpc-generator",
+        choices=["auto", *GRPC_GENERATORS],
+        default="auto",
+        help="gRPC load generator: h2load, python (bench/grpc_load.py), or auto: h2load where installed",
+    )
     parser.add_argument("--quick", action="store_true", help="short measurements, fewer connection counts")
     parser.add_argument("--rounds", type=int, default=1, help="measure every server this many times (medians)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process timings (quick skips them)")
@@ -478,6 +494,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wrk.require_wrk()
+    if args.grpc_generator == "h2load" and not h2load.available():
+        raise SystemExit(h2load.INSTALL_HINT)
     from training import artifact
 
     versions = artifact.versions(args.model_dir / args.model)

@@ -88,7 +88,9 @@ class Connection(asyncio.Protocol):
         self.going_away = False
         self._writable = asyncio.Event()
         self._writable.set()
-        self.closed = asyncio.get_running_loop().create_future()
+        self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+        self.closed = self._loop.create_future()
 
     # -- receiving ---------------------------------------------------------------------------------
 
@@ -140,10 +142,10 @@ class Connection(asyncio.Protocol):
         if kind == SETTINGS:
             if not flags & ACK:
                 self._settings(payload)
-                self.transport.write(frame(SETTINGS, ACK, 0))
+                self._write(frame(SETTINGS, ACK, 0))
         elif kind == PING:
             if not flags & ACK:
-                self.transport.write(frame(PING, ACK, 0, payload))
+                self._write(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             stream = self.streams.pop(stream_id, None)
             if stream is not None:
@@ -176,7 +178,7 @@ class Connection(asyncio.Protocol):
             return self._fail(PROTOCOL_ERROR)
         self.last_stream = stream_id
         if self.going_away:
-            self.transport.write(frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
+            self._write(frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
             return True
         stream = self.streams[stream_id] = Stream(stream_id, headers, self.stream_window)
         if flags & END_STREAM:
@@ -186,7 +188,7 @@ class Connection(asyncio.Protocol):
     def _data(self, flags: int, stream_id: int, payload: bytes) -> bool:
         self.unacked += len(payload)
         if self.unacked > WINDOW // 2:
-            self.transport.write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
+            self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
             self.unacked = 0
         if flags & PADDED:
             payload = payload[1 : len(payload) - payload[0]]
@@ -195,7 +197,7 @@ class Connection(asyncio.Protocol):
             return True
         stream.received += len(payload)
         if stream.received > WINDOW // 2 and not flags & END_STREAM:
-            self.transport.write(frame(WINDOW_UPDATE, 0, stream_id, struct.pack(">I", stream.received)))
+            self._write(frame(WINDOW_UPDATE, 0, stream_id, struct.pack(">I", stream.received)))
             stream.received = 0
         if len(stream.body) <= self.max_body:  # beyond, the call refuses it without keeping the rest
             stream.body += payload
@@ -215,9 +217,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def _fail(self, code: int) -> bool:
-        if self.transport is not None:
-            self.transport.write(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream, code)))
-            self.transport.close()
+        self._write(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream, code)))
+        self.close()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -257,14 +258,14 @@ class Connection(asyncio.Protocol):
                 stream.window -= size
                 out.append(frame(DATA, 0, stream.id, data))
             else:
-                self._write(out)
+                self._write(*out)
                 out = []
                 await self._send_data(stream, memoryview(data))
         if trailers is not None:
             out.append(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, trailers))
             stream.open = False
             self.streams.pop(stream.id, None)
-        self._write(out)
+        self._write(*out)
 
     async def _send_data(self, stream: Stream, data: memoryview) -> None:
         while data:
@@ -278,19 +279,30 @@ class Connection(asyncio.Protocol):
                 continue
             self.window -= size
             stream.window -= size
-            self.transport.write(frame(DATA, 0, stream.id, bytes(data[:size])))
+            self._write(frame(DATA, 0, stream.id, bytes(data[:size])))
+            self._flush()  # large answers go out as they are cut, so the transport can push back
             data = data[size:]
 
-    def _write(self, frames: list[bytes]) -> None:
-        if frames and self.transport is not None:
-            self.transport.write(b"".join(frames))
+    def _write(self, *frames: bytes) -> None:
+        """Frames out at the end of this turn of the event loop, with every other call's: one send, not one each."""
+        if self.transport is None:
+            return
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.extend(frames)
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
 
     def goaway(self) -> None:
         """Refuse new streams (the peer opens a new connection for its next call); calls in progress go on."""
         if self.transport is not None and not self.going_away:
             self.going_away = True
-            self.transport.write(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream, NO_ERROR)))
+            self._write(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream, NO_ERROR)))
 
     def close(self) -> None:
+        self._flush()
         if self.transport is not None:
             self.transport.close()

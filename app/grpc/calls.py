@@ -147,19 +147,12 @@ async def serve(connection: Connection, stream: Stream, handler: grpc.RpcMethodH
                 request = handler.request_deserializer(request)
             except Exception:  # protobuf's DecodeError and kin: as grpcio answers a message it cannot parse
                 raise Abort(grpc.StatusCode.INTERNAL, "the request message could not be parsed", ()) from None
-        async with asyncio.timeout(timeout(stream.headers)):
-            if handler.unary_unary is not None:
-                behaviour = handler.unary_unary
-                response = await (gate(behaviour, request, context) if gate else behaviour(request, context))
-                serialize = handler.response_serializer
-                messages = [serialize(response) if serialize else response]
-            else:
-                result = handler.unary_stream(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for message in result:
-                        await context.write(message)
-                else:
-                    await result
+        seconds = timeout(stream.headers)
+        if seconds is None:
+            messages = await _run(handler, request, context, gate)
+        else:
+            async with asyncio.timeout(seconds):
+                messages = await _run(handler, request, context, gate)
         if context.code is not None and context.code != grpc.StatusCode.OK:
             status, details, messages = context.code, context.details, []
     except Abort as abort:
@@ -173,6 +166,22 @@ async def serve(connection: Connection, stream: Stream, handler: grpc.RpcMethodH
     alone = not messages and not context.headers_sent
     headers = None if alone or context.headers_sent else HEADERS
     await connection.send(stream, headers, messages, trailers(status, details, context.trailing_metadata(), alone))
+
+
+async def _run(handler: grpc.RpcMethodHandler, request: Any, context: Context, gate: Any) -> list[bytes]:
+    """The handler's answer: a unary call's one message, or none after a streaming call wrote its own."""
+    if handler.unary_unary is not None:
+        behaviour = handler.unary_unary
+        response = await (gate(behaviour, request, context) if gate else behaviour(request, context))
+        serialize = handler.response_serializer
+        return [serialize(response) if serialize else response]
+    result = handler.unary_stream(request, context)
+    if hasattr(result, "__aiter__"):
+        async for message in result:
+            await context.write(message)
+    else:
+        await result
+    return []
 
 
 def stream_path(stream: Stream) -> str:

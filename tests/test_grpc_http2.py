@@ -54,11 +54,17 @@ class RawPeer:
     def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
         return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
 
-    def call(self, stream: int, path: str, message: bytes, content_type: str = "application/grpc") -> None:
+    @staticmethod
+    def fields(path: str, content_type: str = "application/grpc") -> list[tuple[str, str]]:
         headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "localhost")]
-        headers += [("content-type", content_type), ("te", "trailers")]
+        return [*headers, ("content-type", content_type), ("te", "trailers")]
+
+    def call(self, stream: int, path: str, message: bytes, content_type: str = "application/grpc") -> None:
+        self.send(stream, self.encoder.encode(self.fields(path, content_type)), message)
+
+    def send(self, stream: int, block: bytes, message: bytes) -> None:
         body = b"\0" + struct.pack(">I", len(message)) + message
-        self.socket.sendall(self.frame(1, 0x4, stream, self.encoder.encode(headers)) + self.frame(0, 0x1, stream, body))
+        self.socket.sendall(self.frame(1, 0x4, stream, block) + self.frame(0, 0x1, stream, body))
 
     def read_frame(self) -> tuple[int, int, int, bytes]:
         while len(self.buffer) < 9 or len(self.buffer) < 9 + int.from_bytes(self.buffer[:3], "big"):
@@ -137,3 +143,22 @@ def test_health_watch_streams_and_a_client_deadline_ends_the_call(server):
         assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         live = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="live"), timeout=10)
         assert live.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_repeated_header_block_means_what_the_connections_table_says_now(server):
+    """The connection remembers decoded blocks, but only while the HPACK table they refer to is unchanged."""
+    peer = RawPeer(server.grpc_port)
+    live, metadata = "/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerMetadata"
+    blocks = [peer.encoder.encode(peer.fields(live)) for _ in range(2)]
+    assert all(byte & 0x80 for byte in blocks[1])  # the second: only references to the table
+    blocks.append(peer.encoder.encode(peer.fields(metadata)))  # a new entry: every reference moves by one
+    blocks.append(blocks[1])  # the second block's bytes, which now name ServerMetadata's path
+    answers = []
+    for number, block in enumerate(blocks):
+        peer.send(2 * number + 1, block, b"")
+        headers, data = peer.answer(2 * number + 1)
+        assert headers[-1]["grpc-status"] == "0", headers
+        answers.append(b"".join(data)[5:])
+    assert answers[0] == answers[1] == service_pb2.ServerLiveResponse(live=True).SerializeToString()
+    assert service_pb2.ServerMetadataResponse.FromString(answers[2]).name == "dropout-serve"
+    assert answers[3] == answers[2]

@@ -519,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "mlserver":
                         status["versions"] = servers.mlserver_version(Path(server.command[0]))
                     load = status["load_average_before"][0]
+                    results["run"].setdefault("server_start_load_averages", []).append(load)
                     print(f"\n{name}, round {round_}: {server.description} (load average {load:.1f})", flush=True)
                     server.start(args.out.parent / f"{args.out.stem}-logs" / f"{name}-{round_}.log")
                     results["runs"] += [run | {"round": round_} for run in measure(server, args, reference)]
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     run = results["run"]
     print(f"\n## Serving benchmark, {run['date']}, commit {run['commit'][:10]}", end="")
     print(" (with uncommitted changes)" if run["uncommitted_changes"] else "")
-    loads = [status["load_average_before"][0] for status in results["servers"].values()]
+    loads = run.get("server_start_load_averages", [])  # every server in every round
     print(
         f"\n{run['cpus']} CPUs, {run['duration_s']} s per measurement, wrk (gRPC: {run['grpc_load_generator']}),"
         " one server process at a time;"

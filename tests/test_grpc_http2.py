@@ -162,3 +162,17 @@ def test_a_repeated_header_block_means_what_the_connections_table_says_now(serve
     assert answers[0] == answers[1] == service_pb2.ServerLiveResponse(live=True).SerializeToString()
     assert service_pb2.ServerMetadataResponse.FromString(answers[2]).name == "dropout-serve"
     assert answers[3] == answers[2]
+
+
+def test_limits_are_announced_and_a_frame_past_them_ends_the_connection(server):
+    peer = RawPeer(server.grpc_port)
+    kind, _, _, payload = peer.read_frame()
+    assert kind == 4  # the server's SETTINGS come first
+    settings = dict(struct.iter_unpack(">HI", payload))
+    assert settings[0x3] == 1000 and settings[0x4] == 1 << 24  # MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE
+    peer.socket.sendall((100_000).to_bytes(3, "big") + bytes((0, 0)) + (1).to_bytes(4, "big"))  # a DATA frame's head
+    frames = []
+    while (frames[-1][0] if frames else None) != 7:  # until GOAWAY
+        frames.append(peer.read_frame())
+    assert struct.unpack(">II", frames[-1][3][:8])[1] == 6  # FRAME_SIZE_ERROR: no frame over 16 KiB was allowed
+    assert peer.socket.recv(1) == b""  # and the connection is closed

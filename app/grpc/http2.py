@@ -24,7 +24,11 @@ import hpack
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0, 1, 3, 7, 8, 9
+NO_ERROR, PROTOCOL_ERROR, FRAME_SIZE_ERROR, REFUSED_STREAM, COMPRESSION_ERROR = 0, 1, 6, 7, 9
+MAX_STREAMS = 1000
+"""Streams a connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; ``MAX_IN_FLIGHT`` is below it)."""
+MAX_HEADER_BLOCK = 65_536
+"""Bytes of one header block, CONTINUATIONs included; a client sending more is cut off."""
 WINDOW = 1 << 24
 """What we let a peer send ahead, per stream and per connection (grpcio's default is 64 KiB plus BDP probing)."""
 DECODED_BLOCKS = 64
@@ -99,7 +103,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        settings = struct.pack(">HI", 0x4, WINDOW)  # SETTINGS_INITIAL_WINDOW_SIZE
+        settings = struct.pack(">HIHI", 0x3, MAX_STREAMS, 0x4, WINDOW)  # MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE
         transport.write(frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", WINDOW)))
 
     def data_received(self, data: bytes) -> None:
@@ -115,6 +119,8 @@ class Connection(asyncio.Protocol):
         position, end = 0, len(buffer)
         while end - position >= 9:
             length = int.from_bytes(buffer[position : position + 3], "big")
+            if length > MAX_FRAME:  # we never raise SETTINGS_MAX_FRAME_SIZE
+                return self._fail(FRAME_SIZE_ERROR)
             if end - position - 9 < length:
                 break
             kind, flags = buffer[position + 3], buffer[position + 4]
@@ -141,6 +147,8 @@ class Connection(asyncio.Protocol):
             if self.pending_headers is None or self.pending_headers[0] != stream_id:
                 return self._fail(PROTOCOL_ERROR)
             self.pending_headers[2].extend(payload)
+            if len(self.pending_headers[2]) > MAX_HEADER_BLOCK:
+                return self._fail(PROTOCOL_ERROR)
             return self._headers_done() if flags & END_HEADERS else True
         if kind == SETTINGS:
             if not flags & ACK:
@@ -180,7 +188,7 @@ class Connection(asyncio.Protocol):
         if stream_id <= self.last_stream or stream_id % 2 == 0:
             return self._fail(PROTOCOL_ERROR)
         self.last_stream = stream_id
-        if self.going_away:
+        if self.going_away or len(self.streams) >= MAX_STREAMS:
             self._write(frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
             return True
         stream = self.streams[stream_id] = Stream(stream_id, headers, self.stream_window)

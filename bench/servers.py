@@ -233,9 +233,11 @@ SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
 
 
 def _grpc_calls(model: str, one_row: Workload) -> dict[str, tuple[str, bytes]]:
-    """ModelInfer of one row, and ServerLive: a gRPC call through the same server and checks that does
-    nothing, the floor of what a call costs."""
-    return {"grpc-v2-1": (MODEL_INFER, model_infer_request(model, one_row)), "grpc-live": (SERVER_LIVE, b"")}
+    """ModelInfer of one row (``grpc-v2-1``: N calls on one connection, as one channel sends them;
+    ``grpc-v2-1-conns``: on N connections, wrk's shape), and ServerLive: a gRPC call through the same
+    server and checks that does nothing, the floor of what a call costs."""
+    infer = (MODEL_INFER, model_infer_request(model, one_row))
+    return {"grpc-v2-1": infer, "grpc-v2-1-conns": infer, "grpc-live": (SERVER_LIVE, b"")}
 
 
 def _v2_json(workload: Workload) -> str:

@@ -28,7 +28,10 @@ mc-auto-mixed: the mixed stream of bench/adaptive.py (test digits plus 10 % boxe
 digits), one instance per request in turn, T = 100 or samples "auto" (at --mixed-connections);
 for ours-batched also v2-1 (REST /v2/models/{m}/infer, JSON, 1 instance), grpc-v2-1 (gRPC
 ModelInfer, raw FP32, 1 instance) and grpc-live (gRPC ServerLive: a call that does nothing), the gRPC
-ones N concurrent calls on one channel by bench/grpc_load.py in the "N conn" columns.
+ones N concurrent calls on one HTTP/2 connection (one channel, as a gRPC client sends them) in the
+"N conn" columns, and grpc-v2-1-conns, the same calls on N connections, one each (wrk's shape). The
+gRPC load generator is h2load (bench/h2load.py; Debian package nghttp2-client) where installed, else
+bench/grpc_load.py (Python, which costs the shared CPU ~8x more per call); the output names it.
 
 Prints markdown tables and the ratios issues 9, 18 and 21 name, and writes all numbers to
 bench/results/serving-<UTC time>.json. The full run also times the in-process costs
@@ -57,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.schemas import DIGIT_ZERO  # noqa: E402
-from bench import adaptive, cpu, in_process, servers, wrk  # noqa: E402
+from bench import adaptive, cpu, h2load, in_process, servers, wrk  # noqa: E402
 from bench.servers import Workload  # noqa: E402
 
 SERVERS = ["floor", "minimal", "mlserver", "ours-unbatched", "ours-batched", "ours-before"]
@@ -88,7 +91,10 @@ WORKLOADS = [
 ]
 
 
-ONE_ROW = {"v2-1": "predict-1", "grpc-v2-1": "predict-1", "grpc-live": "predict-1"}
+GRPC_CONNECTIONS = {"grpc-v2-1-conns"}
+"""gRPC workloads whose N calls go over N connections, one each (wrk's shape); the others send them
+on one connection, as one gRPC channel does."""
+ONE_ROW = {"v2-1": "predict-1", "grpc-v2-1": "predict-1", "grpc-v2-1-conns": "predict-1", "grpc-live": "predict-1"}
 """The Open Inference Protocol workloads (``bench.servers.ours``) send predict-1's row."""
 
 
@@ -132,7 +138,9 @@ def measure(server: servers.Server, args: argparse.Namespace, reference: dict) -
         spec = specs[ONE_ROW.get(workload, workload)]
         counts = args.mixed_connections if spec.stream else args.mc_connections if spec.samples else args.connections
         load = (
-            partial(_grpc_load, server, workload) if workload in server.grpc_calls else partial(_wrk, server, workload)
+            partial(_grpc_load, server, workload, args.grpc_generator)
+            if workload in server.grpc_calls
+            else partial(_wrk, server, workload)
         )
         load(max(counts), args.warmup)
         for connections in counts:
@@ -143,13 +151,14 @@ def measure(server: servers.Server, args: argparse.Namespace, reference: dict) -
             spent = cpu.per_request(before, cpu.snapshot(pid), result.requests, pid) if before else None
             client = (cpu.children() - client_before) * 1e6 / max(result.requests, 1)
             run = {"server": server.name, "workload": workload, "connections": connections, **result.as_dict()}
-            runs.append(run | {"cpu_us_per_request": spent, "client_cpu_us_per_request": client})
+            run |= {"cpu_us_per_request": spent, "client_cpu_us_per_request": client}
+            runs.append(run | {"generator": generator(workload, server, args.grpc_generator)})
             print(
                 f"  {server.name:15}{workload:11}{connections:3} conn {result.rps:8.0f} req/s"
                 f"  p50 {result.p50_ms:7.2f}  p99 {result.p99_ms:7.2f} ms"
                 f"  non-2xx {result.non_2xx}  socket errors {result.socket_errors}"
                 + (f"  CPU/request {spent['loop']:.0f} us loop + {spent['other']:.0f} us other" if spent else "")
-                + f", load generator {client:.0f} us",
+                + f", load generator ({generator(workload, server, args.grpc_generator)}) {client:.0f} us",
                 flush=True,
             )
     return runs
@@ -160,14 +169,34 @@ def _wrk(server: servers.Server, workload: str, connections: int, seconds: int) 
     return wrk.run(server.url + path, body, connections, seconds)
 
 
-def _grpc_load(server: servers.Server, workload: str, calls: int, seconds: int) -> wrk.WrkResult:
-    """``calls`` concurrent gRPC calls for ``seconds`` (bench/grpc_load.py, its own process, as wrk is)."""
+GRPC_GENERATORS = {"h2load": "h2load", "python": "bench/grpc_load.py"}
+
+
+def grpc_generator(choice: str) -> str:
+    """The gRPC load generator ``--grpc-generator`` names; "auto": h2load where installed, else bench/grpc_load.py."""
+    if choice == "auto":
+        choice = "h2load" if h2load.available() else "python"
+    return GRPC_GENERATORS[choice]
+
+
+def generator(workload: str, server: servers.Server, choice: str = "auto") -> str:
+    """The load generator of a workload: wrk for REST, ``grpc_generator(choice)`` for gRPC."""
+    return grpc_generator(choice) if workload in server.grpc_calls else "wrk"
+
+
+def _grpc_load(server: servers.Server, workload: str, choice: str, calls: int, seconds: int) -> wrk.WrkResult:
+    """``calls`` concurrent gRPC calls for ``seconds``, by h2load or bench/grpc_load.py (own process, as wrk)."""
     method, payload = server.grpc_calls[workload]
+    connections = calls if workload in GRPC_CONNECTIONS else 1
+    if generator(workload, server, choice) == "h2load":
+        streams = calls // connections
+        return h2load.run(server.grpc_port, method, payload, connections, streams, seconds, server.url + "/metrics")
     with tempfile.NamedTemporaryFile(suffix=".bin") as request:
         request.write(payload)
         request.flush()
         command = [sys.executable, "-m", "bench.grpc_load", "--port", str(server.grpc_port), "--method", method]
         command += ["--payload", request.name, "--concurrency", str(calls), "--seconds", str(seconds)]
+        command += ["--channels", str(connections)]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120)
     if done.returncode != 0:
         raise RuntimeError(f"bench/grpc_load.py failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -228,6 +257,13 @@ FIGURES = [
         (OURS, "v2-1", 32, "rps"),
         "/",
         1,
+    ),
+    (
+        "gRPC ModelInfer 1 instance, 32 connections x 1 call: req/s vs REST v2 /infer at 32 conn",
+        (OURS, "grpc-v2-1-conns", 32, "rps"),
+        (OURS, "v2-1", 32, "rps"),
+        "/",
+        None,
     ),
     (
         "gRPC ModelInfer 1 instance, 1 call: p50 minus REST v2 /infer's",
@@ -335,7 +371,8 @@ def medians(runs: list[dict]) -> list[dict]:
         median["cpu_us_per_request"] = {k: float(np.median([s[k] for s in spent])) for k in spent[0]} if spent else None
         clients = [r["client_cpu_us_per_request"] for r in rounds if r.get("client_cpu_us_per_request") is not None]
         median["client_cpu_us_per_request"] = float(np.median(clients)) if clients else None
-        merged.append({"server": server, "workload": workload, "connections": connections, **median, **errors})
+        cell = {"server": server, "workload": workload, "connections": connections, **median, **errors}
+        merged.append(cell | {"generator": rounds[0].get("generator", "wrk")})
     return merged
 
 
@@ -357,13 +394,13 @@ def tables(runs: list[dict], connections: list[int]) -> str:
 
     def client_time(r: dict) -> str:
         spent = r.get("client_cpu_us_per_request")
-        return "—" if spent is None else f"{spent:.0f}"
+        return "—" if spent is None else f"{spent:.0f} ({r.get('generator', 'wrk')})"
 
     for title, show in [
         ("req/s", throughput),
         ("latency p50 / p99, ms", lambda r: f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}"),
         ("server CPU per request, µs: main (event-loop) thread + all other threads", cpu_time),
-        ("load generator CPU per request, µs (wrk; bench/grpc_load.py for grpc-*)", client_time),
+        ("load generator CPU per request, µs (and which generator)", client_time),
     ]:
         out += [f"\n{title}\n", header, rule]
         for server, workload in rows:
@@ -406,6 +443,7 @@ def describe_run(args: argparse.Namespace, version_dir: Path) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "wrk": wrk_version.strip(),
+        "grpc_load_generator": grpc_generator(args.grpc_generator),
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "connections": args.connections,
@@ -429,6 +467,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixed-connections", type=int, nargs="+", default=[32], help="for mc-*-mixed (32)")
     parser.add_argument("--duration", type=int, help="seconds per measurement (default 10; quick 2)")
     parser.add_argument("--warmup", type=int, help="seconds of warm-up per workload (default 3; quick 1)")
+    parser.add_argument(
+        "--grpc-generator",
+        choices=["auto", *GRPC_GENERATORS],
+        default="auto",
+        help="gRPC load generator: h2load, python (bench/grpc_load.py), or auto: h2load where installed",
+    )
     parser.add_argument("--quick", action="store_true", help="short measurements, fewer connection counts")
     parser.add_argument("--rounds", type=int, default=1, help="measure every server this many times (medians)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process timings (quick skips them)")
@@ -450,6 +494,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wrk.require_wrk()
+    if args.grpc_generator == "h2load" and not h2load.available():
+        raise SystemExit(h2load.INSTALL_HINT)
     from training import artifact
 
     versions = artifact.versions(args.model_dir / args.model)
@@ -473,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "mlserver":
                         status["versions"] = servers.mlserver_version(Path(server.command[0]))
                     load = status["load_average_before"][0]
+                    results["run"].setdefault("server_start_load_averages", []).append(load)
                     print(f"\n{name}, round {round_}: {server.description} (load average {load:.1f})", flush=True)
                     server.start(args.out.parent / f"{args.out.stem}-logs" / f"{name}-{round_}.log")
                     results["runs"] += [run | {"round": round_} for run in measure(server, args, reference)]
@@ -497,9 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     run = results["run"]
     print(f"\n## Serving benchmark, {run['date']}, commit {run['commit'][:10]}", end="")
     print(" (with uncommitted changes)" if run["uncommitted_changes"] else "")
-    loads = [status["load_average_before"][0] for status in results["servers"].values()]
+    loads = run.get("server_start_load_averages", [])  # every server in every round
     print(
-        f"\n{run['cpus']} CPUs, {run['duration_s']} s per measurement, wrk, one server process at a time;"
+        f"\n{run['cpus']} CPUs, {run['duration_s']} s per measurement, wrk (gRPC: {run['grpc_load_generator']}),"
+        " one server process at a time;"
         f" 1-minute load average {min(loads, default=0):.1f}-{max(loads, default=0):.1f} when the servers started"
         + (f"; medians of {args.rounds} rounds" if args.rounds > 1 else "")
     )

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import cpu, serving, wrk
@@ -59,7 +60,8 @@ def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_p
     for ours in servers[2:]:
         expected |= {(ours, w, c) for w, c in [*predict, *mc, ("mc-auto-mixed", 8)]}
     expected |= {("ours-before", w, c) for w, c in [*predict, *mc]}  # no samples "auto" before
-    expected |= {("ours-batched", w, c) for w in ("v2-1", "grpc-v2-1", "grpc-live") for c in (1, 8)}  # the default
+    grpc_workloads = ("v2-1", "grpc-v2-1", "grpc-v2-1-conns", "grpc-live")
+    expected |= {("ours-batched", w, c) for w in grpc_workloads for c in (1, 8)}  # the default
     assert_complete(results, expected)
     assert results["run"]["model"] == str(tiny_classifier_dir)
     figures = {f["name"]: f for f in results["ratios"]}
@@ -109,11 +111,14 @@ def test_medians_take_each_cell_over_the_rounds():
 def test_rounds_measure_every_server_again(tiny_classifier_dir, tmp_path):
     repository = tiny_classifier_dir.parents[1]
     args = ["--servers", "floor", "ours-batched", "--connections", "8", "--mc-connections", "1", "--rounds", "2"]
+    args += ["--grpc-generator", "python"]  # the fallback where h2load is missing
     results = run_bench(repository, tmp_path / "r.json", *args, "--mixed-connections", "1")
+    assert {r["generator"] for r in results["runs"] if r["workload"].startswith("grpc")} == {"bench/grpc_load.py"}
+    assert results["run"]["grpc_load_generator"] == "bench/grpc_load.py"
     rounds = {(r["server"], r["workload"], r["connections"], r["round"]) for r in results["runs"]}
     cells = {("floor", "predict-1", 8), ("ours-batched", "predict-1", 8), ("ours-batched", "predict-32", 8)}
     cells |= {("ours-batched", "mc-100", 1), ("ours-batched", "mc-100-mixed", 1), ("ours-batched", "mc-auto-mixed", 1)}
-    cells |= {("ours-batched", w, 8) for w in ("v2-1", "grpc-v2-1", "grpc-live")}
+    cells |= {("ours-batched", w, 8) for w in ("v2-1", "grpc-v2-1", "grpc-v2-1-conns", "grpc-live")}
     assert rounds == {(*cell, k) for cell in cells for k in (1, 2)}
     assert len(results["ratios_per_round"]) == 2
     assert [f["name"] for f in results["ratios_per_round"][1]] == [f["name"] for f in results["ratios"]]
@@ -134,17 +139,20 @@ def test_cpu_snapshot_reads_this_process():
 
 
 def test_grpc_and_the_pre_refactor_server_are_measured_beside_rest(tiny_classifier_dir, tmp_path):
-    """gRPC ModelInfer (bench/grpc_load.py) and REST v2 on this server, /predict on a worktree of the commit
-    before the refactor, all in one run with no error; their figures are computed."""
+    """gRPC ModelInfer (h2load where installed, else bench/grpc_load.py) and REST v2 on this server, /predict on
+    a worktree of the commit before the refactor, all in one run with no error; their figures are computed."""
     repository = tiny_classifier_dir.parents[1]
     args = ["--servers", "ours-batched", "ours-before", "--connections", "1", "8", "--mc-connections", "1"]
     results = run_bench(repository, tmp_path / "r.json", *args, "--mixed-connections", "1")
-    workloads = ("predict-1", "predict-32", "v2-1", "grpc-v2-1", "grpc-live")
+    workloads = ("predict-1", "predict-32", "v2-1", "grpc-v2-1", "grpc-v2-1-conns", "grpc-live")
     expected = {("ours-batched", w, c) for w in workloads for c in (1, 8)}
     expected |= {("ours-before", w, c) for w in ("predict-1", "predict-32") for c in (1, 8)}
     expected |= {("ours-batched", w, 1) for w in ("mc-100", "mc-100-mixed", "mc-auto-mixed")}
     expected |= {("ours-before", w, 1) for w in ("mc-100", "mc-100-mixed")}  # fixed T only
     assert_complete(results, expected)
+    grpc_generator = "h2load" if shutil.which("h2load") else "bench/grpc_load.py"
+    for run in results["runs"]:
+        assert run["generator"] == (grpc_generator if run["workload"].startswith("grpc") else "wrk"), run
     assert "38c439a" in results["servers"]["ours-before"]["description"]
     figures = {f["name"]: f for f in results["ratios"]}
     assert figures["gRPC ModelInfer 1 instance, 1 call: p50 minus REST v2 /infer's"]["value"] is not None
@@ -157,3 +165,17 @@ def test_grpc_load_result_line_reads_like_wrk():
     line = asyncio.run(grpc_load.load(free_port(), "/x.Y/Z", b"", 2, 0.2, 0, 10))
     result = wrk.parse(line)  # nothing listens: every call fails, and is counted
     assert result.requests == 0 and 0 < result.non_2xx <= 10  # bounded by max_calls
+
+
+def test_h2load_summary_and_call_log_read_like_wrk():
+    from bench import h2load
+
+    assert h2load.framed(b"abc") == b"\0\0\0\0\x03abc"
+    output = "finished in 2.00s, 1500.00 req/s, 1MB/s\nrequests: 3010 total, 3042 started, 3010 done, "
+    output += "3000 succeeded, 10 failed, 0 errored, 0 timeout\n"
+    calls = np.array([[1, 200, 1000 + 10 * i] for i in range(3000)] + [[1, 503, 5] for _ in range(10)])
+    statuses = {"200": 2990.0, "404": 2.0, "499": 40.0}  # 40 abandoned calls, 32 can be h2load's own
+    result = h2load.parse(output, calls, statuses, in_flight=32)
+    assert result.requests == 3000 and result.rps == 1500
+    assert result.p50_ms == pytest.approx(np.percentile(1 + 0.01 * np.arange(3000), 50))
+    assert result.non_2xx == 10 + 2 + 8 and result.socket_errors == 0

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-import grpc
-
 from app.grpc import server
 from app.grpc.health import Health
 from app.settings import Settings
@@ -23,7 +21,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class GrpcPort:
-    server: grpc.aio.Server
+    server: server.Server
     health: Health
 
     async def close(self) -> None:

@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio
+
+from app.grpc.calls import Context
+from app.grpc.server import Server
 
 LIVE = "live"
 WATCH_SECONDS = 1.0
@@ -28,7 +30,7 @@ class Health(aio.HealthServicer):
         self._readiness_services = ["", "ready", *services]
         self._watcher: asyncio.Task | None = None
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Context):
         await self.refresh()
         return await super().Check(request, context)
 
@@ -43,7 +45,7 @@ class Health(aio.HealthServicer):
             await self.refresh()
             await asyncio.sleep(WATCH_SECONDS)
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self, server)
         self._watcher = asyncio.get_running_loop().create_task(self._follow())
 

@@ -1,10 +1,13 @@
-"""The gRPC port: grpcio's asyncio server beside uvicorn, in the same process and event loop.
+"""The gRPC port: our HTTP/2 server (``app.grpc.http2``) beside uvicorn, in the same process and event loop.
 
 One port (``DROPOUT_SERVE_GRPC_PORT``, 8001 as Triton's; 0 switches it off) carries the Open
 Inference Protocol v2 ``GRPCInferenceService``, TF Serving's ``PredictionService`` and
-``ModelService``, and ``grpc.health.v1``. The app's lifespan starts it once the data plane exists
-and stops it on shutdown: new calls are refused and calls in progress get ``GRACE_SECONDS`` to
-finish, as uvicorn gives HTTP requests.
+``ModelService``, and ``grpc.health.v1``, registered by the generated code's ``add_*_to_server``
+as on a grpcio server. The app's lifespan starts it once the data plane exists and stops it on
+shutdown: new calls are refused (GOAWAY) and calls in progress get ``GRACE_SECONDS`` to finish,
+as uvicorn gives HTTP requests. Why not grpcio's own asyncio server: it costs the event loop
+~200 µs of Python per call before any of our code, more than a whole REST request
+(docs/benchmarks.md); grpcio stays the client side's and the generated code's package.
 
 ``Gateway`` is the gRPC counterpart of the HTTP middleware, around every call of the doors
 (health is left alone, like ``/health/*``): the request id (the client's ``x-request-id``
@@ -22,8 +25,9 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -33,6 +37,9 @@ from app import logs, metrics
 from app.auth import key_matches, presented_key
 from app.context import RequestRecord, request_id_from
 from app.errors import GRPC_STATUS, ApiError
+from app.grpc import calls
+from app.grpc.calls import Context
+from app.grpc.http2 import Connection, Stream
 from app.settings import Settings
 
 log = logging.getLogger("dropout_serve.grpc")
@@ -44,8 +51,8 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
 _current: ContextVar[RequestRecord | None] = ContextVar("dropout_serve.grpc_call", default=None)
 
-Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-Registrar = Callable[[grpc.aio.Server], None]
+Behaviour = Callable[[Any, Context], Awaitable[Any]]
+Registrar = Callable[["Server"], None]
 
 
 def current_record() -> RequestRecord | None:
@@ -57,32 +64,14 @@ class Overloaded(ApiError):
     """``MAX_IN_FLIGHT`` reached: HTTP's 503, but RESOURCE_EXHAUSTED in gRPC (UNAVAILABLE means "not ready")."""
 
 
-class Gateway(grpc.aio.ServerInterceptor):
+class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.keys = [key.encode() for key in settings.api_key_list()]
         self.max_in_flight = settings.max_in_flight
         self.timeout = settings.request_timeout or None
         self.in_flight = 0
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None or details.method.startswith(OPEN_SERVICES):
-            return handler
-        wrapped = self._wrapped.get(details.method)
-        if wrapped is None:  # one wrapper per method: the handler a method finds never changes
-            wrapped = self._wrapped[details.method] = grpc.unary_unary_rpc_method_handler(
-                partial(self._serve, details.method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return wrapped
-
-    async def _serve(self, method: str, behaviour: Behaviour, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def __call__(self, method: str, behaviour: Behaviour, request: Any, context: Context) -> Any:
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
         record = RequestRecord(request_id_from(metadata.get("x-request-id", "")), "GRPC", method, time.perf_counter())
         record.route = method
@@ -144,7 +133,74 @@ class Gateway(grpc.aio.ServerInterceptor):
             raise ApiError(401, "the API key is not valid")
 
 
-async def start(settings: Settings, services: list[Registrar]) -> grpc.aio.Server | None:
+class Server:
+    """Where the generated ``add_*_to_server`` register their handlers, and the listening socket."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.gateway = Gateway(settings)
+        self.limit = settings.max_body_bytes
+        self._generic: list[grpc.GenericRpcHandler] = []
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}
+        self._listener: asyncio.Server | None = None
+        self._connections: set[Connection] = set()
+        self._calls: set[asyncio.Task] = set()
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._methods.update({f"/{service}/{name}": handler for name, handler in handlers.items()})
+
+    def _handler(self, method: str) -> grpc.RpcMethodHandler | None:
+        handler = self._methods.get(method)
+        if handler is None:
+            details = _CallDetails(method, ())
+            handler = next((h for g in self._generic if (h := g.service(details)) is not None), None)
+            if handler is not None:  # the methods the services know, once each
+                self._methods[method] = handler
+        return handler
+
+    def _call(self, connection: Connection, stream: Stream) -> None:
+        method = calls.stream_path(stream)
+        handler = self._handler(method)
+        gate = None if method.startswith(OPEN_SERVICES) or handler is None else partial(self.gateway, method)
+        stream.task = task = asyncio.get_running_loop().create_task(
+            calls.serve(connection, stream, handler, gate, self.limit)
+        )
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    def _connection(self) -> Connection:
+        connection = Connection(self._call, self.limit + 5)
+        self._connections.add(connection)
+        connection.closed.add_done_callback(lambda _: self._connections.discard(connection))
+        return connection
+
+    async def listen(self, host: str, port: int, reuse_port: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(self._connection, host, port, reuse_port=reuse_port or None)
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls, let calls in progress finish for up to ``grace`` seconds, then cancel the rest."""
+        if self._listener is not None:
+            self._listener.close()
+        for connection in list(self._connections):
+            connection.goaway()
+        if self._calls:
+            await asyncio.wait(set(self._calls), timeout=grace)
+        for task in list(self._calls):
+            task.cancel()
+        for connection in list(self._connections):
+            connection.close()
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.HandlerCallDetails):
+    method: str
+    invocation_metadata: tuple
+
+
+async def start(settings: Settings, services: list[Registrar]) -> Server | None:
     """The gRPC server on ``HOST:GRPC_PORT`` with ``services`` registered, started; None when the port is 0.
 
     With several workers (``DROPOUT_SERVE_WORKERS``), every worker process binds the port with
@@ -154,26 +210,19 @@ async def start(settings: Settings, services: list[Registrar]) -> grpc.aio.Serve
     """
     if not settings.grpc_port:
         return None
-    server = grpc.aio.server(
-        interceptors=[Gateway(settings)],
-        options=[
-            ("grpc.max_receive_message_length", settings.max_body_bytes),
-            ("grpc.so_reuseport", int(settings.workers > 1)),
-        ],
-    )
+    server = Server(settings)
     for register in services:
         register(server)
-    address = f"{settings.host}:{settings.grpc_port}"
     try:
-        server.add_insecure_port(address)
-    except RuntimeError as error:
+        await server.listen(settings.host, settings.grpc_port, reuse_port=settings.workers > 1)
+    except OSError as error:
+        address = f"{settings.host}:{settings.grpc_port}"
         raise RuntimeError(f"gRPC cannot listen on {address} (DROPOUT_SERVE_GRPC_PORT): {error}") from None
-    await server.start()
-    log.info("gRPC listening on %s", address)
+    log.info("gRPC listening on %s:%s", settings.host, settings.grpc_port)
     return server
 
 
-async def stop(server: grpc.aio.Server | None) -> None:
+async def stop(server: Server | None) -> None:
     """Refuse new calls, let calls in progress finish for up to ``GRACE_SECONDS``, then cancel the rest."""
     if server is not None:
         await server.stop(GRACE_SECONDS)

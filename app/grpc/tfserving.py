@@ -16,7 +16,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import grpc
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -29,7 +28,7 @@ from tensorflow_serving.apis import (
 from app.dataplane import DataPlane, InferRequest, InferResult, monte_carlo
 from app.errors import ApiError
 from app.grpc import tensors
-from app.grpc.server import current_record
+from app.grpc.server import Server, current_record
 from app.loading import ServedModel
 from training import artifact
 
@@ -156,6 +155,6 @@ def _fill_spec(spec: Any, model: ServedModel, signature: str) -> None:
     spec.signature_name = signature
 
 
-def register(server: grpc.aio.Server, plane: DataPlane) -> None:
+def register(server: Server, plane: DataPlane) -> None:
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(plane), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(plane), server)

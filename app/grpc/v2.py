@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from app.dataplane import DataPlane, InferRequest
 from app.errors import ApiError
 from app.grpc import tensors
-from app.grpc.server import current_record
+from app.grpc.server import Server, current_record
 from app.protocols.v2 import EXTENSIONS, PLATFORM, REPOSITORY_STATES
 from app.protocols.v2_parameters import answer, input_name, mc_parameters
 
@@ -122,5 +121,5 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-def register(server: grpc.aio.Server, plane: DataPlane, version: str) -> None:
+def register(server: Server, plane: DataPlane, version: str) -> None:
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(plane, version), server)

@@ -8,8 +8,9 @@ policy, so a 403 before the model is looked up, from every door), the registry l
 the request's record for logs and metrics. Errors are ``ApiError`` with HTTP statuses as the one
 meaning (``app.errors.GRPC_STATUS`` maps them for gRPC).
 
-The MC path is two steps, easy to extend: ``_sample`` runs the draws, ``_finish`` (in the MC worker
-thread) summarizes them and builds the result.
+The MC path is two steps, easy to extend: ``_sample`` runs the draws, then (in the MC worker thread)
+``summarize`` summarizes them and ``_answer`` builds the result (batched MC requests are summarized together,
+``app.summaries.Summarizer``, then answered one by one).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from app.monte_carlo import AUTO, MonteCarlo, monte_carlo
 from app.registry import Registry, VersionStatus
 from app.schemas import SEED_MAX
 from app.settings import Settings
-from app.summaries import ConformalAnswer, Summary, conformal_answer, merge, output_names, summarize
+from app.summaries import ConformalAnswer, Summarizer, Summary, conformal_answer, merge, output_names, summarize
 from training import adaptive, artifact, signatures
 from training.draws import Segment
 
@@ -191,10 +192,10 @@ class DataPlane:
     async def _sample(
         model: ServedModel, batch: np.ndarray, samples: int, seed: int, mc: MonteCarlo, encode: Callable | None
     ) -> InferResult:
-        finish = partial(_finish, model, batch, samples, seed, mc, encode)
+        answer = partial(_answer, model, batch, samples, seed, mc, encode)
         if model.runner.batches_mc and not mc.return_samples:  # (return_samples: mc_dropout's own outputs)
-            return await model.runner.draw(Segment(batch, seed, 0, samples), finish)
-        return await model.runner.sample(batch, samples, seed, finish)
+            return await model.runner.draw(Segment(batch, seed, 0, samples), answer, Summarizer(model))
+        return await model.runner.sample(batch, samples, seed, lambda draws: answer(summarize(model, draws), draws))
 
     # -- metadata and control: each door only encodes these -----------------------------------------
 
@@ -289,16 +290,16 @@ def _check_outputs(asked: list[str], names: list[str], mc: bool) -> None:
             raise ApiError(422, f"unknown output {name!r}; {kind} request has: {', '.join(names)}")
 
 
-def _finish(
+def _answer(
     model: ServedModel,
     batch: np.ndarray,
     samples: int,
     seed: int,
     mc: MonteCarlo,
     encode: Callable[[InferResult], Any] | None,
-    draws: signatures.Samples,
+    summary: Summary,
+    draws: signatures.Samples | None = None,
 ) -> InferResult:
-    summary = summarize(model, draws)
     result = InferResult(model, None, summary, samples, seed, draws if mc.return_samples else None)
     result.conformal = conformal_answer(model, summary, batch, seed, samples, mc.alpha, mc.risk)
     if encode is not None:

@@ -29,11 +29,21 @@ from app import rows as row_checks
 from app.context import RequestRecord
 from app.errors import ApiError
 from app.loading import ServedModel
+from app.metrics import observe_mc
 from app.monte_carlo import AUTO, MonteCarlo, monte_carlo
 from app.registry import Registry, VersionStatus
 from app.schemas import SEED_MAX
 from app.settings import Settings
-from app.summaries import ConformalAnswer, Summarizer, Summary, conformal_answer, merge, output_names, summarize
+from app.summaries import (
+    ConformalAnswer,
+    Settler,
+    Summarizer,
+    Summary,
+    conformal_answer,
+    merge,
+    output_names,
+    summarize,
+)
 from training import adaptive, artifact, signatures
 from training.draws import Segment
 
@@ -323,6 +333,11 @@ async def _sample_auto(
     error = adaptive.error_function(model.task, model.tau, model.predictive_temperature)
     sampler = adaptive.Adaptive(batch, seed, error, tolerance, maximum)
     answer = partial(_finish_auto, model, batch, seed, tolerance, mc, sampler, encode)
+    (first,) = sampler.pending()  # every instance starts together; this stretch is estimated beside others'
+    step = await model.runner.draw(first, partial(_first_round, sampler, answer), Settler(model))
+    if isinstance(step, InferResult):
+        return step
+    sampler.advance([step])
     while stretches := sampler.pending():
         alone = len(stretches) == 1
         steps = await asyncio.gather(
@@ -332,6 +347,20 @@ async def _sample_auto(
             return steps[0]
         sampler.advance(steps)
     return await model.runner.in_mc_pool(answer)
+
+
+def _first_round(
+    sampler: adaptive.Adaptive,
+    answer: Callable[..., InferResult],
+    settled: tuple[signatures.Samples, Summary, np.ndarray],
+) -> adaptive.Step | InferResult:
+    """In the worker thread: the first stretch's step; the whole answer if it settled every instance."""
+    drawn, summary, errors = settled
+    step = sampler.step(0, drawn, errors)
+    if step.active:
+        return step
+    sampler.advance([step])
+    return answer(summary)
 
 
 def _auto_round(
@@ -357,9 +386,14 @@ def _finish_auto(
     mc: MonteCarlo,
     sampler: adaptive.Adaptive,
     encode: Callable[[InferResult], Any] | None,
+    summary: Summary | None = None,
 ) -> InferResult:
+    """The answer; ``summary``: of every instance, already made (``Settler``) when they all stopped at once."""
     count = len(batch)
-    summary = merge([(rows, summarize(model, draws)) for rows, draws in sampler.finished], count)
+    if summary is None:
+        summary = merge([(rows, summarize(model, draws)) for rows, draws in sampler.finished], count)
+    else:
+        observe_mc(model.name, model.version, model.task, summary)
     used = np.empty(count, np.int64)
     for rows, draws in sampler.finished:
         used[rows] = draws.outputs.shape[0]

@@ -8,13 +8,14 @@ tensor protocols (v2 REST and gRPC) through ``tensors``, by the names ``output_n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from app import metrics
 from app.loading import ServedModel
-from training import conformity, signatures
+from training import adaptive, conformity, signatures
 from training.uncertainty import (
     ClassificationSummary,
     RegressionSummary,
@@ -104,7 +105,7 @@ CONFORMAL_OUTPUTS: dict[str | None, list[str]] = {
 """More output tensors of a version with a usable conformal calibration (``conformal_answer``)."""
 
 
-def summarize(model: ServedModel, draws: signatures.Samples) -> Summary:
+def summarize(model: ServedModel, draws: signatures.Samples, observe: bool = True) -> Summary:
     """The per-instance MC summaries of ``draws``, observed for the uncertainty histograms.
 
     A calibrated classifier's predictive comes from ``mc_dropout``'s ``predictive``, or, for an artifact
@@ -123,7 +124,8 @@ def summarize(model: ServedModel, draws: signatures.Samples) -> Summary:
     else:
         mean = sample_mean(outputs)
         return RawSummary(mean, sample_std(outputs, mean))
-    metrics.observe_mc(model.name, model.version, model.task, summary)
+    if observe:
+        metrics.observe_mc(model.name, model.version, model.task, summary)
     return summary
 
 
@@ -142,28 +144,51 @@ class Summarizer:
 
     def __call__(self, draws: list[signatures.Samples]) -> list[Summary]:
         """Each request's summary, in order."""
-        summaries: list[Summary | None] = [None] * len(draws)
-        same_t: dict[tuple[int, ...], list[int]] = {}
-        for i, drawn in enumerate(draws):
-            if drawn.predictive is not None:  # mc_dropout's own predictive: per request
-                summaries[i] = summarize(self.model, drawn)
-            else:
-                same_t.setdefault((drawn.outputs.shape[0], *drawn.outputs.shape[2:]), []).append(i)
-        for members in same_t.values():
-            parts = [draws[i] for i in members]
-            variance = None if parts[0].variance is None else np.concatenate([p.variance for p in parts], axis=1)
-            outputs = np.concatenate([p.outputs for p in parts], axis=1)
-            whole = summarize(self.model, signatures.Samples(outputs, variance))
-            bounds = np.cumsum([0, *(p.outputs.shape[1] for p in parts)]).tolist()
-            for i, start, stop in zip(members, bounds[:-1], bounds[1:], strict=True):
-                summaries[i] = _instances(whole, start, stop)
-        return summaries  # type: ignore[return-value]
+        return [summary for (summary,) in _by_t(draws, lambda joined: (summarize(self.model, joined),))]
 
 
-def _instances(summary: Summary, start: int, stop: int) -> Summary:
-    """Instances ``start .. stop - 1`` of ``summary``."""
-    values = ((name, getattr(summary, name)) for name in summary.__dataclass_fields__)
-    return type(summary)(**{name: v[start:stop] if isinstance(v, np.ndarray) else v for name, v in values})
+@dataclass(frozen=True, slots=True)
+class Settler:
+    """For ``samples: "auto"``: the first stretch of many requests at once, each one's draws, summary (not yet
+    observed for the metrics: the request may sample on) and its Monte-Carlo errors (``training.adaptive``),
+    computed together as ``Summarizer`` does (the errors are layout-invariant too)."""
+
+    model: ServedModel
+
+    def __call__(self, draws: list[signatures.Samples]) -> list[tuple[signatures.Samples, Summary, np.ndarray]]:
+        """Each request's (draws, summary, errors), in order."""
+        model = self.model
+        errors = adaptive.error_function(model.task, model.tau, model.predictive_temperature)
+        found = _by_t(draws, lambda joined: (summarize(model, joined, observe=False), errors(joined)))
+        return [(drawn, summary, error) for drawn, (summary, error) in zip(draws, found, strict=True)]
+
+
+def _by_t(draws: list[signatures.Samples], compute: Callable[[signatures.Samples], tuple]) -> list[tuple]:
+    """``compute`` of each request's draws, run once on the requests with the same T (their instances side by
+    side), each value it returns (summaries, arrays ``[N, ...]``) split back by instances."""
+    results: list[tuple | None] = [None] * len(draws)
+    same_t: dict[tuple[int, ...], list[int]] = {}
+    for i, drawn in enumerate(draws):
+        if drawn.predictive is not None:  # mc_dropout's own predictive: per request
+            results[i] = compute(drawn)
+        else:
+            same_t.setdefault((drawn.outputs.shape[0], *drawn.outputs.shape[2:]), []).append(i)
+    for members in same_t.values():
+        parts = [draws[i] for i in members]
+        variance = None if parts[0].variance is None else np.concatenate([p.variance for p in parts], axis=1)
+        whole = compute(signatures.Samples(np.concatenate([p.outputs for p in parts], axis=1), variance))
+        bounds = np.cumsum([0, *(p.outputs.shape[1] for p in parts)]).tolist()
+        for i, start, stop in zip(members, bounds[:-1], bounds[1:], strict=True):
+            results[i] = tuple(_instances(value, start, stop) for value in whole)
+    return results  # type: ignore[return-value]
+
+
+def _instances(value: Summary | np.ndarray, start: int, stop: int) -> Summary | np.ndarray:
+    """Instances ``start .. stop - 1`` of a summary or an array ``[N, ...]``."""
+    if isinstance(value, np.ndarray):
+        return value[start:stop]
+    values = ((name, getattr(value, name)) for name in value.__dataclass_fields__)
+    return type(value)(**{name: v[start:stop] if isinstance(v, np.ndarray) else v for name, v in values})
 
 
 def output_names(model: ServedModel, mc: bool, auto: bool = False) -> list[str]:

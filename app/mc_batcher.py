@@ -17,7 +17,7 @@ arrive while every slot is busy go together into the next call, which, like ``ap
 until a few turns of the event loop bring no new job (or the call is full). Each job's ``finish``
 (summaries, the response body) runs in the worker thread right after the call, as an unbatched MC
 request's does; an exception there reaches that job's caller only. A job may name a ``prepare``
-(the version's ``app.summaries.Summarizer``): the jobs of a call with equal ones are prepared in one
+(the version's ``app.summaries.Summarizer`` or ``Settler``): the jobs of a call with equal ones are prepared in one
 go, each ``finish`` then gets its own share (per-request summaries cost more than the draws).
 """
 

@@ -174,6 +174,9 @@ def _by_t(draws: list[signatures.Samples], compute: Callable[[signatures.Samples
         else:
             same_t.setdefault((drawn.outputs.shape[0], *drawn.outputs.shape[2:]), []).append(i)
     for members in same_t.values():
+        if len(members) == 1:  # alone in its group: nothing to join or split
+            results[members[0]] = compute(draws[members[0]])
+            continue
         parts = [draws[i] for i in members]
         variance = None if parts[0].variance is None else np.concatenate([p.variance for p in parts], axis=1)
         whole = compute(signatures.Samples(np.concatenate([p.outputs for p in parts], axis=1), variance))

@@ -8,8 +8,9 @@ policy, so a 403 before the model is looked up, from every door), the registry l
 the request's record for logs and metrics. Errors are ``ApiError`` with HTTP statuses as the one
 meaning (``app.errors.GRPC_STATUS`` maps them for gRPC).
 
-The MC path is two steps, easy to extend: ``_sample`` runs the draws, ``_finish`` (in the MC worker
-thread) summarizes them and builds the result.
+The MC path is two steps, easy to extend: ``_sample`` runs the draws, then (in the MC worker thread)
+``summarize`` summarizes them and ``_answer`` builds the result (batched MC requests are summarized together,
+``app.summaries.Summarizer``, then answered one by one).
 """
 
 from __future__ import annotations
@@ -28,11 +29,21 @@ from app import rows as row_checks
 from app.context import RequestRecord
 from app.errors import ApiError
 from app.loading import ServedModel
+from app.metrics import observe_mc
 from app.monte_carlo import AUTO, MonteCarlo, monte_carlo
 from app.registry import Registry, VersionStatus
 from app.schemas import SEED_MAX
 from app.settings import Settings
-from app.summaries import ConformalAnswer, Summary, conformal_answer, merge, output_names, summarize
+from app.summaries import (
+    ConformalAnswer,
+    Settler,
+    Summarizer,
+    Summary,
+    conformal_answer,
+    merge,
+    output_names,
+    summarize,
+)
 from training import adaptive, artifact, signatures
 from training.draws import Segment
 
@@ -191,10 +202,10 @@ class DataPlane:
     async def _sample(
         model: ServedModel, batch: np.ndarray, samples: int, seed: int, mc: MonteCarlo, encode: Callable | None
     ) -> InferResult:
-        finish = partial(_finish, model, batch, samples, seed, mc, encode)
+        answer = partial(_answer, model, batch, samples, seed, mc, encode)
         if model.runner.batches_mc and not mc.return_samples:  # (return_samples: mc_dropout's own outputs)
-            return await model.runner.draw(Segment(batch, seed, 0, samples), finish)
-        return await model.runner.sample(batch, samples, seed, finish)
+            return await model.runner.draw(Segment(batch, seed, 0, samples), answer, Summarizer(model))
+        return await model.runner.sample(batch, samples, seed, lambda draws: answer(summarize(model, draws), draws))
 
     # -- metadata and control: each door only encodes these -----------------------------------------
 
@@ -289,16 +300,16 @@ def _check_outputs(asked: list[str], names: list[str], mc: bool) -> None:
             raise ApiError(422, f"unknown output {name!r}; {kind} request has: {', '.join(names)}")
 
 
-def _finish(
+def _answer(
     model: ServedModel,
     batch: np.ndarray,
     samples: int,
     seed: int,
     mc: MonteCarlo,
     encode: Callable[[InferResult], Any] | None,
-    draws: signatures.Samples,
+    summary: Summary,
+    draws: signatures.Samples | None = None,
 ) -> InferResult:
-    summary = summarize(model, draws)
     result = InferResult(model, None, summary, samples, seed, draws if mc.return_samples else None)
     result.conformal = conformal_answer(model, summary, batch, seed, samples, mc.alpha, mc.risk)
     if encode is not None:
@@ -322,6 +333,11 @@ async def _sample_auto(
     error = adaptive.error_function(model.task, model.tau, model.predictive_temperature)
     sampler = adaptive.Adaptive(batch, seed, error, tolerance, maximum)
     answer = partial(_finish_auto, model, batch, seed, tolerance, mc, sampler, encode)
+    (first,) = sampler.pending()  # every instance starts together; this stretch is estimated beside others'
+    step = await model.runner.draw(first, partial(_first_round, sampler, answer), Settler(model))
+    if isinstance(step, InferResult):
+        return step
+    sampler.advance([step])
     while stretches := sampler.pending():
         alone = len(stretches) == 1
         steps = await asyncio.gather(
@@ -331,6 +347,20 @@ async def _sample_auto(
             return steps[0]
         sampler.advance(steps)
     return await model.runner.in_mc_pool(answer)
+
+
+def _first_round(
+    sampler: adaptive.Adaptive,
+    answer: Callable[..., InferResult],
+    settled: tuple[signatures.Samples, Summary, np.ndarray],
+) -> adaptive.Step | InferResult:
+    """In the worker thread: the first stretch's step; the whole answer if it settled every instance."""
+    drawn, summary, errors = settled
+    step = sampler.step(0, drawn, errors)
+    if step.active:
+        return step
+    sampler.advance([step])
+    return answer(summary)
 
 
 def _auto_round(
@@ -356,9 +386,14 @@ def _finish_auto(
     mc: MonteCarlo,
     sampler: adaptive.Adaptive,
     encode: Callable[[InferResult], Any] | None,
+    summary: Summary | None = None,
 ) -> InferResult:
+    """The answer; ``summary``: of every instance, already made (``Settler``) when they all stopped at once."""
     count = len(batch)
-    summary = merge([(rows, summarize(model, draws)) for rows, draws in sampler.finished], count)
+    if summary is None:
+        summary = merge([(rows, summarize(model, draws)) for rows, draws in sampler.finished], count)
+    else:
+        observe_mc(model.name, model.version, model.task, summary)
     used = np.empty(count, np.int64)
     for rows, draws in sampler.finished:
         used[rows] = draws.outputs.shape[0]

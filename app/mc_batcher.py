@@ -16,7 +16,9 @@ free and no other job waiting runs at once, alone, so a lone request waits for n
 arrive while every slot is busy go together into the next call, which, like ``app.batcher``'s, waits
 until a few turns of the event loop bring no new job (or the call is full). Each job's ``finish``
 (summaries, the response body) runs in the worker thread right after the call, as an unbatched MC
-request's does; an exception there reaches that job's caller only.
+request's does; an exception there reaches that job's caller only. A job may name a ``prepare``
+(the version's ``app.summaries.Summarizer`` or ``Settler``): the jobs of a call with equal ones are prepared in one
+go, each ``finish`` then gets its own share (per-request summaries cost more than the draws).
 """
 
 from __future__ import annotations
@@ -31,21 +33,40 @@ from typing import Any
 from app.batcher import QUIET_PASSES
 from training.signatures import Samples, Segment
 
+Prepare = Callable[[list[Samples]], list[Any]]
+
 
 @dataclass(eq=False, slots=True)
 class _Job:
     segment: Segment
-    finish: Callable[[Samples], Any]
+    finish: Callable[[Any], Any]
+    prepare: Prepare | None
     future: asyncio.Future
     rows: int  # instances x samples: what the job costs
 
 
 def _finish_each(jobs: list[_Job], draws: list[Samples]) -> list[tuple[bool, Any]]:
-    """Every job's ``finish`` of its own draws, each failure kept to its own job."""
-    results: list[tuple[bool, Any]] = []
-    for job, drawn in zip(jobs, draws, strict=True):
+    """Every job's ``finish`` of its own draws (or its share of their ``prepare``), each failure kept to the
+    jobs it concerns."""
+    prepared: list[tuple[bool, Any]] = [(True, drawn) for drawn in draws]
+    groups: dict[Prepare, list[int]] = {}
+    for i, job in enumerate(jobs):
+        if job.prepare is not None:
+            groups.setdefault(job.prepare, []).append(i)
+    for prepare, members in groups.items():
         try:
-            results.append((True, job.finish(drawn)))
+            shares = [(True, value) for value in prepare([draws[i] for i in members])]
+        except Exception as error:  # handed to these jobs' callers only
+            shares = [(False, error)] * len(members)
+        for i, share in zip(members, shares, strict=True):
+            prepared[i] = share
+    results: list[tuple[bool, Any]] = []
+    for job, (ok, value) in zip(jobs, prepared, strict=True):
+        if not ok:
+            results.append((False, value))
+            continue
+        try:
+            results.append((True, job.finish(value)))
         except Exception as error:  # handed to this job's caller only
             results.append((False, error))
     return results
@@ -71,10 +92,12 @@ class SegmentBatcher:
         self._ready = 0  # workers between calls, about to take the pending jobs
         self._tasks: set[asyncio.Task] = set()  # the running workers (the loop keeps only weak references)
 
-    async def __call__(self, segment: Segment, finish: Callable[[Samples], Any] = lambda draws: draws) -> Any:
-        """``finish`` of ``segment``'s draws (run in the worker thread)."""
+    async def __call__(
+        self, segment: Segment, finish: Callable[[Any], Any] = lambda draws: draws, prepare: Prepare | None = None
+    ) -> Any:
+        """``finish`` of ``segment``'s draws, or of its share of ``prepare`` (run in the worker thread)."""
         loop = asyncio.get_running_loop()
-        job = _Job(segment, finish, loop.create_future(), len(segment.inputs) * segment.samples)
+        job = _Job(segment, finish, prepare, loop.create_future(), len(segment.inputs) * segment.samples)
         self._pending.append(job)
         self._pending_rows += job.rows
         if not self._ready and self._workers < self._concurrency:

@@ -174,8 +174,20 @@ def _observe(histogram: Histogram, value: float) -> None:
     histogram._buckets[bisect_left(histogram._upper_bounds, value)].inc(1)
 
 
+_FEW = 8
+"""Up to this many values are observed one by one: NumPy's per-call costs exceed the loop's (an MC request of one
+instance observes two histograms)."""
+
+
 def _observe_all(histogram: Histogram, values: np.ndarray) -> None:
     values = np.ravel(values).astype(np.float64)
+    if values.size <= _FEW:
+        for value in values.tolist():
+            if value == value:  # NaN only adds to the sum, as observe() does
+                _observe(histogram, value)
+            else:
+                histogram._sum.inc(value)
+        return
     histogram._sum.inc(float(values.sum()))
     counted = values[~np.isnan(values)]  # observe() counts NaN in no bucket (it only adds to the sum)
     counts = np.bincount(np.searchsorted(histogram._upper_bounds, counted, side="left"), minlength=1)

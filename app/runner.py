@@ -13,13 +13,13 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from app import metrics
 from app.batcher import Batcher
-from app.mc_batcher import SegmentBatcher
+from app.mc_batcher import Prepare, SegmentBatcher
 from app.settings import Settings
 from training import signatures
 from training.draws import Segment
@@ -54,16 +54,18 @@ class Runner:
         """Whether MC requests share calls (the artifact has ``mc_dropout_segments``)."""
         return self._segments is not None
 
-    async def draw(self, segment: Segment, finish: Callable[[signatures.Samples], R]) -> R:
-        """``finish`` of one stretch of MC draws (``segment``), in the MC worker thread.
+    async def draw(self, segment: Segment, finish: Callable[[Any], R], prepare: Prepare | None = None) -> R:
+        """``finish`` of one stretch of MC draws (``segment``), or of ``prepare([draws])[0]``, in the MC
+        worker thread.
 
         Batched with concurrent MC requests of this version when the artifact has ``mc_dropout_segments``
-        (``app.mc_batcher``); otherwise alone, by ``mc_dropout`` from sample 0, keeping the stretch.
-        Either way the draws are bit for bit those of ``mc_dropout`` with the segment's seed.
+        (``app.mc_batcher``, which prepares the jobs of a call together); otherwise alone, by ``mc_dropout``
+        from sample 0, keeping the stretch. Either way the draws are bit for bit those of ``mc_dropout``
+        with the segment's seed.
         """
         if self._segments is not None:
-            return await self._segments(segment, finish)
-        call = partial(_stretch_then, self._sample, segment, finish)
+            return await self._segments(segment, finish, prepare)
+        call = partial(_stretch_then, self._sample, segment, finish, prepare)
         return await asyncio.get_running_loop().run_in_executor(self._mc_pool, call)
 
     async def in_mc_pool(self, call: Callable[[], R]) -> R:
@@ -91,10 +93,10 @@ def _sample_then(sample: Sample, batch: np.ndarray, samples: int, seed: int, fin
     return finish(sample(batch, samples, seed))
 
 
-def _stretch_then(sample: Sample, segment: Segment, finish: Callable) -> object:
+def _stretch_then(sample: Sample, segment: Segment, finish: Callable, prepare: Prepare | None) -> object:
     draws = sample(segment.inputs, segment.first + segment.samples, segment.seed)
-    kept = (None if a is None else a[segment.first :] for a in draws[:2])
-    return finish(signatures.Samples(*kept))
+    kept = signatures.Samples(*(None if a is None else a[segment.first :] for a in draws[:2]))
+    return finish(kept if prepare is None else prepare([kept])[0])
 
 
 def _predict_observed(predict: Predict, name: str, version: int, task: str | None, batch: np.ndarray) -> np.ndarray:

@@ -156,6 +156,18 @@ def test_dropout_drops_units_and_scales_the_kept_ones_by_one_over_keep():
     np.testing.assert_array_equal(samples[:, 0], samples[:, 1])  # one network draw per sample
 
 
+@pytest.mark.parametrize("rate", [0.5, 0.25, 0.375, 0.1])
+def test_dyadic_and_other_rates_keep_units_at_one_minus_rate(rate):
+    """Dyadic rates read bit fields of the random words, others a float a unit: the same Bernoulli either way."""
+    x = np.full((1, 600), 2.0, np.float32)
+    samples = sample(identity_model(keras.layers.Dropout(rate), (600,)), x, 200, seed=5)
+    np.testing.assert_allclose(np.unique(samples), [0.0, 2.0 / (1 - rate)], rtol=1e-6)
+    kept = np.mean(samples > 0)
+    assert abs(kept - (1 - rate)) < 4 * np.sqrt(rate * (1 - rate) / samples.size), kept
+    per_unit = (samples[:, 0] > 0).mean(axis=0)  # every unit, not only some bit positions, is kept at 1 - rate
+    assert per_unit.min() > 1 - rate - 0.2 and per_unit.max() < 1 - rate + 0.2, (per_unit.min(), per_unit.max())
+
+
 def test_spatial_dropout_drops_whole_feature_maps():
     x = np.ones((1, 4, 4, 16), np.float32)
     samples = sample(identity_model(keras.layers.SpatialDropout2D(0.5), (4, 4, 16)), x, 10, seed=2)

@@ -13,7 +13,9 @@ import tensorflow as tf
 from conftest import Server
 
 from training import artifact
+from training.adaptive import classification_error
 from training.data import digits
+from training.mc_dropout import sample
 
 ROWS = digits().x[:40]
 NOISE = np.random.default_rng(3).uniform(0, 16, size=(2, 64)).round(2)
@@ -106,7 +108,11 @@ def test_an_artifact_from_before_mc_dropout_segments_still_serves_mc(server):
 
 
 def test_auto_reports_t_per_prediction_stops_early_when_sure_and_replays(server, confident_classifier):
-    sure = ROWS[np.argmax(confident_classifier.model(ROWS, training=False).numpy().max(axis=-1))]
+    # Sure under MC dropout (the most settled of 100 samples with another seed), not just in inference mode:
+    # with dropout 0.5 on 64 and 32 units, inference's surest digit can still swing from sample to sample.
+    trained = confident_classifier
+    errors = classification_error(sample(trained.model, ROWS, 100, seed=1), trained.predictive_temperature)
+    sure = ROWS[np.argmin(errors)]
     instances = [sure.tolist(), *NOISE.tolist(), (16 - sure).tolist()]
     body = {"instances": instances, "samples": "auto", "seed": 7}
     first, again = mc(server.url, body), mc(server.url, body)

@@ -329,6 +329,9 @@ def test_fast_observations_equal_prometheus_observe():
     one_by_one = exposition(lambda h: metrics._observe_all(h, np.array(values).reshape(3, 4)))
     assert np.isnan(one_by_one.pop(("h_sum", None))) and np.isnan(expected.pop(("h_sum", None)))
     assert one_by_one == expected
+    few_at_a_time = exposition(lambda h: [metrics._observe_all(h, np.array(values[i : i + 3])) for i in (0, 3, 6, 9)])
+    assert np.isnan(few_at_a_time.pop(("h_sum", None)))
+    assert few_at_a_time == expected  # up to metrics._FEW values take the loop
 
 
 def test_metrics_add_up_across_worker_processes(repository, tmp_path_factory):

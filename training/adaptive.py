@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.draws import Samples, Segment, calibrated_predictive, joined
-from training.uncertainty import entropy
+from training.uncertainty import entropy, sample_mean
 
 DEFAULT_TOLERANCE = 0.05
 """The Monte-Carlo standard error at which an answer counts as settled, unless a request names its own.
@@ -39,11 +39,14 @@ cannot settle (far from its training data) stops here, at 10x the default fixed 
 
 
 def _standard_error(z: np.ndarray) -> np.ndarray:
-    """``std(z) / sqrt(T)`` over the sample axis 0 (unbiased variance; 0 for a single sample)."""
+    """``std(z) / sqrt(T)`` over the sample axis 0 (unbiased variance; 0 for a single sample), an instance's
+    the same bits whatever other instances ``z`` holds (``sample_mean``): requests' errors can be estimated
+    together."""
     count = z.shape[0]
     if count < 2:
         return np.zeros(z.shape[1:])
-    return z.std(axis=0, ddof=1) / math.sqrt(count)
+    variance = sample_mean((z - sample_mean(z)) ** 2) * (count / (count - 1))
+    return np.sqrt(variance) / math.sqrt(count)
 
 
 def top_probability_error(samples: np.ndarray, temperature: float | None = None) -> np.ndarray:
@@ -52,8 +55,8 @@ def top_probability_error(samples: np.ndarray, temperature: float | None = None)
     The served probabilities are the mean ``m`` of the samples, or ``q = softmax(log m / temperature)``
     for a calibrated classifier, whose top probability has the gradient ``q_k (δ_kj - q_j) / (τ m_j)``.
     """
-    p = np.asarray(samples, dtype=np.float64)
-    mean = p.mean(axis=0)
+    p = np.ascontiguousarray(samples, dtype=np.float64)
+    mean = sample_mean(p)
     if temperature is None:
         top = mean.argmax(axis=-1)[None, :, None]
         return _standard_error(np.take_along_axis(p, top, axis=-1)[..., 0])
@@ -67,8 +70,8 @@ def top_probability_error(samples: np.ndarray, temperature: float | None = None)
 def mutual_information_error(samples: np.ndarray) -> np.ndarray:
     """Per instance, the Monte-Carlo standard error of the mutual information ``H(m) - mean_t H(p_t)``
     from ``samples [T, N, K]``: ``z_t = -Σ_j p_tj log m_j - H(p_t)`` (``Σ_j p_tj = 1`` drops the constant)."""
-    p = np.asarray(samples, dtype=np.float64)
-    log_mean = np.log(np.maximum(p.mean(axis=0), 1e-300))
+    p = np.ascontiguousarray(samples, dtype=np.float64)
+    log_mean = np.log(np.maximum(sample_mean(p), 1e-300))
     return _standard_error(-(p * log_mean).sum(axis=-1) - entropy(p))
 
 
@@ -80,11 +83,11 @@ def classification_error(samples: np.ndarray, temperature: float | None = None) 
 def regression_error(samples: np.ndarray, tau: float | None, variance: np.ndarray | None = None) -> np.ndarray:
     """Per instance, the Monte-Carlo standard error of the predictive mean over the total std (the
     largest over outputs), from ``samples [T, N, ...]`` (and a heteroscedastic model's ``variance``)."""
-    draws = np.asarray(samples, dtype=np.float64)
+    draws = np.ascontiguousarray(samples, dtype=np.float64)
     draws = draws.reshape(draws.shape[0], draws.shape[1], -1)
-    epistemic = draws.var(axis=0)
+    epistemic = sample_mean((draws - sample_mean(draws)) ** 2)
     if variance is not None:
-        aleatoric = np.asarray(variance, dtype=np.float64).reshape(draws.shape).mean(axis=0)
+        aleatoric = sample_mean(np.asarray(variance, dtype=np.float64).reshape(draws.shape))
     else:
         aleatoric = 0.0 if tau is None else 1.0 / tau
     total = np.sqrt(epistemic + aleatoric)
@@ -168,12 +171,13 @@ class Adaptive:
         """The stretches to draw next, one per active group; empty when every instance has settled."""
         return [Segment(self._inputs[g.rows], self._seed, g.used, g.target - g.used) for g in self._active]
 
-    def step(self, index: int, drawn: Samples) -> Step:
-        """What the draws of ``pending()[index]`` decide: each of its instances' next target."""
+    def step(self, index: int, drawn: Samples, errors: np.ndarray | None = None) -> Step:
+        """What the draws of ``pending()[index]`` decide: each of its instances' next target (``errors``: the
+        Monte-Carlo errors of its instances' draws so far, if already estimated)."""
         group = self._active[index]
         draws = drawn if group.draws is None else joined([group.draws, drawn])
         used = group.target
-        errors = self._error(draws)
+        errors = self._error(draws) if errors is None else errors
         targets = np.array([self._schedule.target(used, float(e), self._tolerance, self._maximum) for e in errors])
         step = Step([], [])
         for target in np.unique(targets):

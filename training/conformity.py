@@ -102,7 +102,7 @@ def prediction_sets(
     alpha: float,
 ) -> np.ndarray:
     """``[N, K]`` membership of the level-``1 - alpha`` sets; ``rows`` and ``seed`` as sent (the tie-breaks)."""
-    threshold = conformal.quantile(np.asarray(calibration.scores), alpha)
+    threshold = conformal.quantile(calibration.scores, alpha)  # a sorted list: indexed, not converted
     return conformal.sets(calibration.score, summary.mean, threshold, conformal.tie_breaks(rows, seed))
 
 
@@ -110,7 +110,7 @@ def intervals(
     calibration: artifact.ConformalCalibration, summary: RegressionSummary, alpha: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lower and upper bounds ``[N, D]`` of the level-``1 - alpha`` conformal intervals."""
-    q = conformal.quantile(np.asarray(calibration.scores), alpha)
+    q = conformal.quantile(calibration.scores, alpha)
     return conformal.interval(summary.mean, summary.total_std, q)
 
 

@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from training.uncertainty import sample_mean
+
 
 class Samples(NamedTuple):
     """What one ``mc_dropout`` call returns: sampled outputs, per-sample variances and the calibrated
@@ -42,8 +44,8 @@ def joined(parts: Sequence[Samples]) -> Samples:
 def calibrated_predictive(outputs: np.ndarray, temperature: float) -> np.ndarray:
     """``softmax(log(mean_t p_t) / temperature)`` of ``outputs [T, N, K]`` as ``[N, K]`` float64: the
     calibrated MC predictive that ``mc_dropout`` computes in-graph (float32) as ``predictive``, here over
-    all of a request's samples. It reads only the request's own draws, so it is the same whoever shared
-    the calls."""
-    log_mean = np.log(np.maximum(outputs.astype(np.float64).mean(axis=0), 1e-30)) / temperature
+    all of a request's samples. An instance's value reads only its own draws (``sample_mean``), so it is the
+    same whoever shared the calls or the summaries."""
+    log_mean = np.log(np.maximum(sample_mean(outputs), 1e-30)) / temperature
     scaled = np.exp(log_mean - log_mean.max(axis=-1, keepdims=True))
     return scaled / scaled.sum(axis=-1, keepdims=True)

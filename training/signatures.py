@@ -28,15 +28,23 @@ def infer_variance(signature, inputs: np.ndarray) -> np.ndarray | None:
     return signature(**{artifact.INPUTS_KEY: tf.constant(inputs, tf.float32)})[artifact.VARIANCE_KEY].numpy()
 
 
+def _call(signature, tensors: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """``signature(**tensors)`` without binding the keywords (~0.1 ms of Python a call, a lone MC request's
+    latency): the tensors flat, in the order of the signature's parameters."""
+    flat = [tensors[name] for name in signature.function_type.parameters]
+    return signature._call_flat(flat, signature.captured_inputs)
+
+
 def mc_draws(signature, inputs: np.ndarray, samples: int, seed: int) -> Samples:
     """``samples`` MC-dropout draws from an ``mc_dropout`` signature, in one call (with variances and
     the calibrated predictive if any)."""
-    outputs = signature(
-        **{
+    outputs = _call(
+        signature,
+        {
             artifact.INPUTS_KEY: tf.constant(inputs, tf.float32),
             artifact.SAMPLES_KEY: tf.constant(samples, tf.int32),
             artifact.SEED_KEY: tf.constant(seed, tf.int64),
-        }
+        },
     )
     variance, predictive = outputs.get(artifact.VARIANCE_KEY), outputs.get(artifact.PREDICTIVE_KEY)
     return Samples(
@@ -55,14 +63,15 @@ def segment_draws(signature, segments: Sequence[Segment]) -> list[Samples]:
     """
     sizes = [len(segment.inputs) for segment in segments]
     inputs = segments[0].inputs if len(segments) == 1 else np.concatenate([s.inputs for s in segments])
-    outputs = signature(
-        **{
+    outputs = _call(
+        signature,
+        {
             artifact.INPUTS_KEY: tf.constant(inputs, tf.float32),
             artifact.SEGMENTS_KEY: tf.constant(np.repeat(np.arange(len(segments), dtype=np.int32), sizes)),
             artifact.SEEDS_KEY: tf.constant([s.seed for s in segments], tf.int64),
             artifact.FIRST_KEY: tf.constant([s.first for s in segments], tf.int32),
             artifact.SAMPLES_KEY: tf.constant([s.samples for s in segments], tf.int32),
-        }
+        },
     )
     draws = outputs[artifact.OUTPUTS_KEY].numpy()
     variance = outputs[artifact.VARIANCE_KEY].numpy() if artifact.VARIANCE_KEY in outputs else None

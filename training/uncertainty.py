@@ -14,6 +14,25 @@ Z_95 = 1.959963984540054
 """Two-sided 95 % quantile of the standard normal."""
 
 
+def sample_mean(values: np.ndarray) -> np.ndarray:
+    """The mean over the sample axis 0 of ``values [T, N, ...]``, each instance's the same bits whatever else
+    ``values`` holds.
+
+    NumPy's ``mean(axis=0)`` sums a row at a time when the instances fill a row but pairwise when one
+    instance's values are the whole array, so an instance's mean would depend on whether it was summarized
+    alone or beside other requests' (MC batching summarizes a call's requests together). Here every
+    value's T draws are laid out contiguously and summed pairwise, one run per value, however many runs.
+    """
+    runs = np.ascontiguousarray(np.moveaxis(np.asarray(values, dtype=np.float64), 0, -1))
+    return np.add.reduce(runs, axis=-1) / values.shape[0]
+
+
+def sample_std(values: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+    """The standard deviation over the sample axis 0 (``ddof = 0``), layout-invariant as ``sample_mean``."""
+    mean = sample_mean(values) if mean is None else mean
+    return np.sqrt(sample_mean((values - mean) ** 2))
+
+
 def entropy(probabilities: np.ndarray) -> np.ndarray:
     """Shannon entropy over the last axis (0 log 0 = 0). NumPy only: the server imports this module,
     and serving needs no SciPy."""
@@ -40,21 +59,23 @@ class ClassificationSummary:
 
 def summarize_classification(samples: np.ndarray, predictive: np.ndarray | None = None) -> ClassificationSummary:
     """Summaries of ``samples [T, N, K]``; ``predictive [N, K]`` (``mc_dropout``'s calibrated
-    predictive) replaces the samples' mean as the answer's probabilities and label."""
-    samples = np.asarray(samples, dtype=np.float64)
-    raw_mean = samples.mean(axis=0)
+    predictive) replaces the samples' mean as the answer's probabilities and label.
+
+    Every value of instance ``i`` reads only ``samples[:, i]`` and is the same bits whatever other
+    instances ``samples`` holds (``sample_mean``), so requests can be summarized together."""
+    samples = np.ascontiguousarray(samples, dtype=np.float64)
+    raw_mean = sample_mean(samples)
     mean = raw_mean if predictive is None else np.asarray(predictive, dtype=np.float64)
     label = mean.argmax(axis=-1)
     total = entropy(raw_mean)
-    expected = entropy(samples).mean(axis=0)
+    expected = sample_mean(entropy(samples))
     votes = samples.argmax(axis=-1)  # [T, N]
-    classes = samples.shape[-1]
-    modal_count = np.stack([np.bincount(v, minlength=classes).max() for v in votes.T]) if votes.size else np.zeros(0)
+    modal_count = (votes[..., None] == np.arange(samples.shape[-1])).sum(axis=0).max(axis=-1, initial=0)
     return ClassificationSummary(
         mean=mean,
-        std=samples.std(axis=0),
+        std=sample_std(samples, raw_mean),
         label=label,
-        probability=np.take_along_axis(mean, label[:, None], axis=-1)[:, 0],
+        probability=mean[np.arange(len(label)), label],
         predictive_entropy=total,
         expected_entropy=expected,
         mutual_information=np.maximum(total - expected, 0.0),
@@ -98,13 +119,13 @@ def summarize_regression(
     predicted variances ``variance [T, N, ...]`` of a heteroscedastic one, ``sqrt(mean_t σ²_t)``
     per instance (Kendall & Gal 2017: total variance = mean σ² + variance of the sampled means).
     """
-    samples = np.asarray(samples, dtype=np.float64)
+    samples = np.ascontiguousarray(samples, dtype=np.float64)
     samples = samples.reshape(samples.shape[0], samples.shape[1], -1)
-    mean = samples.mean(axis=0)
-    epistemic = samples.std(axis=0)
+    mean = sample_mean(samples)
+    epistemic = sample_std(samples, mean)
     if variance is not None:
         variance = np.asarray(variance, dtype=np.float64).reshape(samples.shape)
-        aleatoric: float | np.ndarray | None = np.sqrt(variance.mean(axis=0))
+        aleatoric: float | np.ndarray | None = np.sqrt(sample_mean(variance))
     else:
         aleatoric = None if tau is None else float(1.0 / np.sqrt(tau))
     total = np.sqrt(epistemic**2 + (0.0 if aleatoric is None else aleatoric) ** 2)

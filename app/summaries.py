@@ -108,15 +108,15 @@ CONFORMAL_OUTPUTS: dict[str | None, list[str]] = {
 def summarize(model: ServedModel, draws: signatures.Samples, observe: bool = True) -> Summary:
     """The per-instance MC summaries of ``draws``, observed for the uncertainty histograms.
 
-    A calibrated classifier's predictive comes from ``mc_dropout``'s ``predictive``, or, for an artifact
-    with ``mc_dropout_segments`` (whose requests may be batched or drawn in stretches), from the
-    request's own draws here: the same bits whichever calls they came from.
+    A calibrated classifier's predictive comes from ``mc_dropout``'s ``predictive`` when the request was
+    one ``mc_dropout`` call, else (batched, or drawn in stretches by ``samples: "auto"``, which keep no
+    per-call predictive) from the request's own draws here: the same bits whichever calls they came from.
     """
     outputs = draws.outputs.astype(np.float64)
     summary: ClassificationSummary | RegressionSummary
     if model.task == "classification":
         predictive = draws.predictive  # calibrated, if the model is
-        if model.runner.batches_mc and model.predictive_temperature is not None:
+        if predictive is None and model.predictive_temperature is not None:
             predictive = signatures.calibrated_predictive(draws.outputs, model.predictive_temperature)
         summary = summarize_classification(outputs, predictive)
     elif model.task == "regression":

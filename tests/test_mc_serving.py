@@ -92,7 +92,7 @@ def test_a_seeded_answer_is_byte_identical_alone_and_beside_31_concurrent_reques
         unbatched.stop()
 
 
-def test_an_artifact_from_before_mc_dropout_segments_still_serves_mc(server):
+def test_an_artifact_from_before_mc_dropout_segments_still_serves_mc(server, repository):
     body = {"instances": ROWS[:2].tolist(), "samples": 60, "seed": 5}
     old, new = mc(server.url, body, "old"), mc(server.url, body)
     assert old.status_code == new.status_code == 200, old.text + new.text
@@ -105,6 +105,11 @@ def test_an_artifact_from_before_mc_dropout_segments_still_serves_mc(server):
     assert old_auto.status_code == new_auto.status_code == 200, old_auto.text
     used = [[p["samples_used"] for p in r.json()["predictions"]] for r in (old_auto, new_auto)]
     assert used[0] == used[1]
+    # auto draws in stretches, which keep no in-graph predictive: the old artifact's is recomputed, calibrated.
+    temperature = artifact.read_metadata(repository / "old" / "1").predictive_temperature
+    assert temperature is not None and abs(temperature - 1) > 0.05, temperature
+    for a, b in zip(old_auto.json()["predictions"], new_auto.json()["predictions"], strict=True):
+        assert a["probabilities"] == b["probabilities"]
 
 
 def test_auto_reports_t_per_prediction_stops_early_when_sure_and_replays(server, confident_classifier):

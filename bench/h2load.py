@@ -62,25 +62,31 @@ def run(
 ) -> WrkResult:
     """``connections`` x ``streams`` concurrent calls of ``method`` with ``message`` for ``seconds``."""
     before = answers(metrics_url, method)
+    output, table = drive(port, method, message, connections, streams, f"{seconds}s")
+    after = answers(metrics_url, method)
+    return parse(output, table, {k: after[k] - before.get(k, 0.0) for k in after}, connections * streams)
+
+
+def drive(port: int, method: str, message: bytes, connections: int, streams: int, duration: str):
+    """h2load's summary and per-call log for ``duration`` (h2load's: "10s", "500ms") of ``method`` calls."""
     with tempfile.TemporaryDirectory() as scratch:
         body, log = Path(scratch) / "body.bin", Path(scratch) / "calls.tsv"
         body.write_bytes(framed(message))
-        command = ["h2load", f"-c{connections}", f"-m{streams}", f"-D{seconds}", "-t1", "-d", str(body)]
+        command = ["h2load", f"-c{connections}", f"-m{streams}", f"-D{duration}", "-t1", "-d", str(body)]
         command += ["-H", "content-type: application/grpc", "-H", "te: trailers", f"--log-file={log}"]
         done = subprocess.run(
-            [*command, f"http://{LOOPBACK}:{port}{method}"], capture_output=True, text=True, timeout=seconds + 60
+            [*command, f"http://{LOOPBACK}:{port}{method}"], capture_output=True, text=True, timeout=600
         )
         if done.returncode != 0:
             raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr[-2000:]}{done.stdout[-2000:]}")
-        table = np.loadtxt(log, dtype=np.int64, ndmin=2).reshape(-1, 3)
-    after = answers(metrics_url, method)
-    return parse(done.stdout, table, {k: after[k] - before.get(k, 0.0) for k in after}, connections * streams)
+        return done.stdout, np.loadtxt(log, dtype=np.int64, ndmin=2).reshape(-1, 3)
 
 
 def parse(output: str, calls: np.ndarray, statuses: dict[str, float], in_flight: int) -> WrkResult:
     """h2load's summary and per-call log (start µs, HTTP status, µs to the end of the answer) as wrk's
     numbers, with the server's count of answers by status over the same run."""
-    seconds = float(re.search(r"finished in ([\d.]+)s", output).group(1))
+    value, unit = re.search(r"finished in ([\d.]+)(m?s)", output).groups()
+    seconds = float(value) / (1000 if unit == "ms" else 1)  # h2load writes "301.43ms" below a second
     counts = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", output)
     succeeded, failed, errored, timeout = map(int, counts.groups())
     ok = calls[calls[:, 1] == 200, 2] / 1000 if calls.size else np.zeros(0)

@@ -179,3 +179,21 @@ def test_h2load_summary_and_call_log_read_like_wrk():
     assert result.requests == 3000 and result.rps == 1500
     assert result.p50_ms == pytest.approx(np.percentile(1 + 0.01 * np.arange(3000), 50))
     assert result.non_2xx == 10 + 2 + 8 and result.socket_errors == 0
+
+
+def test_http2_floor_servers_each_answer_a_real_grpc_call():
+    """bench/http2_floor.py --check: grpcio's server, h2 (default and lean) and ours each start in their own
+    process and answer grpcio's ServerLive call with OK and live (the script exits 1 otherwise)."""
+    command = [sys.executable, "bench/http2_floor.py", "--check"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("grpcio", "h2", "h2-lean", "ours"):
+        assert f"{name}: ServerLive answered OK, live" in done.stdout
+
+
+def test_http2_floor_without_h2load_says_how_to_install_it(tmp_path):
+    environment = {**os.environ, "PATH": str(tmp_path)}  # no h2load on it
+    done = subprocess.run(
+        [sys.executable, "bench/http2_floor.py"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "h2load is not installed" in done.stderr and "nghttp2-client" in done.stderr

@@ -176,3 +176,34 @@ def test_limits_are_announced_and_a_frame_past_them_ends_the_connection(server):
         frames.append(peer.read_frame())
     assert struct.unpack(">II", frames[-1][3][:8])[1] == 6  # FRAME_SIZE_ERROR: no frame over 16 KiB was allowed
     assert peer.socket.recv(1) == b""  # and the connection is closed
+
+
+def test_half_sent_requests_past_the_connections_budget_are_refused_and_the_rest_are_served(
+    tiny_classifier_dir, rows, tmp_path
+):
+    """A connection holds at most 16 body limits of unfinished requests; the stream that would go past is refused."""
+    repository = tmp_path / "models"
+    shutil.copytree(tiny_classifier_dir, repository / "tiny" / "1")
+    small = Server(repository, grpc_port=free_port(), default_model="tiny", max_body_bytes=4096)
+    try:
+        message = infer_request(rows[:15])  # 15 rows: ~3.9 kB, under the 4,096-byte limit
+        body = b"\0" + struct.pack(">I", len(message)) + message
+        assert 3_800 < len(body) < 4_096
+        peer = RawPeer(small.grpc_port)
+        block = peer.encoder.encode(peer.fields(MODEL_INFER))
+        for stream in range(1, 35, 2):  # 17 streams, each all but its last 10 bytes: 16 fit in 16 x (4,096 + 5)
+            peer.socket.sendall(peer.frame(1, 0x4, stream, block) + peer.frame(0, 0, stream, body[:-10]))
+        kind, _, stream, payload = peer.read_frame()
+        while kind != 3:  # SETTINGS, its ACK, until the RST_STREAM
+            kind, _, stream, payload = peer.read_frame()
+        assert (stream, struct.unpack(">I", payload)[0]) == (33, 7)  # the 17th: REFUSED_STREAM
+        for stream in (1, 35):  # a started call frees its share: a new stream fits again
+            if stream == 35:
+                peer.socket.sendall(peer.frame(1, 0x4, stream, block) + peer.frame(0, 0, stream, body[:-10]))
+            peer.socket.sendall(peer.frame(0, 0x1, stream, body[-10:]))
+            headers, data = peer.answer(stream)
+            assert headers[-1]["grpc-status"] == "0", headers
+            response = service_pb2.ModelInferResponse.FromString(b"".join(data)[5:])
+            assert list(response.outputs[0].shape) == [15, 10]
+    finally:
+        small.stop()

@@ -31,6 +31,10 @@ MAX_HEADER_BLOCK = 65_536
 """Bytes of one header block, CONTINUATIONs included; a client sending more is cut off."""
 WINDOW = 1 << 24
 """What we let a peer send ahead, per stream and per connection (grpcio's default is 64 KiB plus BDP probing)."""
+UNFINISHED_BODIES = 16
+"""Request bodies at the size limit that a connection may hold for calls whose request is not complete yet. A stream
+whose DATA would go past it is refused (REFUSED_STREAM: nothing was processed, the client may retry): otherwise
+``MAX_STREAMS`` half-sent requests could hold a thousand times the body limit on one connection."""
 DECODED_BLOCKS = 64
 """Header blocks a connection remembers decoded (``Connection._decode``)."""
 INITIAL_WINDOW, MAX_FRAME = 65_535, 16_384
@@ -63,12 +67,13 @@ def header_block(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
 
 
 class Stream:
-    __slots__ = ("_writable", "body", "headers", "id", "open", "received", "task", "window")
+    __slots__ = ("_writable", "body", "buffered", "headers", "id", "open", "received", "task", "window")
 
     def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]], window: int) -> None:
         self.id = stream_id
         self.headers = headers
         self.body = bytearray()
+        self.buffered = 0  # body bytes counted in the connection's ``unfinished``, until the call starts
         self.window = window
         self.received = 0
         self.task: asyncio.Task | None = None
@@ -80,6 +85,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, on_call: Callable[[Connection, Stream], None], max_body: int) -> None:
         self.on_call = on_call
         self.max_body = max_body
+        self.unfinished, self.max_unfinished = 0, UNFINISHED_BODIES * max_body
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.started = False
@@ -160,6 +166,7 @@ class Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             stream = self.streams.pop(stream_id, None)
             if stream is not None:
+                self._release(stream)
                 stream.open = False
                 if stream.task is not None:
                     stream.task.cancel()
@@ -183,7 +190,7 @@ class Connection(asyncio.Protocol):
             return self._fail(COMPRESSION_ERROR)
         if (stream := self.streams.get(stream_id)) is not None:  # the client's trailers end its request
             if flags & END_STREAM and stream.task is None:
-                self.on_call(self, stream)
+                self._start(stream)
             return True
         if stream_id <= self.last_stream or stream_id % 2 == 0:
             return self._fail(PROTOCOL_ERROR)
@@ -193,7 +200,7 @@ class Connection(asyncio.Protocol):
             return True
         stream = self.streams[stream_id] = Stream(stream_id, headers, self.stream_window)
         if flags & END_STREAM:
-            self.on_call(self, stream)
+            self._start(stream)
         return True
 
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
@@ -226,10 +233,26 @@ class Connection(asyncio.Protocol):
             self._write(frame(WINDOW_UPDATE, 0, stream_id, struct.pack(">I", stream.received)))
             stream.received = 0
         if len(stream.body) <= self.max_body:  # beyond, the call refuses it without keeping the rest
+            if self.unfinished + len(payload) > self.max_unfinished:
+                del self.streams[stream_id]
+                self._release(stream)
+                self._write(frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
+                return True
             stream.body += payload
+            stream.buffered += len(payload)
+            self.unfinished += len(payload)
         if flags & END_STREAM:
-            self.on_call(self, stream)
+            self._start(stream)
         return True
+
+    def _start(self, stream: Stream) -> None:
+        """The request is complete: its body is the call's now (calls in flight are bounded by ``MAX_IN_FLIGHT``)."""
+        self._release(stream)
+        self.on_call(self, stream)
+
+    def _release(self, stream: Stream) -> None:
+        self.unfinished -= stream.buffered
+        stream.buffered = 0
 
     def _settings(self, payload: bytes) -> None:
         for offset in range(0, len(payload) - 5, 6):

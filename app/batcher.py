@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -31,11 +32,65 @@ QUIET_PASSES = 3
 turns from the socket to the queue: one reads it, one runs its handler)."""
 
 
+class Job(Protocol):
+    size: int  # rows: what the job adds to a call
+    future: asyncio.Future
+
+
+J = TypeVar("J", bound=Job)
+
+
+class JobQueue(Generic[J]):
+    """Jobs waiting for a call, oldest first, with the rows they hold: what ``Batcher`` and ``app.mc_batcher``'s
+    ``SegmentBatcher`` take their calls from."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self._jobs: deque[J] = deque()
+        self.rows = 0
+        """Rows waiting, callers gone or not: counted as they come and go, not summed per loop turn."""
+
+    def __bool__(self) -> bool:
+        return bool(self._jobs)
+
+    def push(self, job: J) -> None:
+        self._jobs.append(job)
+        self.rows += job.size
+
+    @property
+    def full(self) -> bool:
+        return self.rows >= self.max_rows
+
+    async def gather(self) -> None:
+        """Wait while jobs keep joining: until ``QUIET_PASSES`` event-loop turns in a row add none, or it is full."""
+        quiet = 0
+        while quiet < QUIET_PASSES and not self.full:
+            queued = len(self._jobs)
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if len(self._jobs) == queued else 0
+
+    def take(self) -> list[J]:
+        """The oldest live jobs that fit in one call (at least one, whatever its size)."""
+        batch: list[J] = []
+        rows = 0
+        while self._jobs:
+            job = self._jobs[0]
+            if batch and not job.future.done() and rows + job.size > self.max_rows:
+                break
+            self._jobs.popleft()
+            self.rows -= job.size
+            if not job.future.done():  # else its caller went away
+                batch.append(job)
+                rows += job.size
+        return batch
+
+
 @dataclass(eq=False, slots=True)
 class _Job:
     rows: np.ndarray
     future: asyncio.Future[np.ndarray]
     queued_at: float
+    size: int
 
 
 class Batcher:
@@ -49,19 +104,15 @@ class Batcher:
     ) -> None:
         self._run = run
         self._executor = executor
-        self._max_rows = max_rows
         self._timeout = timeout
         self._observe = observe
-        self._pending: deque[_Job] = deque()
-        self._pending_rows = 0
-        """Rows in ``_pending``, callers gone or not: counted as they come and go, not summed per loop turn."""
+        self._pending: JobQueue[_Job] = JobQueue(max_rows)
         self._draining: asyncio.Task | None = None
 
     async def __call__(self, rows: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        job = _Job(rows, loop.create_future(), loop.time())
-        self._pending.append(job)
-        self._pending_rows += len(rows)
+        job = _Job(rows, loop.create_future(), loop.time(), len(rows))
+        self._pending.push(job)
         if self._draining is None:
             self._draining = loop.create_task(self._drain())
         return await job.future
@@ -71,16 +122,16 @@ class Batcher:
         called = False
         try:
             while self._pending:
-                if self._timeout and self._pending_rows < self._max_rows:
+                if self._timeout and not self._pending.full:
                     await asyncio.sleep(self._timeout)
                 elif called:
-                    await self._gather()
+                    await self._pending.gather()
                 called = True
-                batch = self._take()
+                batch = self._pending.take()
                 if not batch:
                     continue
                 started = loop.time()
-                self._observe(sum(len(job.rows) for job in batch), started - batch[0].queued_at)
+                self._observe(sum(job.size for job in batch), started - batch[0].queued_at)
                 inputs = batch[0].rows if len(batch) == 1 else np.concatenate([job.rows for job in batch])
                 try:
                     outputs = await loop.run_in_executor(self._executor, self._run, inputs)
@@ -97,25 +148,3 @@ class Batcher:
                     start = stop
         finally:
             self._draining = None
-
-    async def _gather(self) -> None:
-        quiet = 0
-        while quiet < QUIET_PASSES and self._pending_rows < self._max_rows:
-            queued = len(self._pending)
-            await asyncio.sleep(0)
-            quiet = quiet + 1 if len(self._pending) == queued else 0
-
-    def _take(self) -> list[_Job]:
-        """The oldest live jobs that fit in one call (at least one, whatever its size)."""
-        batch: list[_Job] = []
-        rows = 0
-        while self._pending:
-            job = self._pending[0]
-            if batch and not job.future.done() and rows + len(job.rows) > self._max_rows:
-                break
-            self._pending.popleft()
-            self._pending_rows -= len(job.rows)
-            if not job.future.done():  # else its caller went away
-                batch.append(job)
-                rows += len(job.rows)
-        return batch

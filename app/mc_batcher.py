@@ -24,13 +24,12 @@ go, each ``finish`` then gets its own share (per-request summaries cost more tha
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from app.batcher import QUIET_PASSES
+from app.batcher import JobQueue
 from training.signatures import Samples, Segment
 
 Prepare = Callable[[list[Samples]], list[Any]]
@@ -42,7 +41,7 @@ class _Job:
     finish: Callable[[Any], Any]
     prepare: Prepare | None
     future: asyncio.Future
-    rows: int  # instances x samples: what the job costs
+    size: int  # rows: instances x samples, what the job costs
 
 
 def _finish_each(jobs: list[_Job], draws: list[Samples]) -> list[tuple[bool, Any]]:
@@ -83,11 +82,9 @@ class SegmentBatcher:
     ) -> None:
         self._draw = draw
         self._executor = executor
-        self._max_rows = max_rows
         self._concurrency = concurrency
         self._observe = observe
-        self._pending: deque[_Job] = deque()
-        self._pending_rows = 0
+        self._pending: JobQueue[_Job] = JobQueue(max_rows)
         self._workers = 0
         self._ready = 0  # workers between calls, about to take the pending jobs
         self._tasks: set[asyncio.Task] = set()  # the running workers (the loop keeps only weak references)
@@ -98,8 +95,7 @@ class SegmentBatcher:
         """``finish`` of ``segment``'s draws, or of its share of ``prepare`` (run in the worker thread)."""
         loop = asyncio.get_running_loop()
         job = _Job(segment, finish, prepare, loop.create_future(), len(segment.inputs) * segment.samples)
-        self._pending.append(job)
-        self._pending_rows += job.rows
+        self._pending.push(job)
         if not self._ready and self._workers < self._concurrency:
             self._workers += 1
             self._ready += 1
@@ -115,13 +111,13 @@ class SegmentBatcher:
             while self._pending:
                 if called:
                     self._ready += 1
-                    await self._gather()
+                    await self._pending.gather()
                 called = True
                 self._ready -= 1
-                batch = self._take()
+                batch = self._pending.take()
                 if not batch:
                     continue
-                self._observe(len(batch), sum(job.rows for job in batch))
+                self._observe(len(batch), sum(job.size for job in batch))
                 try:
                     results = await loop.run_in_executor(self._executor, self._call, batch)
                 except Exception as error:  # the call itself failed: every job of it
@@ -140,25 +136,3 @@ class SegmentBatcher:
 
     def _call(self, batch: list[_Job]) -> list[tuple[bool, Any]]:
         return _finish_each(batch, self._draw([job.segment for job in batch]))
-
-    async def _gather(self) -> None:
-        quiet = 0
-        while quiet < QUIET_PASSES and self._pending_rows < self._max_rows:
-            queued = len(self._pending)
-            await asyncio.sleep(0)
-            quiet = quiet + 1 if len(self._pending) == queued else 0
-
-    def _take(self) -> list[_Job]:
-        """The oldest live jobs whose rows fit in one call (at least one, whatever its size)."""
-        batch: list[_Job] = []
-        rows = 0
-        while self._pending:
-            job = self._pending[0]
-            if batch and not job.future.done() and rows + job.rows > self._max_rows:
-                break
-            self._pending.popleft()
-            self._pending_rows -= job.rows
-            if not job.future.done():  # else its caller went away
-                batch.append(job)
-                rows += job.rows
-        return batch

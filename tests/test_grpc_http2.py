@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 import socket
 import struct
+import urllib.parse
+import zlib
 
 import grpc
 import numpy as np
@@ -207,3 +209,36 @@ def test_half_sent_requests_past_the_connections_budget_are_refused_and_the_rest
             assert list(response.outputs[0].shape) == [15, 10]
     finally:
         small.stop()
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it(server):
+    """A 1 GiB message of zeros, ~1 MB gzip-compressed: RESOURCE_EXHAUSTED, and the server's peak memory stays put."""
+    packer = zlib.compressobj(wbits=31)
+    zeros = bytes(1 << 20)
+    message = b"".join([*(packer.compress(zeros) for _ in range(1024)), packer.flush()])
+    assert len(message) < 4 << 20  # under the body limit: only its inflated size is too large
+    peak_before = peak_memory(server.process.pid)
+    peer = RawPeer(server.grpc_port)
+    block = peer.encoder.encode([*peer.fields(MODEL_INFER), ("grpc-encoding", "gzip")])
+    body = b"\1" + struct.pack(">I", len(message)) + message
+    peer.socket.sendall(peer.frame(1, 0x4, 1, block))
+    for start in range(0, len(body), 16_384):  # frames of at most 16 KiB
+        end_stream = 0x1 if start + 16_384 >= len(body) else 0
+        peer.socket.sendall(peer.frame(0, end_stream, 1, body[start : start + 16_384]))
+    headers, data = peer.answer(1)
+    assert data == [] and headers[-1]["grpc-status"] == "8", headers  # RESOURCE_EXHAUSTED
+    assert "larger than" in urllib.parse.unquote(headers[-1]["grpc-message"])
+    assert peak_memory(server.process.pid) - peak_before < 256 << 20
+    junk = b"not gzip"
+    peer.socket.sendall(
+        peer.frame(1, 0x4, 3, block) + peer.frame(0, 0x1, 3, b"\1" + struct.pack(">I", len(junk)) + junk)
+    )
+    headers, data = peer.answer(3)
+    assert data == [] and headers[-1]["grpc-status"] == "13", headers  # INTERNAL, saying why
+    assert "not valid gzip" in urllib.parse.unquote(headers[-1]["grpc-message"])
+
+
+def peak_memory(pid: int) -> int:
+    """The process's peak resident memory in bytes (VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))

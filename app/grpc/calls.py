@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gzip
 import logging
 import urllib.parse
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,7 +126,10 @@ def request_message(stream: Stream, limit: int) -> bytes:
         if encoding != b"gzip":
             unsupported = f"grpc-encoding {encoding.decode('latin-1')!r} is not supported; send identity or gzip"
             raise Abort(grpc.StatusCode.UNIMPLEMENTED, unsupported, ())
-        message = gzip.decompress(message)
+        try:  # at most one byte past the limit: a small compressed message must not inflate without bound
+            message = zlib.decompressobj(wbits=31).decompress(message, limit + 1)  # wbits 31: gzip
+        except zlib.error:
+            raise Abort(grpc.StatusCode.INTERNAL, "the request message is not valid gzip", ()) from None
         if len(message) > limit:
             raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large, ())
     return message

@@ -156,7 +156,7 @@ def test_dropout_drops_units_and_scales_the_kept_ones_by_one_over_keep():
     np.testing.assert_array_equal(samples[:, 0], samples[:, 1])  # one network draw per sample
 
 
-@pytest.mark.parametrize("rate", [0.5, 0.25, 0.375, 0.1])
+@pytest.mark.parametrize("rate", [0.5, 0.75, 0.25, 0.375, 0.1])
 def test_dyadic_and_other_rates_keep_units_at_one_minus_rate(rate):
     """Dyadic rates read bit fields of the random words, others a float a unit: the same Bernoulli either way."""
     x = np.full((1, 600), 2.0, np.float32)
@@ -236,3 +236,50 @@ def test_a_model_without_dropout_gets_no_mc_signature(tmp_path):
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     write_saved_model(model, tmp_path / "plain")
     assert set(tf.saved_model.load(str(tmp_path / "plain")).signatures) == {"serving_default"}
+
+
+def nested_classic() -> keras.Model:
+    network = keras.Sequential(
+        [
+            keras.Input((12,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    inputs = keras.Input((12,))
+    return keras.Model(inputs, network(keras.layers.Rescaling(0.5, offset=-1.0)(inputs)))
+
+
+def skip_around_dropout() -> keras.Model:
+    """The first dropout's input also feeds a layer after it, so those layers still need it per sample."""
+    inputs = keras.Input((12,))
+    hidden = keras.layers.Dense(16, activation="tanh")(inputs)
+    dropped = keras.layers.Dropout(0.25)(hidden)
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Concatenate()([dropped, hidden])))
+
+
+def dropout_on_inputs() -> keras.Model:
+    inputs = keras.Input((12,))
+    x = keras.layers.Dense(16, activation="relu")(keras.layers.Dropout(0.2)(inputs))
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GaussianDropout(0.3)(x)))
+
+
+@pytest.mark.parametrize("build", [nested_classic, skip_around_dropout, dropout_on_inputs])
+def test_layers_before_the_first_dropout_run_once_and_change_no_bit(build, monkeypatch):
+    """What every sample shares is computed once per row (``_shared_prefix``); computing it per sample, as the
+    graph would without it, gives the same bits, alone and as segments of other requests."""
+    from training import mc_dropout
+
+    keras.utils.set_random_seed(3)
+    model = build()
+    x = np.random.default_rng(1).normal(size=(5, 12)).astype(np.float32)
+    segments = dict(segments=np.array([0, 0, 1, 2, 2]), seeds=np.array([4, 9, 2]), first=np.zeros(3), samples=[7, 3, 5])
+    once = sample(model, x, 30, seed=4), mc_dropout.sample_segments(model, x, **segments)
+    monkeypatch.setattr(mc_dropout, "_shared_prefix", lambda *args: None)
+    per_sample = sample(model, x, 30, seed=4), mc_dropout.sample_segments(model, x, **segments)
+    assert once[0].std(axis=0).min() > 0  # real samples, not one repeated answer
+    for fast, plain in zip(once, per_sample, strict=True):
+        np.testing.assert_array_equal(fast, plain)

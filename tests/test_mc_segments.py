@@ -133,7 +133,7 @@ def test_calibrated_predictive_is_computed_by_the_client_the_same_alone_as_batch
         (lambda: keras.layers.GaussianDropout(0.3), (12,)),  # 8 noise values a sample: ndtri's ragged tail
         (lambda: keras.layers.AlphaDropout(0.3), (12,)),
         (lambda: ConcreteDropout(), (12,)),
-        # Dyadic rates: masks from bit fields of the Philox words (training.mc_dropout._bits)
+        # Dyadic rates: masks from bit fields of the Philox words (training.dropout_noise.mask_bits)
         (lambda: keras.layers.Dropout(0.5), (40,)),  # 40 units: two words a sample, the second partly used
         (lambda: keras.layers.Dropout(0.5, noise_shape=(None, 1, 8)), (4, 6)),
         (lambda: keras.layers.SpatialDropout2D(0.25), (4, 4, 3)),

@@ -327,55 +327,39 @@ async def _sample_auto(
     encode: Callable | None,
 ) -> InferResult:
     """``samples: "auto"``: rounds of stretches (``training.adaptive``) until every instance is settled or at
-    ``maximum``, each round's stretches batched with other requests. What a stretch's draws decide is worked
-    out in the MC worker thread; so is the answer (summaries of each group of instances that stopped at the
-    same T, as one, and its encoding), by the request's last stretch, or after the last round if it had several."""
+    ``maximum``, each round's stretches batched with other requests'. Every stretch's errors and summary are
+    computed beside the other requests' in its call (``Settler``, on the draws so far: a stretch comes back
+    after its ``earlier`` ones) and what they decide is worked out in the MC worker thread; so is the answer,
+    by the request's last stretch, or after the last round if it had several."""
     error = adaptive.error_function(model.task, model.tau, model.predictive_temperature)
     sampler = adaptive.Adaptive(batch, seed, error, tolerance, maximum)
     answer = partial(_finish_auto, model, batch, seed, tolerance, mc, sampler, encode)
-    (first,) = sampler.pending()  # every instance starts together; this stretch is estimated beside others'
-    step = await model.runner.draw(first, partial(_first_round, sampler, answer), Settler(model))
-    if isinstance(step, InferResult):
-        return step
-    sampler.advance([step])
+    settler = Settler(model)
     while stretches := sampler.pending():
         alone = len(stretches) == 1
-        steps = await asyncio.gather(
-            *(model.runner.draw(s, partial(_auto_round, sampler, i, alone, answer)) for i, s in enumerate(stretches))
-        )
+        rounds = (partial(_auto_round, sampler, i, alone, answer) for i in range(len(stretches)))
+        steps = await asyncio.gather(*map(model.runner.draw, stretches, rounds, [settler] * len(stretches)))
         if isinstance(steps[0], InferResult):
             return steps[0]
         sampler.advance(steps)
     return await model.runner.in_mc_pool(answer)
 
 
-def _first_round(
-    sampler: adaptive.Adaptive,
-    answer: Callable[..., InferResult],
-    settled: tuple[signatures.Samples, Summary, np.ndarray],
-) -> adaptive.Step | InferResult:
-    """In the worker thread: the first stretch's step; the whole answer if it settled every instance."""
-    drawn, summary, errors = settled
-    step = sampler.step(0, drawn, errors)
-    if step.active:
-        return step
-    sampler.advance([step])
-    return answer(summary)
-
-
 def _auto_round(
     sampler: adaptive.Adaptive,
     index: int,
     alone: bool,
-    answer: Callable[[], InferResult],
-    drawn: signatures.Samples,
+    answer: Callable[..., InferResult],
+    settled: tuple[signatures.Samples, Summary, np.ndarray],
 ) -> adaptive.Step | InferResult:
-    """In the worker thread: the stretch's step; the whole answer if this was the request's last stretch."""
-    step = sampler.step(index, drawn)
-    if alone and not step.active:
-        sampler.advance([step])
-        return answer()
-    return step
+    """In the worker thread: the stretch's step; the whole answer if this was the request's last stretch (with
+    the stretch's summary when its instances are all of them, stopping together)."""
+    drawn, summary, errors = settled
+    step = sampler.step(index, drawn, errors)
+    if not alone or step.active:
+        return step
+    sampler.advance([step])
+    return answer(summary if len(sampler.finished) == 1 else None)
 
 
 def _finish_auto(

@@ -22,7 +22,7 @@ from app.batcher import Batcher
 from app.mc_batcher import Prepare, SegmentBatcher
 from app.settings import Settings
 from training import signatures
-from training.draws import Segment
+from training.draws import Segment, continued
 
 R = TypeVar("R")
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -95,7 +95,7 @@ def _sample_then(sample: Sample, batch: np.ndarray, samples: int, seed: int, fin
 
 def _stretch_then(sample: Sample, segment: Segment, finish: Callable, prepare: Prepare | None) -> object:
     draws = sample(segment.inputs, segment.first + segment.samples, segment.seed)
-    kept = signatures.Samples(*(None if a is None else a[segment.first :] for a in draws[:2]))
+    kept = continued(segment, signatures.Samples(*(None if a is None else a[segment.first :] for a in draws[:2])))
     return finish(kept if prepare is None else prepare([kept])[0])
 
 

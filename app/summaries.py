@@ -149,9 +149,9 @@ class Summarizer:
 
 @dataclass(frozen=True, slots=True)
 class Settler:
-    """For ``samples: "auto"``: the first stretch of many requests at once, each one's draws, summary (not yet
-    observed for the metrics: the request may sample on) and its Monte-Carlo errors (``training.adaptive``),
-    computed together as ``Summarizer`` does (the errors are layout-invariant too)."""
+    """For ``samples: "auto"``: a stretch of many requests at once (each one's draws so far), each one's draws,
+    summary (not yet observed for the metrics: the request may sample on) and Monte-Carlo errors
+    (``training.adaptive``), computed together as ``Summarizer`` does (the errors are layout-invariant too)."""
 
     model: ServedModel
 

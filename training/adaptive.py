@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.draws import Samples, Segment, calibrated_predictive, joined
+from training.draws import Samples, Segment, calibrated_predictive
 from training.uncertainty import entropy, sample_mean
 
 DEFAULT_TOLERANCE = 0.05
@@ -169,13 +169,13 @@ class Adaptive:
 
     def pending(self) -> list[Segment]:
         """The stretches to draw next, one per active group; empty when every instance has settled."""
-        return [Segment(self._inputs[g.rows], self._seed, g.used, g.target - g.used) for g in self._active]
+        return [Segment(self._inputs[g.rows], self._seed, g.used, g.target - g.used, g.draws) for g in self._active]
 
-    def step(self, index: int, drawn: Samples, errors: np.ndarray | None = None) -> Step:
-        """What the draws of ``pending()[index]`` decide: each of its instances' next target (``errors``: the
-        Monte-Carlo errors of its instances' draws so far, if already estimated)."""
+    def step(self, index: int, draws: Samples, errors: np.ndarray | None = None) -> Step:
+        """What the draws of ``pending()[index]`` decide (all of its instances' draws so far, the stretch's after
+        its ``earlier`` ones): each instance's next target (``errors``: their Monte-Carlo errors, if already
+        estimated)."""
         group = self._active[index]
-        draws = drawn if group.draws is None else joined([group.draws, drawn])
         used = group.target
         errors = self._error(draws) if errors is None else errors
         targets = np.array([self._schedule.target(used, float(e), self._tolerance, self._maximum) for e in errors])

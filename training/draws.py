@@ -31,6 +31,8 @@ class Segment(NamedTuple):
     seed: int
     first: int
     samples: int
+    earlier: Samples | None = None
+    """Samples ``0 .. first - 1``, drawn before: the segment's draws come back joined after them."""
 
 
 def joined(parts: Sequence[Samples]) -> Samples:
@@ -39,6 +41,11 @@ def joined(parts: Sequence[Samples]) -> Samples:
         return parts[0]
     variance = None if parts[0].variance is None else np.concatenate([p.variance for p in parts])
     return Samples(np.concatenate([p.outputs for p in parts]), variance)
+
+
+def continued(segment: Segment, drawn: Samples) -> Samples:
+    """A segment's draws after its ``earlier`` ones, if it has any."""
+    return drawn if segment.earlier is None else joined([segment.earlier, drawn])
 
 
 def calibrated_predictive(outputs: np.ndarray, temperature: float) -> np.ndarray:

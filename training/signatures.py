@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from training import artifact
-from training.draws import Samples, Segment, calibrated_predictive, joined
+from training.draws import Samples, Segment, calibrated_predictive, continued, joined
 
 __all__ = ["Samples", "Segment", "calibrated_predictive", "infer", "infer_variance", "joined", "mc_draws"]
 __all__ += ["segment_draws"]
@@ -77,9 +77,12 @@ def segment_draws(signature, segments: Sequence[Segment]) -> list[Samples]:
     variance = outputs[artifact.VARIANCE_KEY].numpy() if artifact.VARIANCE_KEY in outputs else None
     bounds = np.cumsum([0, *sizes])
     return [
-        Samples(
-            np.ascontiguousarray(draws[: segment.samples, start:stop]),
-            None if variance is None else np.ascontiguousarray(variance[: segment.samples, start:stop]),
+        continued(
+            segment,
+            Samples(
+                np.ascontiguousarray(draws[: segment.samples, start:stop]),
+                None if variance is None else np.ascontiguousarray(variance[: segment.samples, start:stop]),
+            ),
         )
         for segment, start, stop in zip(segments, bounds[:-1], bounds[1:], strict=True)
     ]

@@ -97,9 +97,11 @@ def _noise(stretches: tf.Tensor, per_sample_shape: tf.Tensor, layer: keras.layer
     for a layer with ``mask_bits`` its mask read from each unit's field: 0.0 dropped, and kept 1.0 or, for a layer
     with ``_exact_scale``, that scale."""
     bits = mask_bits(layer)
+    size = tf.reduce_prod(per_sample_shape)
     if bits is not None:
-        stretches = _kept(stretches, bits, int(layer.rate * 2**bits), _exact_scale(layer) or 1.0)
-    return tf.reshape(stretches[:, : tf.reduce_prod(per_sample_shape)], tf.concat([[-1], per_sample_shape], 0))
+        words = stretches[:, : (size * bits + 31) // 32]  # a stretch is whole Philox blocks: 128 units at 1 bit
+        stretches = _kept(words, bits, int(layer.rate * 2**bits), _exact_scale(layer) or 1.0)
+    return tf.reshape(stretches[:, :size], tf.concat([[-1], per_sample_shape], 0))
 
 
 def _kept(words: tf.Tensor, bits: int, threshold: int, kept: float) -> tf.Tensor:

@@ -31,24 +31,27 @@ def _join(low: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
     return tf.bitwise.bitwise_or(shifted, tf.cast(low, tf.uint64))
 
 
-def _multiply(multiplier: int, value: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """The low and high 32 bits of ``multiplier * value`` (uint32 in, the full 64-bit product split)."""
-    return _halves(tf.cast(value, tf.uint64) * tf.constant(multiplier, tf.uint64))
-
-
 def blocks(key: tf.Tensor, counter_low: tf.Tensor, counter_high: tf.Tensor) -> tf.Tensor:
-    """The Philox block of each ``(key, counter)``: uint64 ``[n]`` each in, uint32 ``[n, 4]`` out."""
-    k0, k1 = _halves(key)
-    c0, c1 = _halves(counter_low)
-    c2, c3 = _halves(counter_high)
+    """The Philox block of each ``(key, counter)``: uint64 ``[n]`` each in, uint32 ``[n, 4]`` out.
+
+    The state is kept as two ``[2, n]`` halves, ``(c0, c2)`` and ``(c1, c3)``, so one op does a round's two
+    multiplications and the rest of the round takes a handful more: each op costs the executor a few
+    microseconds whatever its size, and a batched call runs two such streams per dropout layer.
+    """
+    key, low, high = _halves(key), _halves(counter_low), _halves(counter_high)
+    multiplied, mixed = tf.stack([low[0], high[0]]), tf.stack([low[1], high[1]])  # (c0, c2), (c1, c3)
+    key = tf.stack(key)
+    multipliers = tf.constant([[_MULTIPLIERS[0]], [_MULTIPLIERS[1]]], tf.uint64)
+    key_steps = tf.constant([[_KEY_STEPS[0]], [_KEY_STEPS[1]]], tf.uint32)
     for round_ in range(_ROUNDS):
-        low0, high0 = _multiply(_MULTIPLIERS[0], c0)
-        low1, high1 = _multiply(_MULTIPLIERS[1], c2)
+        product = tf.cast(multiplied, tf.uint64) * multipliers
+        product_low = tf.cast(product, tf.uint32)  # the low 32 bits: unsigned casts wrap
+        product_high = tf.cast(tf.bitwise.right_shift(product, tf.constant(32, tf.uint64)), tf.uint32)
         xor = tf.bitwise.bitwise_xor
-        c0, c1, c2, c3 = xor(xor(high1, c1), k0), low1, xor(xor(high0, c3), k1), low0
+        multiplied, mixed = xor(xor(tf.reverse(product_high, [0]), mixed), key), tf.reverse(product_low, [0])
         if round_ < _ROUNDS - 1:
-            k0, k1 = k0 + tf.constant(_KEY_STEPS[0], tf.uint32), k1 + tf.constant(_KEY_STEPS[1], tf.uint32)
-    return tf.stack([c0, c1, c2, c3], axis=1)
+            key = key + key_steps
+    return tf.stack([multiplied[0], mixed[0], multiplied[1], mixed[1]], axis=1)
 
 
 def key_counter(seeds: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -197,3 +197,12 @@ def test_http2_floor_without_h2load_says_how_to_install_it(tmp_path):
         [sys.executable, "bench/http2_floor.py"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "h2load is not installed" in done.stderr and "nghttp2-client" in done.stderr
+
+
+def test_mc_graph_checks_the_bits_and_times_both_checkouts():
+    command = [sys.executable, "bench/mc_graph.py", "--before", "HEAD", "--rounds", "1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "samples equal bit for bit: True" in done.stdout
+    timed = [line for line in done.stdout.splitlines() if line.startswith("round 1")]
+    assert len(timed) == 2 and all(float(line.split()[-2]) > 0 for line in timed), done.stdout

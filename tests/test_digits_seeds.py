@@ -41,7 +41,7 @@ def test_seeds_are_trained_scored_and_counted(tmp_path):
     summary = record["summary"]["0"]
     assert summary["seeds"] == 2 and summary["ece_met"] == sum(v["ece_met"] for v in by_seed.values())
     pooled = summary["pooled"]
-    assert pooled["rows"] == 720  # both seeds' 360 test rows
+    assert pooled["rows"] == 360  # both seeds' 180 test rows
     assert set(pooled["by_prediction"]) == {"mc", "mc_uncalibrated", "deterministic", "deterministic_uncalibrated"}
     assert pooled["by_prediction"]["mc"]["ece"] == pytest.approx(pooled["ece"]["mc"])
     for name in ("nll", "ece"):

@@ -47,7 +47,7 @@ def test_seeds_are_trained_scored_and_counted(tmp_path):
     for name in ("nll", "ece"):
         assert pooled[name]["difference"] == pytest.approx(pooled[name]["mc"] - pooled[name]["reference"])
         assert pooled[name]["low"] <= pooled[name]["high"]
-    assert "## Evaluation seed 0" in result.stdout and "All seeds' test rows as one set (720 rows)" in result.stdout
+    assert "## Evaluation seed 0" in result.stdout and "All seeds' test rows as one set (360 rows)" in result.stdout
 
     again = run(tmp_path)  # trained models are reused, not trained again
     assert again.returncode == 0, again.stderr[-3000:]

@@ -74,6 +74,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         help="classifiers: weight of the term that makes MC samples disagree on synthetic outliers "
         "(pixel-permuted training rows; training/outliers.py); 0 turns it off (default: 0.5)",
     )
+    p.add_argument(
+        "--shift-augment",
+        action="store_true",
+        help="image classifiers: train on rows shifted by up to one pixel each way, fresh at every step (default: off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_train)
     return p
@@ -133,6 +138,7 @@ def _run_train(args: argparse.Namespace) -> None:
         mc_samples=args.mc_samples,
         calibrate=args.calibrate,
         outlier_weight=args.outlier_weight,
+        shift_augment=args.shift_augment,
         likelihood=args.likelihood,
         beta=args.beta,
     )

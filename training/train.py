@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, replace
 
@@ -41,6 +42,8 @@ class TrainConfig:
     """Classifiers: fit a temperature for the deterministic and one for the MC predictive on the validation rows."""
     outlier_weight: float = 0.5
     """Classifiers: weight of the outlier-disagreement term (``training.outliers``); 0 trains on the real rows only."""
+    shift_augment: bool = False
+    """Image classifiers with the outlier term: train on rows shifted by up to one pixel (``outliers.shifted``)."""
 
 
 @dataclass
@@ -119,8 +122,11 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
             learning_rate=config.learning_rate,
             seed=settings.seed,
             verbose=verbose,
+            image_shape=image_shape(data) if settings.shift_augment else None,
         )
     else:
+        if settings.shift_augment:
+            raise ValueError("shift augmentation is part of the outlier-disagreement training (outlier weight > 0)")
         history = network.fit(
             x_fit,
             y_fit,
@@ -168,6 +174,17 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
         test,
         calibration,
     )
+
+
+def image_shape(data: Dataset) -> tuple[int, int]:
+    """Height and width of image rows: ``[H, W, C]`` inputs, or square pixel rows of a known value range (digits)."""
+    if data.x.ndim == 4 and data.x.shape[3] == 1:
+        return int(data.x.shape[1]), int(data.x.shape[2])
+    side = math.isqrt(data.x.shape[1]) if data.x.ndim == 2 else 0
+    if data.value_range is None or side * side != data.x.shape[1]:
+        shape = list(data.x.shape[1:])
+        raise ValueError(f"{data.name}: shift augmentation needs one-channel image rows, got inputs of shape {shape}")
+    return side, side
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,8 @@ def rows_of(version: Path) -> dict[str, dict[str, np.ndarray]]:
 
     meta = artifact.read_metadata(version)
     loaded = tf.saved_model.load(str(version))
-    split_rows = held_out_rows(meta)  # the test rows are split off and left alone
-    calibration, validation = split_rows.calibration, split_rows.validation
+    rows = held_out_rows(meta)  # the test rows are split off and left alone
+    calibration, validation = rows.calibration, rows.validation
     training_share = held_out_rows(meta, calibration_from_test=0.0).calibration  # no row of the test share
     out = {}
     parts = (("calibration", calibration, 0), ("validation", validation, 1), ("training share", training_share, 0))

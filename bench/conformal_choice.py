@@ -2,34 +2,44 @@
 
     python bench/conformal_choice.py --repository bench/results/digits-seeds-conformal [--seeds 0 1 …]
 
-For each ``digits-seed-S`` model of a ``bench/digits_seeds.py`` repository: its 288 calibration rows
+For each ``digits-seed-S`` model of a ``bench/digits_seeds.py`` repository: its calibration rows
 through ``mc_dropout`` as at export (T = 100, seed 0), its validation rows as a request with a fresh
 seed gets them (seed 1), and the plain softmax of both. Sets and abstention rules are calibrated on
 the calibration rows and measured on the validation rows, for every candidate, so the choice made in
 ``training.conformity`` (``SET_SCORE``, ``UNCERTAINTY``, ``DEFAULT_DELTA``) can be re-checked without
-scoring a test row. Writes ``conformal-choice-<time>.md`` beside ``bench/digits_seeds.py``'s results.
+scoring a test row.
+
+How many calibration rows (``--calibration-from-test``): the served rule's acceptance at risk 1 % for
+calibration sets of each size in ``SIZES``, drawn with replacement from each seed's calibration rows
+of the training share and its validation rows (never a row of the test share), beside the chance
+that some seed's 90 % sets cover less than 0.84 of the test rows left (binomial arithmetic).
+Writes ``conformal-choice-<time>.md`` beside ``bench/digits_seeds.py``'s results.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training import artifact, conformal, metrics, signatures  # noqa: E402
-from training.data import split  # noqa: E402
 from training.report import held_out_rows  # noqa: E402
-from training.train import calibration_rows  # noqa: E402
 from training.uncertainty import summarize_classification  # noqa: E402
 
 ALPHA, RISK = 0.1, 0.01
 DELTAS = (0.1, 0.2)
+SIZES = (288, 378, 468, 558)
+"""Calibration rows: the training share's 288 alone, and with 25, 50 and 75 % of the 360 test-share rows."""
+TEST_SHARE, FLOOR, SEEDS_JUDGED, RESAMPLES = 360, 0.84, 20, 200
+"""Test-share rows, per-seed coverage floor of the goal, seeds it is judged on, calibration sets drawn per size."""
 RAPS_PENALTY = 1.0
 """RAPS (Angelopoulos et al. 2021) with k_reg = 1: every label after the first costs this much score."""
 
@@ -55,12 +65,12 @@ def rows_of(version: Path) -> dict[str, dict[str, np.ndarray]]:
 
     meta = artifact.read_metadata(version)
     loaded = tf.saved_model.load(str(version))
-    fit = meta.training["fit"]
-    train, _ = held_out_rows(meta)  # the test rows are split off and left alone
-    fit_rows, validation = split(train, fit["validation_split"], fit["seed"])
-    _, calibration = calibration_rows(fit_rows, fit["calibration_split"], fit["validation_split"], fit["seed"])
+    rows = held_out_rows(meta)  # the test rows are split off and left alone
+    calibration, validation = rows.calibration, rows.validation
+    training_share = held_out_rows(meta, calibration_from_test=0.0).calibration  # no row of the test share
     out = {}
-    for name, rows, seed in (("calibration", calibration, 0), ("validation", validation, 1)):
+    parts = (("calibration", calibration, 0), ("validation", validation, 1), ("training share", training_share, 0))
+    for name, rows, seed in parts:
         draws = signatures.mc_draws(loaded.signatures[artifact.MC_SIGNATURE], rows.x, 100, seed)
         summary = summarize_classification(draws.outputs, draws.predictive)
         det = signatures.infer(loaded.signatures[artifact.SERVING_SIGNATURE], rows.x)
@@ -105,6 +115,51 @@ def abstention(models: list[dict], kind: str, uncertainty: str, delta: float) ->
     return {"accepted": kept.mean(), "errors": int(errors.sum()), "rows": int(kept.sum()), "all": everything}
 
 
+def acceptance_by_size(models: list[dict]) -> dict[int, np.ndarray]:
+    """Per size, each seed's mean share accepted by the served rule at ``RISK`` (delta 0.2) over ``RESAMPLES``
+    calibration sets of that size drawn with replacement from its training-share calibration and validation
+    rows, measured on those rows (a bootstrap: no row of the test share)."""
+    name = conformal.UNCERTAINTIES[1]
+    out: dict[int, list[float]] = {n: [] for n in SIZES}
+    for seed, m in enumerate(models):
+        parts = (m["training share"], m["validation"])
+        u = np.concatenate([conformal.uncertainty(name, *part["mc"]) for part in parts])
+        correct = np.concatenate([part["mc"][0].argmax(-1) == part["y"] for part in parts])
+        for n in SIZES:
+            draws = np.random.default_rng(seed).integers(0, len(u), (RESAMPLES, n))
+            shares = [np.mean(u <= conformal.abstention_threshold(u[i], correct[i], RISK, 0.2)) for i in draws]
+            out[n].append(float(np.mean(shares)))
+    return {n: np.array(shares) for n, shares in out.items()}
+
+
+def floor_risk(calibration: int, test: int) -> float:
+    """Chance that at least one of ``SEEDS_JUDGED`` seeds' 90 % sets cover less than ``FLOOR`` of its ``test`` rows.
+
+    Given the calibration draw a split-conformal set covers a fresh row with probability C ~ Beta(r, n + 1 - r),
+    r = ⌈(n + 1)(1 - alpha)⌉ (continuous scores); the test rows covered are then Binomial(test, C).
+    """
+    r = math.ceil((calibration + 1) * (1 - ALPHA) - 1e-9)
+    c = np.linspace(0.0005, 0.9995, 2000)
+    weight = stats.beta.pdf(c, r, calibration + 1 - r)
+    below = stats.binom.cdf(math.ceil(FLOOR * test - 1e-9) - 1, test, c)
+    one = float((weight * below).sum() / weight.sum())
+    return 1 - (1 - one) ** SEEDS_JUDGED
+
+
+def size_markdown(models: list[dict]) -> list[str]:
+    accepted = acceptance_by_size(models)
+    lines = [
+        "",
+        f"| calibration rows | test rows left | accepted at risk {RISK} (bootstrap) | lowest seed "
+        f"| chance a seed of {SEEDS_JUDGED} covers < {FLOOR} |",
+        "|---|---|---|---|---|",
+    ]
+    for n, shares in accepted.items():
+        test = TEST_SHARE - (n - SIZES[0])
+        lines.append(f"| {n} | {test} | {shares.mean():.3f} | {shares.min():.3f} | {floor_risk(n, test):.2f} |")
+    return lines
+
+
 def markdown(models: list[dict], seeds: list[int]) -> str:
     lines = [
         f"Seeds {', '.join(map(str, seeds))}: calibrated on each seed's calibration rows, measured on its "
@@ -134,7 +189,7 @@ def markdown(models: list[dict], seeds: list[int]) -> str:
             lines.append(
                 f"| {kind}: {uncertainty} | {delta} | {r['accepted']:.3f} | {r['errors']} / {r['rows']} | {r['all']} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + size_markdown(models)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -7,7 +7,7 @@ initialisation; ``--jobs`` processes at once; models already in ``--repository``
 each through its exported SavedModel with ``training.report.evaluate`` at every evaluation seed
 (the MC masks and the noise images), and counts the seeds at which the calibrated MC predictive has
 lower NLL and lower ECE than the uncalibrated deterministic prediction, and MC mutual information
-tells both OOD sets from test digits with AUROC >= 0.9. How decisive 360 test digits are: each
+tells both OOD sets from test digits with AUROC >= 0.9. How decisive a seed's 180 test digits are: each
 seed's ECE floors (``metrics.ece_floor``, the ECE a perfectly calibrated prediction with the same
 confidences would show), and all seeds' test rows pooled into one test set, large enough for ECE
 to rank the two predictions (with a paired-bootstrap interval of the difference).

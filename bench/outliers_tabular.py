@@ -105,7 +105,8 @@ def box_auroc(version: Path, samples: int, seed: int) -> float:
     from training.uncertainty import summarize_classification
 
     meta = artifact.read_metadata(version)
-    train_rows, test = held_out_rows(meta)
+    rows = held_out_rows(meta)
+    train_rows, test = rows.train, rows.test
     rng = np.random.default_rng(seed)
     box = rng.uniform(train_rows.x.min(axis=0), train_rows.x.max(axis=0), size=test.x.shape).astype(np.float32)
     mc = tf.saved_model.load(str(version)).signatures[artifact.MC_SIGNATURE]

@@ -9,9 +9,9 @@ import tensorflow as tf
 
 from training import artifact, export_model, signatures
 from training.concrete import ConcreteDropout, ConcreteL2, concrete_regularizers
-from training.data import Dataset, digits, split
+from training.data import Dataset, digits
 from training.model import ModelConfig, build_network
-from training.train import TrainConfig, calibration_rows, train
+from training.train import TrainConfig, split_rows, train
 
 
 def test_exported_mc_samples_follow_the_learned_rate(tmp_path):
@@ -78,9 +78,7 @@ def test_trained_concrete_regularizers_are_divided_by_the_homoscedastic_precisio
         x = rng.normal(size=(120, 4)).astype(np.float32)
         data = Dataset("toy", x, (x @ rng.normal(size=(4, 1)) * 20 + 3).astype(np.float32), "regression")
     settings = TrainConfig(epochs=1, mc_samples=2, tau=tau, likelihood=likelihood)
-    train_rows, _ = split(data, settings.test_split, settings.seed)
-    fit_rows, _ = split(train_rows, settings.validation_split, settings.seed)
-    fit_rows, _ = calibration_rows(fit_rows, settings.calibration_split, settings.validation_split, settings.seed)
+    fit_rows = split_rows(data, settings.__dict__).fit
     weight, rate = concrete_regularizers(len(fit_rows.y))
 
     trained = train(data, ModelConfig(hidden=(8,), dropout=0.1, input_dropout=0.1, concrete=True), settings)

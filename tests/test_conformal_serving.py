@@ -87,7 +87,7 @@ def test_served_sets_cover_the_test_digits_and_grow_as_alpha_shrinks(server, tin
             sets = [p["prediction_set"] for p in answer["predictions"]]
             covered += [str(label) in s for label, s in zip(test.y, sets, strict=True)]
             size += [len(s) for s in sets]
-        assert abs(np.mean(covered) - (1 - alpha)) < _band(alpha, len(test.y), 288), (alpha, np.mean(covered))
+        assert abs(np.mean(covered) - (1 - alpha)) < _band(alpha, len(test.y), 468), (alpha, np.mean(covered))
         sizes[alpha] = np.mean(size)
     assert sizes[0.3] < sizes[0.1] < sizes[0.05]
 
@@ -186,7 +186,7 @@ def test_a_model_without_scores_answers_without_the_fields_and_says_why(server, 
     info = httpx.get(f"{server.url}/models/plain", timeout=10).json()["versions"][0]
     assert info["conformal"] is None and "no conformal calibration stored" in info["conformal_unavailable"]
     calibrated = httpx.get(f"{server.url}/models/digits", timeout=10).json()["versions"][0]
-    assert calibrated["conformal_unavailable"] is None and calibrated["conformal"]["rows"] == 288
+    assert calibrated["conformal_unavailable"] is None and calibrated["conformal"]["rows"] == 468
     assert calibrated["conformal"]["score"] == "lac" and calibrated["conformal"]["delta"] == 0.2
     assert calibrated["conformal"]["uncertainty"] == "1 - probability + mutual information"
     metadata = httpx.get(f"{server.url}/v2/models/plain", timeout=10).json()

@@ -4,6 +4,7 @@ when the predictive it was computed from changes, and covering fresh rows at the
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,20 +32,44 @@ def calibrated(tiny_classifier, tmp_path_factory):
 
 
 def test_calibration_rows_are_held_out_from_fitting_validation_and_test(tiny_classifier):
-    from training.data import digits, split
+    from training.data import digits
+    from training.train import TrainConfig, split_rows
 
-    train_rows, test = split(digits(), 0.2, 0)
-    _, validation = split(train_rows, 0.1, 0)
-    calibration = tiny_classifier.calibration
-    assert abs(len(calibration.y) - 0.2 * len(train_rows.y)) <= 1  # 20 % of the training rows
-    seen = {row.tobytes() for part in (test, validation) for row in part.x}
-    assert not any(row.tobytes() in seen for row in calibration.x)  # (digits has a few duplicate images)
+    data = digits()
+    numbered = replace(data, x=np.arange(len(data.y), dtype=np.float32)[:, None])  # each row its own index
+    rows = split_rows(numbered, TrainConfig().__dict__)
+    whole = split_rows(numbered, {**TrainConfig().__dict__, "calibration_from_test": 0.0})
+    ids = {part: set(getattr(rows, part).x[:, 0].astype(int)) for part in ("fit", "validation", "calibration", "test")}
+    assert sum(map(len, ids.values())) == len(set().union(*ids.values())) == len(data.y)  # a partition
+    assert (len(ids["test"]), len(ids["calibration"]), len(ids["fit"])) == (180, 288 + 180, 1005)
+    # the fitting and validation rows are those without the test share: the model does not change
+    assert ids["fit"] == set(whole.fit.x[:, 0].astype(int)) and ids["validation"] == set(whole.validation.x[:, 0])
+    assert ids["calibration"] - set(whole.calibration.x[:, 0]) == set(whole.test.x[:, 0]) - ids["test"]
+    order = rows.calibration.x[:, 0].astype(int)  # the tiny model was calibrated on exactly these rows
+    np.testing.assert_array_equal(tiny_classifier.calibration.x, data.x[order])
+    np.testing.assert_array_equal(tiny_classifier.calibration.y, data.y[order])
+    np.testing.assert_array_equal(tiny_classifier.test.x, data.x[rows.test.x[:, 0].astype(int)])
+
+
+def test_taking_calibration_rows_from_the_test_share_leaves_the_model_bit_for_bit_the_same():
+    from training.data import digits
+    from training.model import ModelConfig
+    from training.train import TrainConfig, train
+
+    models = [
+        train(digits(), ModelConfig(hidden=(16,)), TrainConfig(epochs=2, mc_samples=5, calibration_from_test=share))
+        for share in (0.0, 0.5)
+    ]
+    assert [len(m.calibration.y) for m in models] == [288, 468] and [len(m.test.y) for m in models] == [360, 180]
+    for before, after in zip(models[0].model.get_weights(), models[1].model.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+    assert models[0].temperature == models[1].temperature  # the same validation rows
 
 
 def test_stored_scores_are_those_of_the_served_mc_predictive(calibrated, tiny_classifier):
     path, meta = calibrated
     stored = meta.conformal
-    assert (stored.rows, stored.samples, stored.seed) == (288, 30, 5)
+    assert (stored.rows, stored.samples, stored.seed) == (468, 30, 5)
     assert (stored.score, stored.uncertainty) == (conformity.SET_SCORE, conformity.UNCERTAINTY)
     assert stored.predictive_temperature == meta.predictive_temperature is not None
     rows = tiny_classifier.calibration
@@ -94,9 +119,9 @@ def test_sets_cover_fresh_rows_and_grow_as_alpha_shrinks(calibrated, tiny_classi
             covered.append(sets[np.arange(len(test.y)), test.y])
             size.append(sets.sum(axis=1))
         coverage[alpha], sizes[alpha] = np.mean(covered), np.mean(size)
-        # 360 rows x 3 seeds; the seeds share rows, so allow the one-seed binomial error (4 s.e.) plus the
-        # calibration set's own spread (about sqrt(alpha (1 - alpha) / 288))
-        band = 4 * math.sqrt(alpha * (1 - alpha) / 360) + 2 * math.sqrt(alpha * (1 - alpha) / 288)
+        # 180 rows x 3 seeds; the seeds share rows, so allow the one-seed binomial error (4 s.e.) plus the
+        # calibration set's own spread (about sqrt(alpha (1 - alpha) / 468))
+        band = 4 * math.sqrt(alpha * (1 - alpha) / 180) + 2 * math.sqrt(alpha * (1 - alpha) / 468)
         assert abs(coverage[alpha] - (1 - alpha)) < band, (alpha, coverage[alpha])
     assert sizes[0.3] < sizes[0.1] < sizes[0.05]
 

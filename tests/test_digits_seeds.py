@@ -41,13 +41,13 @@ def test_seeds_are_trained_scored_and_counted(tmp_path):
     summary = record["summary"]["0"]
     assert summary["seeds"] == 2 and summary["ece_met"] == sum(v["ece_met"] for v in by_seed.values())
     pooled = summary["pooled"]
-    assert pooled["rows"] == 720  # both seeds' 360 test rows
+    assert pooled["rows"] == 360  # both seeds' 180 test rows
     assert set(pooled["by_prediction"]) == {"mc", "mc_uncalibrated", "deterministic", "deterministic_uncalibrated"}
     assert pooled["by_prediction"]["mc"]["ece"] == pytest.approx(pooled["ece"]["mc"])
     for name in ("nll", "ece"):
         assert pooled[name]["difference"] == pytest.approx(pooled[name]["mc"] - pooled[name]["reference"])
         assert pooled[name]["low"] <= pooled[name]["high"]
-    assert "## Evaluation seed 0" in result.stdout and "All seeds' test rows as one set (720 rows)" in result.stdout
+    assert "## Evaluation seed 0" in result.stdout and "All seeds' test rows as one set (360 rows)" in result.stdout
 
     again = run(tmp_path)  # trained models are reused, not trained again
     assert again.returncode == 0, again.stderr[-3000:]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
-from training.outliers import OUTLIER, batches, disagreement_loss, permuted, two_pass_mutual_information
+from training.outliers import OUTLIER, batches, disagreement_loss, permuted, shifted, two_pass_mutual_information
 
 
 def test_permuted_rows_keep_their_values_in_a_new_order():
@@ -75,3 +77,32 @@ def test_training_with_the_term_makes_mc_samples_disagree_on_outliers():
     real, unseen = mutual_information[1.0]
     assert unseen > 3 * mutual_information[0.0][1]  # the samples disagree on outliers they never saw ...
     assert unseen > 3 * real  # ... far more than on real digits
+
+
+def test_shifted_moves_each_image_by_at_most_one_pixel_every_way():
+    x = np.zeros((900, 64), np.float32)
+    x[:, 3 * 8 + 4] = 1.0  # one lit pixel, away from the border
+    out = shifted(tf.constant(x), (8, 8), tf.constant([5, 7], tf.int64)).numpy()
+    lit = out.argmax(axis=1)
+    moves = {(int(p // 8) - 3, int(p % 8) - 4) for p in lit}
+    assert moves == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}  # all nine, nothing farther
+    np.testing.assert_array_equal(out.sum(axis=1), 1.0)  # moved, not blurred
+    corner = np.zeros((200, 64), np.float32)
+    corner[:, 0] = 1.0
+    assert 0 < shifted(tf.constant(corner), (8, 8), tf.constant([5, 7], tf.int64)).numpy().sum() < 200  # zero fill
+
+
+def test_shift_augmented_training_learns_digits_and_refuses_tabular_rows():
+    from training.data import Dataset, digits
+    from training.model import ModelConfig
+    from training.train import TrainConfig, train
+
+    settings = TrainConfig(epochs=10, mc_samples=5, shift_augment=True)
+    trained = train(digits(), ModelConfig(hidden=(64, 32)), settings)
+    plain = train(digits(), ModelConfig(hidden=(64, 32)), replace(settings, shift_augment=False))
+    assert trained.metrics["test_deterministic"]["accuracy"] > 0.4  # shifted digits are still digits (chance: 0.1)
+    assert not np.array_equal(trained.model.get_weights()[0], plain.model.get_weights()[0])  # the rows did move
+    rows = np.random.default_rng(0).normal(size=(100, 5)).astype(np.float32)
+    table = Dataset("table", rows, np.arange(100) % 2, "classification", class_labels=["a", "b"])
+    with pytest.raises(ValueError, match="needs one-channel image rows"):
+        train(table, ModelConfig(hidden=(4,)), replace(settings, calibration_split=0.0, calibration_from_test=0.0))

@@ -22,7 +22,7 @@ def test_evaluate_writes_scores_auroc_and_plots(tmp_path):
     for plot in ("reliability.png", "uncertainty.png", "training.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())
-    assert report["test_rows"] == 360 and report["samples"] == 20
+    assert report["test_rows"] == 180 and report["samples"] == 20
     assert set(report["scores"]) == {"deterministic (uncalibrated)", "mc (uncalibrated)", "deterministic", "mc"}
     assert report["temperature"] > 0 and report["predictive_temperature"] > 0
     for kind in ("uniform noise", "inverted"):
@@ -48,7 +48,7 @@ def test_evaluate_writes_scores_auroc_and_plots(tmp_path):
     assert "| MC minus |" in result.stdout
     conformal = report["conformal"]  # the sets and abstention rules of the stored calibration, and the plain softmax's
     assert conformal["available"] and conformal["calibration"]["scores_reproduced"]
-    assert conformal["calibration"]["rows"] == 288 and not conformal["calibration"]["same_samples_as_evaluation"]
+    assert conformal["calibration"]["rows"] == 468 and not conformal["calibration"]["same_samples_as_evaluation"]
     for kind in ("mc", "plain softmax"):
         sizes = [conformal["sets"][kind][alpha]["mean_size"] for alpha in ("0.05", "0.1", "0.2")]
         assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
@@ -56,7 +56,7 @@ def test_evaluate_writes_scores_auroc_and_plots(tmp_path):
             assert 0.0 <= rule["accepted"] <= 1.0
             assert set(rule["ood_abstained"]) == {"uniform noise", "inverted", "boxes"}
     assert (out / "risk_coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Conformal prediction sets (lac), 288 calibration rows" in result.stdout
+    assert "Conformal prediction sets (lac), 468 calibration rows" in result.stdout
     assert "Abstention (accept when 1 - probability + mutual information is at most" in result.stdout
 
 

@@ -51,6 +51,13 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         "(0: none; default 0.2)",
     )
     p.add_argument(
+        "--calibration-from-test",
+        type=float,
+        default=0.5,
+        help="share of the test rows that become calibration rows too: more rows to certify an abstention "
+        "risk with, at no cost to the model (0: the test rows stay whole; default 0.5)",
+    )
+    p.add_argument(
         "--risk", type=float, default=0.05, help="classifiers: abstention risk served when a request names none (0.05)"
     )
     p.add_argument("--mc-samples", type=int, default=100, help="MC samples for the held-out scores")
@@ -66,6 +73,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         default=0.5,
         help="classifiers: weight of the term that makes MC samples disagree on synthetic outliers "
         "(pixel-permuted training rows; training/outliers.py); 0 turns it off (default: 0.5)",
+    )
+    p.add_argument(
+        "--shift-augment",
+        action="store_true",
+        help="image classifiers: train on rows shifted by up to one pixel each way, fresh at every step (default: off)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_train)
@@ -120,11 +132,13 @@ def _run_train(args: argparse.Namespace) -> None:
         validation_split=args.validation_split,
         test_split=args.test_split,
         calibration_split=args.calibration_split,
+        calibration_from_test=args.calibration_from_test,
         seed=args.seed,
         tau=args.tau,
         mc_samples=args.mc_samples,
         calibrate=args.calibrate,
         outlier_weight=args.outlier_weight,
+        shift_augment=args.shift_augment,
         likelihood=args.likelihood,
         beta=args.beta,
     )
@@ -156,7 +170,8 @@ def _run_train(args: argparse.Namespace) -> None:
         else CalibrationRows(
             trained.calibration.x,
             trained.calibration.y,
-            source=f"held out: {args.calibration_split:.0%} of the training rows, seed {args.seed}",
+            source=f"held out: {args.calibration_split:.0%} of the training rows and "
+            f"{args.calibration_from_test:.0%} of the test rows, seed {args.seed}",
             default_risk=args.risk,
         ),
     )

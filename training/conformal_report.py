@@ -17,9 +17,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from training import artifact, conformal, metrics
-from training.data import Dataset, split
+from training.data import Dataset
 from training.signatures import Samples
-from training.train import calibration_rows
 from training.uncertainty import summarize_classification
 
 ALPHAS = (0.05, 0.1, 0.2)
@@ -31,17 +30,6 @@ ARRAYS = "conformal.npz"
 
 def array_key(*parts: object) -> str:
     return "_".join(str(p).replace(" ", "-") for p in parts)
-
-
-def calibration_set(meta: artifact.ModelMetadata, train: Dataset) -> Dataset:
-    """The calibration rows the version was calibrated on, re-split from its training rows with its seed."""
-    fit = meta.training.get("fit", {})
-    seed, validation_split = fit.get("seed", 0), fit.get("validation_split", 0.1)
-    fit_rows, _ = split(train, validation_split, seed)
-    _, calibration = calibration_rows(fit_rows, fit.get("calibration_split", 0.0), validation_split, seed)
-    if calibration is None or len(calibration.y) != meta.conformal.rows:
-        raise ValueError("the version's calibration rows cannot be re-derived from its training settings")
-    return calibration
 
 
 def _boxes(count: int, seed: int) -> np.ndarray:
@@ -58,7 +46,7 @@ def _boxes(count: int, seed: int) -> np.ndarray:
 
 def evaluate(
     meta: artifact.ModelMetadata,
-    train: Dataset,
+    calibration: Dataset | None,
     test: Dataset,
     plain: Callable[[np.ndarray], np.ndarray],
     mc: Callable[[np.ndarray, int, int], Samples],
@@ -66,12 +54,14 @@ def evaluate(
     samples: int,
     seed: int,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """The report's ``conformal`` section and the per-row arrays; ``plain(x)`` is the uncalibrated softmax,
-    ``mc(x, T, seed)`` the ``mc_dropout`` draws."""
+    """The report's ``conformal`` section and the per-row arrays; ``calibration`` the rows the version was
+    calibrated on (``report.held_out_rows``), ``plain(x)`` the uncalibrated softmax, ``mc(x, T, seed)`` the
+    ``mc_dropout`` draws."""
     stored = meta.conformal
     if stored is None or stored.correct is None:
         return {"available": False, "reason": "the version stores no conformal calibration"}, {}
-    calibration = calibration_set(meta, train)
+    if calibration is None or len(calibration.y) != stored.rows:
+        raise ValueError("the version's calibration rows cannot be re-derived from its training settings")
     ood = dict(out_of_distribution)
     if meta.input_shape in ([64], [8, 8, 1]):
         ood["boxes"] = _boxes(len(test.y), seed).reshape(-1, *meta.input_shape)

@@ -36,6 +36,15 @@ def permuted(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.reshape(tf.gather(flat, order, batch_dims=1), tf.shape(x))
 
 
+def shifted(x: tf.Tensor, image_shape: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
+    """Each row's image moved by -1, 0 or +1 pixels down and across (zero fill), from a stateless ``seed [2]``."""
+    height, width = image_shape
+    padded = tf.pad(tf.reshape(x, [-1, height, width]), [[0, 0], [1, 1], [1, 1]])
+    moves = tf.stack([padded[:, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)], axis=1)
+    pick = tf.random.stateless_uniform([tf.shape(x)[0]], seed=seed, maxval=9, dtype=tf.int32)
+    return tf.reshape(tf.gather(moves, pick, batch_dims=1), tf.shape(x))
+
+
 def two_pass_mutual_information(first: tf.Tensor, second: tf.Tensor) -> tf.Tensor:
     """``H[(p1 + p2) / 2] - (H[p1] + H[p2]) / 2`` per row: 0 when the passes agree, up to log 2."""
 
@@ -85,16 +94,21 @@ class RealRowAccuracy(keras.metrics.Mean):
         return super().update_state(correct, sample_weight=tf.cast(labels != OUTLIER, y_pred.dtype))
 
 
-def batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, seed: int) -> tf.data.Dataset:
+def batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, seed: int, image_shape: tuple[int, int] | None = None
+) -> tf.data.Dataset:
     """Shuffled batches of the real rows, each followed by as many fresh outliers made from them.
 
-    Labels of the outliers are ``OUTLIER``. A step's permutations depend only on ``(seed, step)``.
+    Labels of the outliers are ``OUTLIER``. A step's permutations depend only on ``(seed, step)``. With
+    ``image_shape`` the real rows are images, each ``shifted`` afresh at every step (augmentation).
     """
     rows = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), y.astype(np.int64)))
     shuffled = rows.shuffle(len(y), seed=seed, reshuffle_each_iteration=True).batch(batch_size).repeat(epochs)
 
     def with_outliers(step: tf.Tensor, batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         features, labels = batch
+        if image_shape is not None:
+            features = shifted(features, image_shape, tf.stack([tf.constant(-seed - 1, tf.int64), step]))
         outliers = permuted(features, tf.stack([tf.constant(seed, tf.int64), step]))
         return tf.concat([features, outliers], 0), tf.concat([labels, tf.fill(tf.shape(labels), np.int64(OUTLIER))], 0)
 
@@ -113,11 +127,13 @@ def fit(
     learning_rate: float,
     seed: int,
     verbose: int,
+    image_shape: tuple[int, int] | None = None,
 ) -> dict[str, list[float]]:
     """Train ``network`` (a softmax classifier with dropout) with the outlier term; its history.
 
     The network is trained through a wrapper that runs it twice on every batch, each pass with
-    its own dropout masks; the validation scores are the network's own (inference mode).
+    its own dropout masks; the validation scores are the network's own (inference mode). ``image_shape``:
+    train on images shifted by up to a pixel (``batches``).
     """
     features = keras.Input(network.input_shape[1:])
     both = keras.layers.Concatenate(name="two_passes")([network(features), network(features)])
@@ -128,7 +144,7 @@ def fit(
         metrics=[RealRowAccuracy()],
     )
     return trainer.fit(
-        batches(x, y, batch_size, epochs, seed),
+        batches(x, y, batch_size, epochs, seed, image_shape),
         validation_data=validation,
         epochs=epochs,
         steps_per_epoch=math.ceil(len(y) / batch_size),

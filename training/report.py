@@ -23,19 +23,20 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
 
 from training import artifact, conformal_report, metrics, signatures
-from training.data import DIGITS, Dataset, digits, load, split
+from training.data import DIGITS, Dataset, digits, load
+from training.train import Rows, split_rows
 from training.uncertainty import entropy, summarize_classification
 
 
-def held_out_rows(meta: artifact.ModelMetadata) -> tuple[Dataset, Dataset]:
-    """The training and test rows the model was trained and scored on, re-split with its seed."""
+def held_out_rows(meta: artifact.ModelMetadata, **changed: float) -> Rows:
+    """The rows the model was trained, calibrated and scored on, re-split with its training settings
+    (``changed``: some of them otherwise, e.g. ``calibration_from_test=0.0`` for the test rows whole)."""
     source = meta.training.get("data", DIGITS)
     if source == DIGITS:
         data = digits(images=len(meta.input_shape) > 1)
     else:
         data = load(source, meta.training.get("target"), meta.task)
-    fit = meta.training.get("fit", {})
-    return split(data, fit.get("test_split", 0.2), fit.get("seed", 0))
+    return split_rows(data, {**meta.training.get("fit", {}), **changed})
 
 
 def out_of_distribution(train: Dataset, like: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -69,7 +70,8 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
     def mc(x: np.ndarray) -> signatures.Samples:
         return signatures.mc_draws(loaded.signatures[artifact.MC_SIGNATURE], x, samples, seed)
 
-    train, test = held_out_rows(meta)
+    rows = held_out_rows(meta)
+    train, test = rows.train, rows.test
     det_probs = deterministic(test.x)
     mc_draws = mc(test.x)
     mc_summary = summarize_classification(mc_draws.outputs, mc_draws.predictive)
@@ -102,7 +104,7 @@ def evaluate(version_dir: Path, out: Path, samples: int = 100, seed: int = 0) ->
         return signatures.mc_draws(loaded.signatures[artifact.MC_SIGNATURE], x, t, s)
 
     conformal, conformal_arrays = conformal_report.evaluate(
-        meta, train, test, plain, mc_at, out_of_distribution(train, test.x, seed), samples, seed
+        meta, rows.calibration, test, plain, mc_at, out_of_distribution(train, test.x, seed), samples, seed
     )
 
     out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, replace
 
@@ -25,6 +26,9 @@ class TrainConfig:
     test_split: float = 0.2
     calibration_split: float = 0.2
     """Share of the training rows held out for conformal calibration (``calibration_rows``); 0: none."""
+    calibration_from_test: float = 0.5
+    """Share of the test rows that become calibration rows too (``split_rows``): more rows to certify a risk
+    with, at no cost to the model; 0: the test rows stay whole."""
     seed: int = 0
     tau: float | None = None
     """Regression model precision; None fits it on the validation rows after training."""
@@ -38,6 +42,8 @@ class TrainConfig:
     """Classifiers: fit a temperature for the deterministic and one for the MC predictive on the validation rows."""
     outlier_weight: float = 0.5
     """Classifiers: weight of the outlier-disagreement term (``training.outliers``); 0 trains on the real rows only."""
+    shift_augment: bool = False
+    """Image classifiers with the outlier term: train on rows shifted by up to one pixel (``outliers.shifted``)."""
 
 
 @dataclass
@@ -70,11 +76,8 @@ def _input_scaling(data: Dataset, config: ModelConfig) -> tuple[np.ndarray, np.n
 def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedModel:
     keras.utils.set_random_seed(settings.seed)
     tf.config.experimental.enable_op_determinism()
-    train_rows, test = split(data, settings.test_split, settings.seed)
-    fit_rows, validation = split(train_rows, settings.validation_split, settings.seed)
-    fit_rows, calibration = calibration_rows(
-        fit_rows, settings.calibration_split, settings.validation_split, settings.seed
-    )
+    rows = split_rows(data, settings.__dict__)
+    fit_rows, validation, calibration, test = rows.fit, rows.validation, rows.calibration, rows.test
 
     shift, scale, description = _input_scaling(fit_rows, config)
     preprocessing = Preprocessing(inputs=description, input_shift=shift.tolist(), input_scale=scale.tolist())
@@ -119,8 +122,11 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
             learning_rate=config.learning_rate,
             seed=settings.seed,
             verbose=verbose,
+            image_shape=image_shape(data) if settings.shift_augment else None,
         )
     else:
+        if settings.shift_augment:
+            raise ValueError("shift augmentation is part of the outlier-disagreement training (outlier weight > 0)")
         history = network.fit(
             x_fit,
             y_fit,
@@ -168,6 +174,56 @@ def train(data: Dataset, config: ModelConfig, settings: TrainConfig) -> TrainedM
         test,
         calibration,
     )
+
+
+def image_shape(data: Dataset) -> tuple[int, int]:
+    """Height and width of image rows: ``[H, W, C]`` inputs, or square pixel rows of a known value range (digits)."""
+    if data.x.ndim == 4 and data.x.shape[3] == 1:
+        return int(data.x.shape[1]), int(data.x.shape[2])
+    side = math.isqrt(data.x.shape[1]) if data.x.ndim == 2 else 0
+    if data.value_range is None or side * side != data.x.shape[1]:
+        shape = list(data.x.shape[1:])
+        raise ValueError(f"{data.name}: shift augmentation needs one-channel image rows, got inputs of shape {shape}")
+    return side, side
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A data set's rows by the part they play; ``train`` is every row but the test share's (fit, validation
+    and the calibration rows taken from it)."""
+
+    train: Dataset
+    fit: Dataset
+    validation: Dataset
+    calibration: Dataset | None
+    test: Dataset
+
+
+def split_rows(data: Dataset, fit: dict) -> Rows:
+    """Split ``data`` as the training settings ``fit`` (``TrainConfig`` fields, as stored in the metadata) say.
+
+    Test rows first, then validation rows, then calibration rows from the training rows
+    (``calibration_rows``), each stratified and seeded, so the weights, temperatures and tau are fitted
+    exactly as without calibration_from_test. Then ``calibration_from_test`` of the test rows join the
+    calibration rows: nothing was fitted on them either, so the union is still exchangeable with fresh rows,
+    and the model is the same whatever the share. Settings missing from ``fit`` (older metadata) take
+    the values that version was trained with.
+    """
+    seed, validation_split = fit.get("seed", 0), fit.get("validation_split", 0.1)
+    train_rows, test = split(data, fit.get("test_split", 0.2), seed)
+    fit_rows, validation = split(train_rows, validation_split, seed)
+    fit_rows, calibration = calibration_rows(fit_rows, fit.get("calibration_split", 0.0), validation_split, seed)
+    from_test = fit.get("calibration_from_test", 0.0)
+    if from_test:
+        if not 0.0 < from_test < 1.0:
+            raise ValueError("calibration_from_test must leave test rows and take some (strictly between 0 and 1)")
+        test, moved = split(test, from_test, seed)
+        calibration = moved if calibration is None else _joined(calibration, moved)
+    return Rows(train_rows, fit_rows, validation, calibration, test)
+
+
+def _joined(first: Dataset, second: Dataset) -> Dataset:
+    return replace(first, x=np.concatenate([first.x, second.x]), y=np.concatenate([first.y, second.y]))
 
 
 def calibration_rows(

@@ -25,7 +25,8 @@ Servers (one process each, loopback only, no access logs):
 Workloads: predict-1 and predict-32 (1 and 32 digit instances per request), mc-100
 (/predict/mc-dropout, 1 instance, T = 100; at the --mc-connections counts), mc-100-mixed /
 mc-auto-mixed: the mixed stream of bench/adaptive.py (test digits plus 10 % boxes, noise and inverted
-digits), one instance per request in turn, T = 100 or samples "auto" (at --mixed-connections);
+digits), one instance per request in turn, T = 100 or samples "auto" (at --mixed-connections), and mc-10-mixed:
+T = 10, auto's first stretch alone, which bounds what auto can reach;
 for ours-batched also v2-1 (REST /v2/models/{m}/infer, JSON, 1 instance), grpc-v2-1 (gRPC
 ModelInfer, raw FP32, 1 instance) and grpc-live (gRPC ServerLive: a call that does nothing), the gRPC
 ones N concurrent calls on one HTTP/2 connection (one channel, as a gRPC client sends them) in the
@@ -88,6 +89,7 @@ WORKLOADS = [
     Workload("mc-100", [DIGIT_ZERO], samples=100),
     Workload("mc-100-mixed", mixed_rows(), samples=100, stream=True),
     Workload("mc-auto-mixed", mixed_rows(), samples="auto", stream=True),
+    Workload("mc-10-mixed", mixed_rows(), samples=10, stream=True),  # auto's first stretch alone: its ceiling
 ]
 
 
@@ -328,6 +330,13 @@ FIGURES = [
         (OURS, "mc-100-mixed", 32, "rps"),
         "/",
         2,
+    ),
+    (
+        "MC T=10 (auto's first stretch alone), mixed stream, 32 conn: req/s vs T=100 (what auto can reach)",
+        (OURS, "mc-10-mixed", 32, "rps"),
+        (OURS, "mc-100-mixed", 32, "rps"),
+        "/",
+        None,
     ),
 ]
 

@@ -56,7 +56,7 @@ def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_p
     results = run_bench(repository, tmp_path / "r.json", "--servers", *servers, "ours-before", *arguments)
     predict = [("predict-1", c) for c in (1, 8)] + [("predict-32", c) for c in (1, 8)]
     expected = {("floor", "predict-1", c) for c in (1, 8)} | {("minimal", w, c) for w, c in predict}
-    mc = [("mc-100", 1), ("mc-100", 8), ("mc-100-mixed", 8)]
+    mc = [("mc-100", 1), ("mc-100", 8), ("mc-100-mixed", 8), ("mc-10-mixed", 8)]
     for ours in servers[2:]:
         expected |= {(ours, w, c) for w, c in [*predict, *mc, ("mc-auto-mixed", 8)]}
     expected |= {("ours-before", w, c) for w, c in [*predict, *mc]}  # no samples "auto" before
@@ -117,7 +117,7 @@ def test_rounds_measure_every_server_again(tiny_classifier_dir, tmp_path):
     assert results["run"]["grpc_load_generator"] == "bench/grpc_load.py"
     rounds = {(r["server"], r["workload"], r["connections"], r["round"]) for r in results["runs"]}
     cells = {("floor", "predict-1", 8), ("ours-batched", "predict-1", 8), ("ours-batched", "predict-32", 8)}
-    cells |= {("ours-batched", "mc-100", 1), ("ours-batched", "mc-100-mixed", 1), ("ours-batched", "mc-auto-mixed", 1)}
+    cells |= {("ours-batched", w, 1) for w in ("mc-100", "mc-100-mixed", "mc-auto-mixed", "mc-10-mixed")}
     cells |= {("ours-batched", w, 8) for w in ("v2-1", "grpc-v2-1", "grpc-v2-1-conns", "grpc-live")}
     assert rounds == {(*cell, k) for cell in cells for k in (1, 2)}
     assert len(results["ratios_per_round"]) == 2
@@ -147,8 +147,8 @@ def test_grpc_and_the_pre_refactor_server_are_measured_beside_rest(tiny_classifi
     workloads = ("predict-1", "predict-32", "v2-1", "grpc-v2-1", "grpc-v2-1-conns", "grpc-live")
     expected = {("ours-batched", w, c) for w in workloads for c in (1, 8)}
     expected |= {("ours-before", w, c) for w in ("predict-1", "predict-32") for c in (1, 8)}
-    expected |= {("ours-batched", w, 1) for w in ("mc-100", "mc-100-mixed", "mc-auto-mixed")}
-    expected |= {("ours-before", w, 1) for w in ("mc-100", "mc-100-mixed")}  # fixed T only
+    expected |= {("ours-batched", w, 1) for w in ("mc-100", "mc-100-mixed", "mc-auto-mixed", "mc-10-mixed")}
+    expected |= {("ours-before", w, 1) for w in ("mc-100", "mc-100-mixed", "mc-10-mixed")}  # fixed T only
     assert_complete(results, expected)
     grpc_generator = "h2load" if shutil.which("h2load") else "bench/grpc_load.py"
     for run in results["runs"]:

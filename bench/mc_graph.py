@@ -17,11 +17,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.in_process import best_of  # noqa: E402
 
 
 def _checkout_training(commit: str, into: Path) -> str:
@@ -36,18 +38,6 @@ def _checkout_training(commit: str, into: Path) -> str:
             text.replace("from training.", f"from {package}.").replace("from training import", f"from {package} import")
         )
     return package
-
-
-def cpu_ms(call: Callable[[], object], number: int = 30, repeat: int = 5) -> float:
-    """Process CPU milliseconds per call, the best of ``repeat`` batches."""
-    call()
-    best = []
-    for _ in range(repeat):
-        start = time.process_time()
-        for _ in range(number):
-            call()
-        best.append((time.process_time() - start) / number * 1000)
-    return min(best)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     answers = {name: [call().numpy() for call in pair] for name, pair in calls.items()}
     same = all(np.array_equal(a, b) for a, b in zip(*answers.values(), strict=True))
     print(f"samples equal bit for bit: {same}")
+    cpu_ms = partial(best_of, repeat=5, number=30, clock=time.process_time)
     for round_ in range(args.rounds):
         for name, (alone, batched) in calls.items():
-            print(
-                f"round {round_ + 1}  {name:14s} one seed {cpu_ms(alone):.2f} ms  32 segments {cpu_ms(batched):.2f} ms"
-            )
+            timed = f"one seed {cpu_ms(alone):.2f} ms  32 segments {cpu_ms(batched):.2f} ms"
+            print(f"round {round_ + 1}  {name:14s} {timed}")
     return 0 if same else 1
 
 

@@ -103,8 +103,15 @@ def _dropout_switched_on(
 
         return first_reads_shared
 
+    with _calls_replaced(layers, lambda stream, layer: reading_shared(stochastic(layer, stream, draw))):
+        yield
+
+
+@contextlib.contextmanager
+def _calls_replaced(layers: list[keras.layers.Layer], call_of: Callable[[int, keras.layers.Layer], Callable]):
+    """Each layer's ``call`` is ``call_of(its index, it)`` while the model is traced, then its own again."""
     for stream, layer in enumerate(layers):
-        layer.call = reading_shared(stochastic(layer, stream, draw))
+        layer.call = call_of(stream, layer)
     try:
         yield
     finally:
@@ -128,13 +135,8 @@ def _shared_prefix(model: keras.Model, layers: list[keras.layers.Layer], inputs:
 
     rows = tf.shape(inputs)[0]
     padding = tf.concat([[[0, -rows % _ROW_PACKET]], tf.zeros([tf.rank(inputs) - 1, 2], tf.int32)], 0)
-    for layer in layers:
-        layer.call = capture
-    try:
+    with _calls_replaced(layers, lambda stream, layer: capture):
         model(tf.pad(inputs, padding), training=False)  # only the ops up to the first dropout call are kept
-    finally:
-        for layer in layers:
-            del layer.call
     return captured[0][:rows] if captured else None
 
 

@@ -27,9 +27,11 @@ from bench.in_process import best_of  # noqa: E402
 
 
 def _checkout_training(commit: str, into: Path) -> str:
-    """``training/`` of ``commit`` as the importable package ``training_<commit>``, imports renamed."""
-    package = f"training_{commit}"
-    archive = subprocess.run(["git", "archive", commit, "training"], cwd=ROOT, capture_output=True, check=True)
+    """``training/`` of ``commit`` as the importable package ``training_<short hash>``, imports renamed."""
+    git = partial(subprocess.run, cwd=ROOT, capture_output=True, check=True)
+    short_hash = git(["git", "rev-parse", "--short", commit], text=True).stdout.strip()
+    package = f"training_{short_hash}"  # a ref such as HEAD~1 is no module name
+    archive = git(["git", "archive", commit, "training"])
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     (into / "training").rename(into / package)
     for source in (into / package).glob("*.py"):

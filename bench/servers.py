@@ -190,8 +190,9 @@ def ours(ports: tuple[int, int], model_dir: Path, model: str, workloads: list[Wo
 
 
 def before(port: int, model_dir: Path, model: str, workloads: list[Workload], source: str, scratch: Path) -> Server:
-    """This server as it was before a change (default settings), on the workloads that code knows (fixed T):
-    ``source`` is a source tree, or a commit served from a ``git worktree`` of it."""
+    """This server as it was before a change (default settings), on the workloads that code knows (fixed T, and
+    ``samples: "auto"`` once it has ``training/adaptive.py``): ``source`` is a source tree, or a commit served from
+    a ``git worktree`` of it."""
     checkout = Path(source)
     if not checkout.is_dir():
         checkout = scratch / f"before-{source}"
@@ -200,6 +201,8 @@ def before(port: int, model_dir: Path, model: str, workloads: list[Workload], so
             subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
     settings = {"DROPOUT_SERVE_MODEL_DIR": str(model_dir), "DROPOUT_SERVE_DEFAULT_MODEL": model}
     settings["DROPOUT_SERVE_ACCESS_LOG"] = "false"
+
+    knows_auto = (checkout / "training" / "adaptive.py").exists()
 
     def remove() -> None:
         subprocess.run(["git", "worktree", "remove", "--force", str(checkout)], cwd=ROOT, capture_output=True)
@@ -213,7 +216,7 @@ def before(port: int, model_dir: Path, model: str, workloads: list[Workload], so
         requests={
             w.name: ("/predict/mc-dropout" if w.samples else "/predict", _native(w))
             for w in workloads
-            if not isinstance(w.samples, str)
+            if knows_auto or not isinstance(w.samples, str)
         },
         read=_read_probabilities,
         cwd=checkout,

@@ -21,7 +21,8 @@ Servers (one process each, loopback only, no access logs):
   ours-unbatched  uvicorn app.main:app with DROPOUT_SERVE_MAX_BATCH_SIZE=1
   ours-batched    uvicorn app.main:app with default settings (gRPC on a second port)
   ours-before     the same before this session's changes: --before, a commit (default 38c439a, before
-                  issues 18 and 21) served from a `git worktree` of it, or a source tree; fixed-T workloads only
+                  issues 18 and 21) served from a `git worktree` of it, or a source tree; fixed-T workloads,
+                  and auto if that code has it
 Workloads: predict-1 and predict-32 (1 and 32 digit instances per request), mc-100
 (/predict/mc-dropout, 1 instance, T = 100; at the --mc-connections counts), mc-100-mixed /
 mc-auto-mixed: the mixed stream of bench/adaptive.py (test digits plus 10 % boxes, noise and inverted

@@ -55,14 +55,15 @@ def test_regression_error_is_relative_to_the_total_std():
     assert adaptive.regression_error(np.zeros((5, 1, 1)), None)[0] == 0.0  # no spread, no noise: settled
 
 
-def test_schedule_grows_to_what_the_error_predicts_at_most_doubling():
+def test_schedule_jumps_to_what_the_error_predicts():
     schedule = Schedule(first=10, step=10)
     assert schedule.start(1000) == 10 and schedule.start(4) == 4
     assert schedule.target(10, 0.01, 0.01, 1000) == 10  # settled
     assert schedule.target(10, 0.011, 0.01, 1000) == 20  # needs 12.1: one more step
-    assert schedule.target(10, 0.05, 0.01, 1000) == 20  # needs 250: at most double
+    assert schedule.target(10, 0.05, 0.01, 1000) == 250  # needs 250: all at once
+    assert schedule.target(10, 0.0501, 0.01, 1000) == 260  # needs 251.001, rounded up to a step
     assert schedule.target(40, 0.012, 0.01, 1000) == 60  # needs 57.6, rounded up to a step
-    assert schedule.target(640, 0.05, 0.01, 1000) == 1000  # never beyond the maximum
+    assert schedule.target(100, 0.05, 0.01, 1000) == 1000  # needs 2,500: never beyond the maximum
     assert schedule.target(1000, 0.05, 0.01, 1000) == 1000  # at the maximum: stop
 
 

@@ -10,11 +10,13 @@ is ``std(z) / sqrt(T)``.
 
 Sampling goes in stretches. Every instance starts with ``first`` samples; an instance whose error
 is above the tolerance asks for the T its error predicts (``T (error / tolerance)^2``), at least one
-more ``step`` and at most twice what it has, rounded up to a multiple of ``step``, and never more
-than the maximum. Every decision reads only the instance's own draws, and sample t is the same
-whichever stretch draws it (``training.mc_dropout``), so an instance's answer and T depend only on
-its input and the seed: ``samples: "auto"`` with a seed replays exactly, and equals ``samples: T``
-with the same seed for the T it reports.
+more ``step``, rounded up to a multiple of ``step``, and never more than the maximum. It jumps there
+at once: a stretch costs a server far more than its samples do (a round trip through the batcher
+and the per-call Python), so overshooting by a few samples is cheaper than another round. Every
+decision reads only the instance's own draws, and sample t is the same whichever stretch draws it
+(``training.mc_dropout``), so an instance's answer and T depend only on its input and the seed:
+``samples: "auto"`` with a seed replays exactly, and equals ``samples: T`` with the same seed for
+the T it reports.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class Schedule:
         if error <= tolerance or used >= maximum:
             return used
         wanted = math.ceil(used * (error / tolerance) ** 2 / self.step) * self.step
-        return min(max(wanted, used + self.step), 2 * used, maximum)
+        return min(max(wanted, used + self.step), maximum)
 
 
 def error_function(

@@ -59,7 +59,7 @@ def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_p
     mc = [("mc-100", 1), ("mc-100", 8), ("mc-100-mixed", 8), ("mc-10-mixed", 8)]
     for ours in servers[2:]:
         expected |= {(ours, w, c) for w, c in [*predict, *mc, ("mc-auto-mixed", 8)]}
-    expected |= {("ours-before", w, c) for w, c in [*predict, *mc]}  # no samples "auto" before
+    expected |= {("ours-before", w, c) for w, c in [*predict, *mc, ("mc-auto-mixed", 8)]}  # its code has auto
     grpc_workloads = ("v2-1", "grpc-v2-1", "grpc-v2-1-conns", "grpc-live")
     expected |= {("ours-batched", w, c) for w in grpc_workloads for c in (1, 8)}  # the default
     assert_complete(results, expected)

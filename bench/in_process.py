@@ -1,7 +1,9 @@
 """In-process costs behind the HTTP numbers: why the service calls signatures, and MC in one call.
 
 One ``serving_default`` signature call against Keras ``model.predict`` on the same model, and one
-``mc_dropout`` call with T = 100 against 100 inference passes in a Python loop, one instance each.
+``mc_dropout`` call with T = 100 against 100 inference passes in a Python loop, one instance each;
+and one ``mc_dropout`` call with T = 1 and T = 10: what a call costs whatever its samples (the
+executor's per-op overhead), the part of an MC request that sampling less (``auto``) cannot save.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def measure(version_dir: Path, instance: list[float], rows: list[list[float]]) -
     timings = {
         "signature_ms": best_of(lambda: serving(inputs=x)),
         "keras_predict_ms": best_of(lambda: keras_model.predict(x.numpy(), verbose=0), repeat=3, number=10),
+        "mc_dropout_t1_ms": best_of(lambda: mc(inputs=x, samples=tf.constant(1), seed=seed)),
+        "mc_dropout_t10_ms": best_of(lambda: mc(inputs=x, samples=tf.constant(10), seed=seed)),
         "mc_dropout_t100_ms": best_of(lambda: mc(inputs=x, samples=samples, seed=seed)),
         "loop_100_passes_ms": best_of(lambda: [serving(inputs=x) for _ in range(100)], repeat=3, number=3),
         "mc_dropout_32x100_ms": best_of(lambda: mc(inputs=batch, samples=samples, seed=seed), number=10),
@@ -69,6 +73,8 @@ def report(ms: dict[str, float]) -> str:
             "in-process, one instance (ms per call, best of several batches)",
             f"  serving_default signature       {signature:8.3f}",
             f"  keras model.predict             {predict:8.3f}   {predict / signature:6.1f}x the signature",
+            f"  mc_dropout, T=1, one call       {ms['mc_dropout_t1_ms']:8.3f}   what a call costs whatever T",
+            f"  mc_dropout, T=10, one call      {ms['mc_dropout_t10_ms']:8.3f}",
             f"  mc_dropout, T=100, one call     {one_call:8.3f}",
             f"  100 inference passes in a loop  {loop:8.3f}   {loop / one_call:6.1f}x the one MC call",
             "MC compute limit, one call of 32 instances x T=100 (ms per call; instances per second)",

@@ -222,12 +222,9 @@ def _split(value: Any, spans: list[tuple[int, int]]) -> list[Any]:
         return [None] * len(spans)
     if isinstance(value, np.ndarray):
         return [value[start:stop] for start, stop in spans]
-    shared, arrays = {}, {}
-    for name in value.__dataclass_fields__:
-        field = getattr(value, name)
-        (arrays if isinstance(field, np.ndarray) else shared)[name] = field
-    kind = type(value)
-    return [kind(**shared, **{name: a[start:stop] for name, a in arrays.items()}) for start, stop in spans]
+    kind, fields_ = type(value), [getattr(value, field.name) for field in fields(value)]
+    arrays = [isinstance(field, np.ndarray) for field in fields_]
+    return [kind(*[v[start:stop] if a else v for v, a in zip(fields_, arrays, strict=True)]) for start, stop in spans]
 
 
 def output_names(model: ServedModel, mc: bool, auto: bool = False) -> list[str]:

@@ -22,13 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _worker(version_dir: Path, jobs: int, samples: int) -> None:
+def _worker(version_dir: Path, jobs: int, samples: int, best_of: Callable[..., float]) -> None:
     """In a checkout's process (its root first on ``sys.path``): answer ``measure`` lines with timings."""
     import numpy as np
     import tensorflow as tf
@@ -43,7 +44,6 @@ def _worker(version_dir: Path, jobs: int, samples: int) -> None:
     from app.monte_carlo import MonteCarlo
     from app.protocols.native import _mc_answer
     from app.summaries import Summarizer
-    from bench.in_process import best_of
     from training.signatures import Segment
 
     model = load_version(version_dir.parent.name, version_dir)
@@ -67,8 +67,8 @@ def _worker(version_dir: Path, jobs: int, samples: int) -> None:
 
 
 def _checkout(commit: str, into: Path) -> Path:
-    """``app``, ``training`` and ``bench`` of ``commit`` in ``into``."""
-    archive = subprocess.run(["git", "archive", commit, "app", "training", "bench"], cwd=ROOT, capture_output=True)
+    """``app`` and ``training`` of ``commit`` in ``into``."""
+    archive = subprocess.run(["git", "archive", commit, "app", "training"], cwd=ROOT, capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into
 
@@ -95,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        sys.path.insert(0, args.worker)
-        _worker(Path(args.version_dir), args.jobs, args.samples)
+        sys.path.insert(0, str(ROOT))
+        from bench.in_process import best_of  # this checkout's, whichever tree is measured
+
+        sys.path[0] = args.worker  # the measured tree's app and training
+        _worker(Path(args.version_dir), args.jobs, args.samples, best_of)
         return 0
     trees = {"before": _checkout(args.before, Path(tempfile.mkdtemp())), "this checkout": ROOT}
     processes = {name: _start(tree, args) for name, tree in trees.items()}

@@ -140,10 +140,11 @@ class Summarizer:
     answers of a call (and an unbatched request's, as a call of one).
 
     The requests with the same T are summarized and answered as one array, one NumPy pass instead of one per
-    request (a request's own costs ~30 µs of Python, most of it per call, not per instance). Every value of an
-    instance reads only that instance's draws (and its row and seed: tie-breaks), with reductions laid out so
-    the bits do not depend on the other instances (``training.uncertainty.sample_mean``); sets, abstention and
-    intervals are per-instance comparisons. So a request's answer is the same computed alone or beside others.
+    request (one request alone costs ~70 µs of Python, most of it per call, not per instance: ~20 µs each among
+    24). Every value of an instance reads only that instance's draws (and its row and seed: tie-breaks), with
+    reductions laid out so the bits do not depend on the other instances (``training.uncertainty.sample_mean``);
+    sets, abstention and intervals are per-instance comparisons. So a request's answer is the same computed alone
+    or beside others.
     Equal for the same version, alpha and risk (requests asking other levels are answered in groups of their own):
     the batcher groups jobs by it.
     """

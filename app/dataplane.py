@@ -9,8 +9,8 @@ the request's record for logs and metrics. Errors are ``ApiError`` with HTTP sta
 meaning (``app.errors.GRPC_STATUS`` maps them for gRPC).
 
 The MC path is two steps, easy to extend: ``_sample`` runs the draws, then (in the MC worker thread)
-``summarize`` summarizes them and ``_answer`` builds the result (batched MC requests are summarized together,
-``app.summaries.Summarizer``, then answered one by one).
+``Summarizer`` summarizes them and answers their conformal sets, abstention or intervals (batched MC requests
+together), and ``_answer`` builds each request's result.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from app.registry import Registry, VersionStatus
 from app.schemas import SEED_MAX
 from app.settings import Settings
 from app.summaries import (
+    Answered,
     ConformalAnswer,
     Settler,
     Summarizer,
@@ -202,10 +203,15 @@ class DataPlane:
     async def _sample(
         model: ServedModel, batch: np.ndarray, samples: int, seed: int, mc: MonteCarlo, encode: Callable | None
     ) -> InferResult:
-        answer = partial(_answer, model, batch, samples, seed, mc, encode)
+        answer = partial(_answer, model, samples, seed, mc, encode)
+        segment, summarizer = Segment(batch, seed, 0, samples), Summarizer(model, mc.alpha, mc.risk)
         if model.runner.batches_mc and not mc.return_samples:  # (return_samples: mc_dropout's own outputs)
-            return await model.runner.draw(Segment(batch, seed, 0, samples), answer, Summarizer(model))
-        return await model.runner.sample(batch, samples, seed, lambda draws: answer(summarize(model, draws), draws))
+            return await model.runner.draw(segment, answer, summarizer)
+
+        def alone(draws: signatures.Samples) -> InferResult:
+            return answer(summarizer([segment], [draws])[0], draws)
+
+        return await model.runner.sample(batch, samples, seed, alone)
 
     # -- metadata and control: each door only encodes these -----------------------------------------
 
@@ -302,16 +308,16 @@ def _check_outputs(asked: list[str], names: list[str], mc: bool) -> None:
 
 def _answer(
     model: ServedModel,
-    batch: np.ndarray,
     samples: int,
     seed: int,
     mc: MonteCarlo,
     encode: Callable[[InferResult], Any] | None,
-    summary: Summary,
+    answered: Answered,
     draws: signatures.Samples | None = None,
 ) -> InferResult:
-    result = InferResult(model, None, summary, samples, seed, draws if mc.return_samples else None)
-    result.conformal = conformal_answer(model, summary, batch, seed, samples, mc.alpha, mc.risk)
+    """The result of a fixed-T request from its summary and conformal answer (``Summarizer``)."""
+    summary, conformal = answered
+    result = InferResult(model, None, summary, samples, seed, draws if mc.return_samples else None, conformal)
     if encode is not None:
         result.encoded = encode(result)
     return result

@@ -18,7 +18,8 @@ until a few turns of the event loop bring no new job (or the call is full). Each
 (summaries, the response body) runs in the worker thread right after the call, as an unbatched MC
 request's does; an exception there reaches that job's caller only. A job may name a ``prepare``
 (the version's ``app.summaries.Summarizer`` or ``Settler``): the jobs of a call with equal ones are prepared in one
-go, each ``finish`` then gets its own share (per-request summaries cost more than the draws).
+go, of their segments and draws, each ``finish`` then gets its own share (per-request summaries cost more than the
+draws).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import Any
 from app.batcher import JobQueue
 from training.signatures import Samples, Segment
 
-Prepare = Callable[[list[Samples]], list[Any]]
+Prepare = Callable[[list[Segment], list[Samples]], list[Any]]
+"""Each job's share of a group of jobs, from their segments and draws."""
 
 
 @dataclass(eq=False, slots=True)
@@ -54,7 +56,8 @@ def _finish_each(jobs: list[_Job], draws: list[Samples]) -> list[tuple[bool, Any
             groups.setdefault(job.prepare, []).append(i)
     for prepare, members in groups.items():
         try:
-            shares = [(True, value) for value in prepare([draws[i] for i in members])]
+            values = prepare([jobs[i].segment for i in members], [draws[i] for i in members])
+            shares = [(True, value) for value in values]
         except Exception as error:  # handed to these jobs' callers only
             shares = [(False, error)] * len(members)
         for i, share in zip(members, shares, strict=True):

@@ -55,7 +55,7 @@ class Runner:
         return self._segments is not None
 
     async def draw(self, segment: Segment, finish: Callable[[Any], R], prepare: Prepare | None = None) -> R:
-        """``finish`` of one stretch of MC draws (``segment``), or of ``prepare([draws])[0]``, in the MC
+        """``finish`` of one stretch of MC draws (``segment``), or of ``prepare([segment], [draws])[0]``, in the MC
         worker thread.
 
         Batched with concurrent MC requests of this version when the artifact has ``mc_dropout_segments``
@@ -96,7 +96,7 @@ def _sample_then(sample: Sample, batch: np.ndarray, samples: int, seed: int, fin
 def _stretch_then(sample: Sample, segment: Segment, finish: Callable, prepare: Prepare | None) -> object:
     draws = sample(segment.inputs, segment.first + segment.samples, segment.seed)
     kept = continued(segment, signatures.Samples(*(None if a is None else a[segment.first :] for a in draws[:2])))
-    return finish(kept if prepare is None else prepare([kept])[0])
+    return finish(kept if prepare is None else prepare([segment], [kept])[0])
 
 
 def _predict_observed(predict: Predict, name: str, version: int, task: str | None, batch: np.ndarray) -> np.ndarray:

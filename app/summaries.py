@@ -8,8 +8,10 @@ tensor protocols (v2 REST and gRPC) through ``tensors``, by the names ``output_n
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -60,13 +62,14 @@ def conformal_answer(
     model: ServedModel,
     summary: Summary,
     rows: np.ndarray,
-    seed: int,
+    seed: int | np.ndarray,
     samples: int,
     alpha: float | None,
     risk: float | None,
 ) -> ConformalAnswer | None:
     """Sets and abstention, or conformal intervals, for ``summary``; None when the version has no usable
-    calibration (``conformity.unavailable`` says why) or no task."""
+    calibration (``conformity.unavailable`` says why) or no task. ``seed``: the request's, or one per instance
+    of ``rows`` (requests answered together, ``Summarizer``)."""
     if isinstance(summary, RawSummary) or conformity.unavailable(model.metadata) is not None:
         return None
     calibration = model.metadata.conformal
@@ -115,10 +118,8 @@ def summarize(model: ServedModel, draws: signatures.Samples, observe: bool = Tru
     outputs = draws.outputs.astype(np.float64)
     summary: ClassificationSummary | RegressionSummary
     if model.task == "classification":
-        predictive = draws.predictive  # calibrated, if the model is
-        if predictive is None and model.predictive_temperature is not None:
-            predictive = signatures.calibrated_predictive(draws.outputs, model.predictive_temperature)
-        summary = summarize_classification(outputs, predictive)
+        # calibrated, if the model is: mc_dropout's predictive, else the draws' mean at the model's temperature
+        summary = summarize_classification(outputs, draws.predictive, model.predictive_temperature)
     elif model.task == "regression":
         summary = summarize_regression(outputs, model.tau, draws.variance)  # variance: heteroscedastic noise
     else:
@@ -129,22 +130,38 @@ def summarize(model: ServedModel, draws: signatures.Samples, observe: bool = Tru
     return summary
 
 
+Answered = tuple[Summary, ConformalAnswer | None]
+"""What ``Summarizer`` gives each request: its summary and its ``conformal_answer``."""
+
+
 @dataclass(frozen=True, slots=True)
 class Summarizer:
-    """``summarize`` for many requests of one version at once: MC batching's summaries of a call.
+    """``summarize`` and ``conformal_answer`` for many requests of one version and levels at once: MC batching's
+    answers of a call (and an unbatched request's, as a call of one).
 
-    The requests with the same T are summarized as one array, one NumPy pass instead of one per request
-    (a request's own summary costs ~100 µs of Python, most of it per call, not per instance). Every
-    summary value of an instance reads only that instance's draws, with reductions laid out so the bits
-    do not depend on the other instances (``training.uncertainty.sample_mean``), so a request's answer is
-    the same summarized alone or beside others. Equal for the same version: the batcher groups by it.
+    The requests with the same T are summarized and answered as one array, one NumPy pass instead of one per
+    request (one request alone costs ~70 µs of Python, most of it per call, not per instance: ~20 µs each among
+    24). Every value of an instance reads only that instance's draws (and its row and seed: tie-breaks), with
+    reductions laid out so the bits do not depend on the other instances (``training.uncertainty.sample_mean``);
+    sets, abstention and intervals are per-instance comparisons. So a request's answer is the same computed alone
+    or beside others.
+    Equal for the same version, alpha and risk (requests asking other levels are answered in groups of their own):
+    the batcher groups jobs by it.
     """
 
     model: ServedModel
+    alpha: float | None = None
+    risk: float | None = None
 
-    def __call__(self, draws: list[signatures.Samples]) -> list[Summary]:
-        """Each request's summary, in order."""
-        return [summary for (summary,) in _by_t(draws, lambda joined: (summarize(self.model, joined),))]
+    def __call__(self, segments: list[signatures.Segment], draws: list[signatures.Samples]) -> list[Answered]:
+        """Each request's summary and conformal answer, in order."""
+        return _by_t(segments, draws, self._answer)
+
+    def _answer(self, joined: signatures.Samples, rows: np.ndarray, seed: int | np.ndarray) -> Answered:
+        model = self.model
+        summary = summarize(model, joined)
+        samples = joined.outputs.shape[0]
+        return summary, conformal_answer(model, summary, rows, seed, samples, self.alpha, self.risk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,43 +172,60 @@ class Settler:
 
     model: ServedModel
 
-    def __call__(self, draws: list[signatures.Samples]) -> list[tuple[signatures.Samples, Summary, np.ndarray]]:
+    def __call__(
+        self, segments: list[signatures.Segment], draws: list[signatures.Samples]
+    ) -> list[tuple[signatures.Samples, Summary, np.ndarray]]:
         """Each request's (draws, summary, errors), in order."""
         model = self.model
         errors = adaptive.error_function(model.task, model.tau, model.predictive_temperature)
-        found = _by_t(draws, lambda joined: (summarize(model, joined, observe=False), errors(joined)))
+        found = _by_t(segments, draws, lambda joined, *_: (summarize(model, joined, observe=False), errors(joined)))
         return [(drawn, summary, error) for drawn, (summary, error) in zip(draws, found, strict=True)]
 
 
-def _by_t(draws: list[signatures.Samples], compute: Callable[[signatures.Samples], tuple]) -> list[tuple]:
-    """``compute`` of each request's draws, run once on the requests with the same T (their instances side by
-    side), each value it returns (summaries, arrays ``[N, ...]``) split back by instances."""
+def _by_t(
+    segments: list[signatures.Segment],
+    draws: list[signatures.Samples],
+    compute: Callable[[signatures.Samples, np.ndarray, int | np.ndarray], tuple],
+) -> list[tuple]:
+    """``compute`` of each request's draws, rows and seed, run once on the requests with the same T (their instances
+    side by side, a seed per instance), each value it returns (dataclasses of arrays ``[N, ...]``, such arrays,
+    None) split back by instances."""
     results: list[tuple | None] = [None] * len(draws)
     same_t: dict[tuple[int, ...], list[int]] = {}
     for i, drawn in enumerate(draws):
         if drawn.predictive is not None:  # mc_dropout's own predictive: per request
-            results[i] = compute(drawn)
+            results[i] = compute(drawn, segments[i].inputs, segments[i].seed)
         else:
             same_t.setdefault((drawn.outputs.shape[0], *drawn.outputs.shape[2:]), []).append(i)
     for members in same_t.values():
         if len(members) == 1:  # alone in its group: nothing to join or split
-            results[members[0]] = compute(draws[members[0]])
+            i = members[0]
+            results[i] = compute(draws[i], segments[i].inputs, segments[i].seed)
             continue
         parts = [draws[i] for i in members]
+        sizes = [p.outputs.shape[1] for p in parts]
         variance = None if parts[0].variance is None else np.concatenate([p.variance for p in parts], axis=1)
-        whole = compute(signatures.Samples(np.concatenate([p.outputs for p in parts], axis=1), variance))
-        bounds = np.cumsum([0, *(p.outputs.shape[1] for p in parts)]).tolist()
-        for i, start, stop in zip(members, bounds[:-1], bounds[1:], strict=True):
-            results[i] = tuple(_instances(value, start, stop) for value in whole)
+        whole = compute(
+            signatures.Samples(np.concatenate([p.outputs for p in parts], axis=1), variance),
+            np.concatenate([segments[i].inputs for i in members]),
+            np.repeat([segments[i].seed for i in members], sizes),
+        )
+        spans = list(itertools.pairwise(np.cumsum([0, *sizes]).tolist()))
+        for i, *shares in zip(members, *(_split(value, spans) for value in whole), strict=True):
+            results[i] = tuple(shares)
     return results  # type: ignore[return-value]
 
 
-def _instances(value: Summary | np.ndarray, start: int, stop: int) -> Summary | np.ndarray:
-    """Instances ``start .. stop - 1`` of a summary or an array ``[N, ...]``."""
+def _split(value: Any, spans: list[tuple[int, int]]) -> list[Any]:
+    """Instances ``start .. stop - 1`` of ``value`` for each span: an array ``[N, ...]``, a dataclass of such arrays
+    (its other fields, e.g. a homoscedastic aleatoric std, shared), or None."""
+    if value is None:
+        return [None] * len(spans)
     if isinstance(value, np.ndarray):
-        return value[start:stop]
-    values = ((name, getattr(value, name)) for name in value.__dataclass_fields__)
-    return type(value)(**{name: v[start:stop] if isinstance(v, np.ndarray) else v for name, v in values})
+        return [value[start:stop] for start, stop in spans]
+    kind, fields_ = type(value), [getattr(value, field.name) for field in fields(value)]
+    arrays = [isinstance(field, np.ndarray) for field in fields_]
+    return [kind(*[v[start:stop] if a else v for v, a in zip(fields_, arrays, strict=True)]) for start, stop in spans]
 
 
 def output_names(model: ServedModel, mc: bool, auto: bool = False) -> list[str]:

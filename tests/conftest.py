@@ -60,6 +60,24 @@ def tiny_classifier_dir(tiny_classifier, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def calibrated_classifier_dir(tiny_classifier, tmp_path_factory) -> Path:
+    """The tiny classifier exported with its held-out calibration rows (T = 30, seed 5) and temperatures."""
+    from training import conformity, export_model
+
+    rows = tiny_classifier.calibration
+    return export_model(
+        tiny_classifier.model,
+        tmp_path_factory.mktemp("calibrated"),
+        "tiny",
+        task="classification",
+        class_labels=list("0123456789"),
+        temperature=tiny_classifier.temperature,
+        predictive_temperature=tiny_classifier.predictive_temperature,
+        calibration=conformity.CalibrationRows(rows.x, rows.y, source="test rows", samples=30, seed=5),
+    )
+
+
+@pytest.fixture(scope="session")
 def confident_classifier():
     """A digits classifier trained long enough to be sure of most digits (about 97 % test accuracy, 30 s),
     calibrated: sure digits settle in a few MC samples, unfamiliar inputs do not."""

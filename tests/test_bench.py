@@ -206,3 +206,13 @@ def test_mc_graph_checks_the_bits_and_times_both_checkouts():
     assert "samples equal bit for bit: True" in done.stdout
     timed = [line for line in done.stdout.splitlines() if line.startswith("round 1")]
     assert len(timed) == 2 and all(float(line.split()[-2]) > 0 for line in timed), done.stdout
+
+
+def test_mc_finish_checks_the_bodies_and_times_both_checkouts(calibrated_classifier_dir):
+    command = [sys.executable, "bench/mc_finish.py", "--before", "HEAD", "--rounds", "1", "--jobs", "3"]
+    command += ["--version-dir", str(calibrated_classifier_dir)]  # conformal sets and abstention in the bodies
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "3 jobs x T = 100: response bodies equal byte for byte: True" in done.stdout
+    timed = [line for line in done.stdout.splitlines() if line.startswith("round 1")]
+    assert len(timed) == 2 and all(float(line.split()[-1]) > 0 for line in timed), done.stdout

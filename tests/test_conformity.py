@@ -15,20 +15,9 @@ from training.uncertainty import summarize_classification
 
 
 @pytest.fixture(scope="module")
-def calibrated(tiny_classifier, tmp_path_factory):
+def calibrated(calibrated_classifier_dir):
     """The tiny classifier exported with its held-out calibration rows (and temperatures)."""
-    rows = tiny_classifier.calibration
-    path = export_model(
-        tiny_classifier.model,
-        tmp_path_factory.mktemp("calibrated"),
-        "tiny",
-        task="classification",
-        class_labels=list("0123456789"),
-        temperature=tiny_classifier.temperature,
-        predictive_temperature=tiny_classifier.predictive_temperature,
-        calibration=conformity.CalibrationRows(rows.x, rows.y, source="test rows", samples=30, seed=5),
-    )
-    return path, artifact.read_metadata(path)
+    return calibrated_classifier_dir, artifact.read_metadata(calibrated_classifier_dir)
 
 
 def test_calibration_rows_are_held_out_from_fitting_validation_and_test(tiny_classifier):

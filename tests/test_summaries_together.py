@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
 
-from app.loading import load_version
+from app.loading import ServedModel, load_version
 from app.mc_batcher import SegmentBatcher
-from app.summaries import Settler, Summarizer, summarize
+from app.summaries import Settler, Summarizer, conformal_answer, summarize
 from training import adaptive, signatures
 from training.signatures import Segment
 from training.uncertainty import sample_mean, sample_std, summarize_classification, summarize_regression
@@ -74,13 +74,14 @@ def requests(digit_rows: np.ndarray) -> list[Segment]:
 def test_a_call_summarized_together_gives_each_request_its_summary_alone(served, digit_rows):
     segments = requests(digit_rows)
     draws = signatures.segment_draws(served.saved_model.signatures["mc_dropout_segments"], segments)
-    together = Summarizer(served)(draws)
-    settled = Settler(served)(draws)
+    together = Summarizer(served)(segments, draws)
+    settled = Settler(served)(segments, draws)
     error = adaptive.error_function(served.task, served.tau, served.predictive_temperature)
     assert len(together) == len(settled) == 9
-    for drawn, summary, (same, summary_too, errors) in zip(draws, together, settled, strict=True):
+    for drawn, (summary, conformal), (same, summary_too, errors) in zip(draws, together, settled, strict=True):
         alone = summarize(served, drawn)
         assert summary.mean.shape == (drawn.outputs.shape[1], 10)
+        assert conformal is None  # the tiny model has no calibration
         assert_same_bits(alone, summary, "summary")
         assert_same_bits(alone, summary_too, "settler's summary")
         assert same is drawn
@@ -88,6 +89,48 @@ def test_a_call_summarized_together_gives_each_request_its_summary_alone(served,
     assert Summarizer(served) == Summarizer(served) and Summarizer(served) != Summarizer(
         load_version("tiny", served.path)
     )
+    assert Summarizer(served, 0.1) != Summarizer(served) != Summarizer(served, None, 0.2)
+
+
+@pytest.fixture(scope="module")
+def calibrated(calibrated_classifier_dir):
+    """The tiny classifier with its conformal calibration (LAC sets, T = 30) and temperatures."""
+    return load_version("tiny", calibrated_classifier_dir)
+
+
+def _with_aps(model: ServedModel) -> ServedModel:
+    """``model`` as if calibrated before LAC: randomized APS sets, whose tie-breaks read each row and seed."""
+    stored = model.metadata.conformal
+    scores = np.linspace(0.0, 1.0, len(stored.scores)).tolist()
+    aps = stored.model_copy(update={"score": "aps-randomized", "scores": scores})
+    return replace(model, metadata=model.metadata.model_copy(update={"conformal": aps}))
+
+
+@pytest.mark.parametrize("score", ["lac", "aps-randomized"])
+def test_conformal_answers_of_a_call_are_each_requests_alone(calibrated, digit_rows, score):
+    """Sets and abstention computed once for a call's requests: each request's are those it gets alone, from its
+    own rows and seed (APS tie-breaks), at its T, alpha and risk."""
+    model = calibrated if score == "lac" else _with_aps(calibrated)
+    segments = requests(digit_rows)
+    draws = signatures.segment_draws(model.saved_model.signatures["mc_dropout_segments"], segments)
+    for alpha, risk in [(None, None), (0.3, 0.5)]:
+        together = Summarizer(model, alpha, risk)(segments, draws)
+        sizes = []
+        for segment, drawn, (summary, answer) in zip(segments, draws, together, strict=True):
+            alone = summarize(model, drawn)
+            expected = conformal_answer(model, alone, segment.inputs, segment.seed, segment.samples, alpha, risk)
+            assert answer.prediction_set.shape == (len(segment.inputs), 10) and answer.abstain.dtype == bool
+            assert answer.note is not None and answer.alpha == (alpha or 0.1)
+            assert_same_bits(alone, summary, "summary")
+            assert_same_bits(expected, answer, f"conformal {score} alpha={alpha}")
+            sizes += answer.prediction_set.sum(axis=1).tolist()
+        assert len(set(sizes)) > 1  # sets of several sizes: a check that could fail
+    if score == "aps-randomized":  # another seed's tie-breaks give other sets: the per-row seeds were read
+        differ = []
+        for segment, (summary, answer) in zip(segments, Summarizer(model)(segments, draws), strict=True):
+            shifted = conformal_answer(model, summary, segment.inputs, segment.seed + 1, segment.samples, None, None)
+            differ.append(not np.array_equal(answer.prediction_set, shifted.prediction_set))
+        assert any(differ)
 
 
 def test_jobs_with_one_prepare_share_one_call_of_it_and_its_failure_is_theirs_only(served, digit_rows):
@@ -96,11 +139,11 @@ def test_jobs_with_one_prepare_share_one_call_of_it_and_its_failure_is_theirs_on
     def draw(segments: list[Segment]) -> list[signatures.Samples]:
         return signatures.segment_draws(served.saved_model.signatures["mc_dropout_segments"], segments)
 
-    def count(draws: list[signatures.Samples]) -> list[int]:
+    def count(segments: list[Segment], draws: list[signatures.Samples]) -> list[tuple[int, int]]:
         prepared.append(len(draws))
-        return [d.outputs.shape[0] for d in draws]
+        return [(s.seed, d.outputs.shape[0]) for s, d in zip(segments, draws, strict=True)]
 
-    def fail(draws: list[signatures.Samples]) -> list:
+    def fail(segments: list[Segment], draws: list[signatures.Samples]) -> list:
         raise ValueError("prepare failed")
 
     segments = requests(digit_rows)
@@ -117,7 +160,7 @@ def test_jobs_with_one_prepare_share_one_call_of_it_and_its_failure_is_theirs_on
         *results, _ = asyncio.run(main())
     for segment, plan, result in zip(segments, plans, results, strict=True):
         if plan is count:
-            assert result == segment.samples
+            assert result == (segment.seed, segment.samples)  # each job's own segment and draws
         elif plan is fail:
             assert isinstance(result, ValueError) and str(result) == "prepare failed"
         else:

@@ -64,16 +64,18 @@ def quantile(sorted_scores: np.ndarray, alpha: float) -> float:
     return float("inf") if rank > n else float(sorted_scores[rank - 1])
 
 
-def tie_breaks(rows: np.ndarray, seed: int) -> np.ndarray:
-    """One uniform number in [0, 1) per row, a hash of ``seed`` and the row's float32 bytes.
+def tie_breaks(rows: np.ndarray, seed: int | np.ndarray) -> np.ndarray:
+    """One uniform number in [0, 1) per row, a hash of ``seed`` (one for all rows, or one per row) and the row's
+    float32 bytes.
 
     Deterministic (the same instance and seed give the same number, in any process and batch) and,
     for APS, as good as independent uniforms: nothing about a row's label enters the hash.
     """
     rows = np.ascontiguousarray(rows, dtype=np.float32).reshape(len(rows), -1)
-    key = int(seed).to_bytes(8, "little", signed=False)
+    seeds = [seed] * len(rows) if np.ndim(seed) == 0 else np.asarray(seed).tolist()
     out = np.empty(len(rows))
-    for i, row in enumerate(rows):
+    for i, (row, row_seed) in enumerate(zip(rows, seeds, strict=True)):
+        key = int(row_seed).to_bytes(8, "little", signed=False)
         digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest()
         out[i] = (int.from_bytes(digest, "little") >> 11) * 2.0**-53
     return out
@@ -116,6 +118,8 @@ def lac_sets(probabilities: np.ndarray, threshold: float, u: np.ndarray | None =
 
 SET_SCORES = {"aps-randomized": (aps_scores, aps_sets), "lac": (lac_scores, lac_sets)}
 """Classification conformity scores by their stored name: (score of a label, sets at a threshold)."""
+RANDOMIZED = frozenset({"aps-randomized"})
+"""The ``SET_SCORES`` that read ``tie_breaks`` (the others take None for them)."""
 
 
 def set_scores(score: str, probabilities: np.ndarray, labels: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -123,7 +127,7 @@ def set_scores(score: str, probabilities: np.ndarray, labels: np.ndarray, u: np.
     return SET_SCORES[score][0](probabilities, labels, u)
 
 
-def sets(score: str, probabilities: np.ndarray, threshold: float, u: np.ndarray) -> np.ndarray:
+def sets(score: str, probabilities: np.ndarray, threshold: float, u: np.ndarray | None) -> np.ndarray:
     """``[N, K]`` membership of the sets of the ``score`` at ``threshold``."""
     return SET_SCORES[score][1](probabilities, threshold, u)
 

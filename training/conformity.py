@@ -98,12 +98,14 @@ def prediction_sets(
     calibration: artifact.ConformalCalibration,
     summary: ClassificationSummary,
     rows: np.ndarray,
-    seed: int,
+    seed: int | np.ndarray,
     alpha: float,
 ) -> np.ndarray:
-    """``[N, K]`` membership of the level-``1 - alpha`` sets; ``rows`` and ``seed`` as sent (the tie-breaks)."""
+    """``[N, K]`` membership of the level-``1 - alpha`` sets; ``rows`` and ``seed`` (or a seed per row) as sent:
+    the tie-breaks of a randomized score."""
     threshold = conformal.quantile(calibration.scores, alpha)  # a sorted list: indexed, not converted
-    return conformal.sets(calibration.score, summary.mean, threshold, conformal.tie_breaks(rows, seed))
+    u = conformal.tie_breaks(rows, seed) if calibration.score in conformal.RANDOMIZED else None
+    return conformal.sets(calibration.score, summary.mean, threshold, u)
 
 
 def intervals(

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from training.uncertainty import sample_mean
+from training.uncertainty import sample_mean, tempered
 
 
 class Samples(NamedTuple):
@@ -53,6 +53,4 @@ def calibrated_predictive(outputs: np.ndarray, temperature: float) -> np.ndarray
     calibrated MC predictive that ``mc_dropout`` computes in-graph (float32) as ``predictive``, here over
     all of a request's samples. An instance's value reads only its own draws (``sample_mean``), so it is the
     same whoever shared the calls or the summaries."""
-    log_mean = np.log(np.maximum(sample_mean(outputs), 1e-30)) / temperature
-    scaled = np.exp(log_mean - log_mean.max(axis=-1, keepdims=True))
-    return scaled / scaled.sum(axis=-1, keepdims=True)
+    return tempered(sample_mean(outputs), temperature)

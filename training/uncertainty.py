@@ -23,8 +23,17 @@ def sample_mean(values: np.ndarray) -> np.ndarray:
     alone or beside other requests' (MC batching summarizes a call's requests together). Here every
     value's T draws are laid out contiguously and summed pairwise, one run per value, however many runs.
     """
-    runs = np.ascontiguousarray(np.moveaxis(np.asarray(values, dtype=np.float64), 0, -1))
-    return np.add.reduce(runs, axis=-1) / values.shape[0]
+    return _run_mean(_runs(values))
+
+
+def _runs(values: np.ndarray) -> np.ndarray:
+    """``values [T, N, ...]`` as float64 ``[N, ..., T]``, each value's T draws contiguous (``sample_mean``)."""
+    return np.ascontiguousarray(np.moveaxis(np.asarray(values, dtype=np.float64), 0, -1))
+
+
+def _run_mean(runs: np.ndarray) -> np.ndarray:
+    """``sample_mean`` of values already laid out by ``_runs``."""
+    return np.add.reduce(runs, axis=-1) / runs.shape[-1]
 
 
 def sample_std(values: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
@@ -36,9 +45,20 @@ def sample_std(values: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray
 def entropy(probabilities: np.ndarray) -> np.ndarray:
     """Shannon entropy over the last axis (0 log 0 = 0). NumPy only: the server imports this module,
     and serving needs no SciPy."""
+    probabilities = np.asarray(probabilities)
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = probabilities * np.log(probabilities)
-    return -np.where(probabilities == 0, 0.0, terms).sum(axis=-1)
+        terms = np.log(probabilities)
+        terms *= probabilities  # in place: the same bits as p * log(p), one array fewer
+    np.copyto(terms, 0.0, where=probabilities == 0)
+    return -terms.sum(axis=-1)
+
+
+def tempered(mean: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log(mean) / temperature)`` over the last axis: a temperature-calibrated predictive from the MC
+    mean ``[N, K]`` (``training.draws.calibrated_predictive``)."""
+    log_mean = np.log(np.maximum(mean, 1e-30)) / temperature
+    scaled = np.exp(log_mean - log_mean.max(axis=-1, keepdims=True))
+    return scaled / scaled.sum(axis=-1, keepdims=True)
 
 
 @dataclass(frozen=True)
@@ -57,29 +77,40 @@ class ClassificationSummary:
     variation_ratio: np.ndarray  # [N] share of samples whose argmax is not the modal label
 
 
-def summarize_classification(samples: np.ndarray, predictive: np.ndarray | None = None) -> ClassificationSummary:
+def summarize_classification(
+    samples: np.ndarray, predictive: np.ndarray | None = None, temperature: float | None = None
+) -> ClassificationSummary:
     """Summaries of ``samples [T, N, K]``; ``predictive [N, K]`` (``mc_dropout``'s calibrated
-    predictive) replaces the samples' mean as the answer's probabilities and label.
+    predictive), or else a ``temperature`` to calibrate the samples' mean with (``tempered``), replaces the
+    samples' mean as the answer's probabilities and label.
 
     Every value of instance ``i`` reads only ``samples[:, i]`` and is the same bits whatever other
     instances ``samples`` holds (``sample_mean``), so requests can be summarized together."""
     samples = np.ascontiguousarray(samples, dtype=np.float64)
-    raw_mean = sample_mean(samples)
-    mean = raw_mean if predictive is None else np.asarray(predictive, dtype=np.float64)
+    count, classes = samples.shape[0], samples.shape[-1]
+    runs = _runs(samples)  # laid out once for the mean and the std
+    raw_mean = _run_mean(runs)
+    if predictive is not None:
+        mean = np.asarray(predictive, dtype=np.float64)
+    else:
+        mean = raw_mean if temperature is None else tempered(raw_mean, temperature)
     label = mean.argmax(axis=-1)
     total = entropy(raw_mean)
     expected = sample_mean(entropy(samples))
+    deviations = runs - raw_mean[..., None]  # (runs may be a view of samples: T = 1)
     votes = samples.argmax(axis=-1)  # [T, N]
-    modal_count = (votes[..., None] == np.arange(samples.shape[-1])).sum(axis=0).max(axis=-1, initial=0)
+    instances = votes.shape[1]
+    counts = np.bincount((votes + classes * np.arange(instances)).ravel(), minlength=instances * classes)
+    modal_count = counts.reshape(instances, classes).max(axis=-1, initial=0)  # bins of each instance's own
     return ClassificationSummary(
         mean=mean,
-        std=sample_std(samples, raw_mean),
+        std=np.sqrt(_run_mean(np.square(deviations, out=deviations))),  # sample_std's bits
         label=label,
         probability=mean[np.arange(len(label)), label],
         predictive_entropy=total,
         expected_entropy=expected,
         mutual_information=np.maximum(total - expected, 0.0),
-        variation_ratio=1.0 - modal_count / samples.shape[0],
+        variation_ratio=1.0 - modal_count / count,
     )
 
 

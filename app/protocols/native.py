@@ -117,12 +117,14 @@ def _mc_answer(result: InferResult) -> Response:
 
 def _add_conformal(answers: list[dict[str, Any]], conformal: ConformalAnswer, labels: list[str] | None) -> None:
     """Each instance's prediction set and abstention, or its conformal interval (beside ``interval_95``)."""
+    if conformal.prediction_set is not None:  # whole columns to Python at once: NumPy per instance costs more
+        sets, abstain = conformal.prediction_set.tolist(), conformal.abstain.tolist()
+        for answer, members, abstains in zip(answers, sets, abstain, strict=True):
+            answer["prediction_set"] = [label for label, member in zip(labels, members, strict=True) if member]
+            answer["abstain"] = abstains
+        return
     for i, answer in enumerate(answers):
-        if conformal.prediction_set is not None:
-            answer["prediction_set"] = [labels[k] for k in np.flatnonzero(conformal.prediction_set[i])]
-            answer["abstain"] = bool(conformal.abstain[i])
-        else:
-            answer["interval"] = [_scalar_or_list(conformal.lower[i]), _scalar_or_list(conformal.upper[i])]
+        answer["interval"] = [_scalar_or_list(conformal.lower[i]), _scalar_or_list(conformal.upper[i])]
 
 
 def _answer(model: ServedModel, predictions: list[dict], **extra) -> dict:
@@ -152,18 +154,22 @@ def _mc_predictions(result: InferResult) -> list[dict[str, Any]]:
     s = result.summary
     if isinstance(s, ClassificationSummary):
         labels = result.model.class_labels
+        columns = (s.label, s.probability, s.mean, s.std, s.predictive_entropy, s.expected_entropy)
+        columns += (s.mutual_information, s.variation_ratio)
         answers = [
             {
-                "label": labels[s.label[i]],
-                "probability": float(s.probability[i]),
-                "probabilities": s.mean[i].tolist(),
-                "std": s.std[i].tolist(),
-                "predictive_entropy": float(s.predictive_entropy[i]),
-                "expected_entropy": float(s.expected_entropy[i]),
-                "mutual_information": float(s.mutual_information[i]),
-                "variation_ratio": float(s.variation_ratio[i]),
-            }
-            for i in range(len(s.label))
+                "label": labels[label],
+                "probability": probability,
+                "probabilities": mean,
+                "std": std,
+                "predictive_entropy": total,
+                "expected_entropy": expected,
+                "mutual_information": mutual,
+                "variation_ratio": variation,
+            }  # each column to Python in one tolist: the same floats as float() of each value
+            for label, probability, mean, std, total, expected, mutual, variation in zip(
+                *(column.tolist() for column in columns), strict=True
+            )
         ]
     elif isinstance(s, RawSummary):
         answers = [{"mean": mean.tolist(), "std": std.tolist()} for mean, std in zip(s.mean, s.std, strict=True)]

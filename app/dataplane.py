@@ -37,6 +37,7 @@ from app.settings import Settings
 from app.summaries import (
     Answered,
     ConformalAnswer,
+    Settled,
     Settler,
     Summarizer,
     Summary,
@@ -340,7 +341,7 @@ async def _sample_auto(
     error = adaptive.error_function(model.task, model.tau, model.predictive_temperature)
     sampler = adaptive.Adaptive(batch, seed, error, tolerance, maximum)
     answer = partial(_finish_auto, model, batch, seed, tolerance, mc, sampler, encode)
-    settler = Settler(model)
+    settler = Settler(model, mc.alpha, mc.risk)
     while stretches := sampler.pending():
         alone = len(stretches) == 1
         rounds = [partial(_auto_round, sampler, i, alone, answer) for i in range(len(stretches))]
@@ -359,16 +360,16 @@ def _auto_round(
     index: int,
     alone: bool,
     answer: Callable[..., InferResult],
-    settled: tuple[signatures.Samples, Summary, np.ndarray],
+    settled: Settled,
 ) -> adaptive.Step | InferResult:
     """In the worker thread: the stretch's step; the whole answer if this was the request's last stretch (with
-    the stretch's summary when its instances are all of them, stopping together)."""
-    drawn, summary, errors = settled
+    the stretch's summary and conformal answer when its instances are all of them, stopping together)."""
+    drawn, summary, errors, conformal = settled
     step = sampler.step(index, drawn, errors)
     if not alone or step.active:
         return step
     sampler.advance([step])
-    return answer(summary if len(sampler.finished) == 1 else None)
+    return answer((summary, conformal) if len(sampler.finished) == 1 else None)
 
 
 def _finish_auto(
@@ -379,19 +380,23 @@ def _finish_auto(
     mc: MonteCarlo,
     sampler: adaptive.Adaptive,
     encode: Callable[[InferResult], Any] | None,
-    summary: Summary | None = None,
+    answered: Answered | None = None,
 ) -> InferResult:
-    """The answer; ``summary``: of every instance, already made (``Settler``) when they all stopped at once."""
+    """The answer; ``answered``: the summary and conformal answer of every instance, already made (``Settler``)
+    when they all stopped at once."""
     count = len(batch)
-    if summary is None:
-        summary = merge([(rows, summarize(model, draws)) for rows, draws in sampler.finished], count)
-    else:
-        observe_mc(model.name, model.version, model.task, summary)
     used = np.empty(count, np.int64)
     for rows, draws in sampler.finished:
         used[rows] = draws.outputs.shape[0]
-    result = InferResult(model, None, summary, int(used.max()), seed, samples_used=used, tolerance=tolerance)
-    result.conformal = conformal_answer(model, summary, batch, seed, result.samples, mc.alpha, mc.risk)
+    if answered is None:
+        summary = merge([(rows, summarize(model, draws)) for rows, draws in sampler.finished], count)
+        conformal = conformal_answer(model, summary, batch, seed, int(used.max()), mc.alpha, mc.risk)
+    else:
+        summary, conformal = answered
+        observe_mc(model.name, model.version, model.task, summary)
+    result = InferResult(
+        model, None, summary, int(used.max()), seed, conformal=conformal, samples_used=used, tolerance=tolerance
+    )
     if encode is not None:
         result.encoded = encode(result)
     return result

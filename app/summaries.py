@@ -164,22 +164,35 @@ class Summarizer:
         return summary, conformal_answer(model, summary, rows, seed, samples, self.alpha, self.risk)
 
 
+Settled = tuple[signatures.Samples, Summary, np.ndarray, ConformalAnswer | None]
+"""What ``Settler`` gives each ``auto`` stretch: its draws so far, their summary, Monte-Carlo errors and conformal
+answer (the request's answer if its instances all stop here)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settler:
     """For ``samples: "auto"``: a stretch of many requests at once (each one's draws so far), each one's draws,
-    summary (not yet observed for the metrics: the request may sample on) and Monte-Carlo errors
-    (``training.adaptive``), computed together as ``Summarizer`` does (the errors are layout-invariant too)."""
+    summary (not yet observed for the metrics: the request may sample on), Monte-Carlo errors (``training.adaptive``)
+    and conformal answer at the request's levels, computed together as ``Summarizer`` does (the errors are
+    layout-invariant too). Equal for the same version, alpha and risk."""
 
     model: ServedModel
+    alpha: float | None = None
+    risk: float | None = None
 
-    def __call__(
-        self, segments: list[signatures.Segment], draws: list[signatures.Samples]
-    ) -> list[tuple[signatures.Samples, Summary, np.ndarray]]:
-        """Each request's (draws, summary, errors), in order."""
+    def __call__(self, segments: list[signatures.Segment], draws: list[signatures.Samples]) -> list[Settled]:
+        """Each request's (draws, summary, errors, conformal answer), in order."""
+        found = _by_t(segments, draws, self._settle)
+        return [(drawn, *settled) for drawn, settled in zip(draws, found, strict=True)]
+
+    def _settle(
+        self, joined: signatures.Samples, rows: np.ndarray, seed: int | np.ndarray
+    ) -> tuple[Summary, np.ndarray, ConformalAnswer | None]:
         model = self.model
         errors = adaptive.error_function(model.task, model.tau, model.predictive_temperature)
-        found = _by_t(segments, draws, lambda joined, *_: (summarize(model, joined, observe=False), errors(joined)))
-        return [(drawn, summary, error) for drawn, (summary, error) in zip(draws, found, strict=True)]
+        summary = summarize(model, joined, observe=False)
+        samples = joined.outputs.shape[0]
+        return summary, errors(joined), conformal_answer(model, summary, rows, seed, samples, self.alpha, self.risk)
 
 
 def _by_t(

@@ -78,10 +78,12 @@ def test_a_call_summarized_together_gives_each_request_its_summary_alone(served,
     settled = Settler(served)(segments, draws)
     error = adaptive.error_function(served.task, served.tau, served.predictive_temperature)
     assert len(together) == len(settled) == 9
-    for drawn, (summary, conformal), (same, summary_too, errors) in zip(draws, together, settled, strict=True):
+    for drawn, (summary, conformal), (same, summary_too, errors, conformal_too) in zip(
+        draws, together, settled, strict=True
+    ):
         alone = summarize(served, drawn)
         assert summary.mean.shape == (drawn.outputs.shape[1], 10)
-        assert conformal is None  # the tiny model has no calibration
+        assert conformal is None and conformal_too is None  # the tiny model has no calibration
         assert_same_bits(alone, summary, "summary")
         assert_same_bits(alone, summary_too, "settler's summary")
         assert same is drawn
@@ -90,6 +92,7 @@ def test_a_call_summarized_together_gives_each_request_its_summary_alone(served,
         load_version("tiny", served.path)
     )
     assert Summarizer(served, 0.1) != Summarizer(served) != Summarizer(served, None, 0.2)
+    assert Settler(served, 0.1) != Settler(served) == Settler(served)
 
 
 @pytest.fixture(scope="module")
@@ -108,21 +111,23 @@ def _with_aps(model: ServedModel) -> ServedModel:
 
 @pytest.mark.parametrize("score", ["lac", "aps-randomized"])
 def test_conformal_answers_of_a_call_are_each_requests_alone(calibrated, digit_rows, score):
-    """Sets and abstention computed once for a call's requests: each request's are those it gets alone, from its
-    own rows and seed (APS tie-breaks), at its T, alpha and risk."""
+    """Sets and abstention computed once for a call's requests (fixed T, and ``auto``'s stretches): each request's
+    are those it gets alone, from its own rows and seed (APS tie-breaks), at its T, alpha and risk."""
     model = calibrated if score == "lac" else _with_aps(calibrated)
     segments = requests(digit_rows)
     draws = signatures.segment_draws(model.saved_model.signatures["mc_dropout_segments"], segments)
     for alpha, risk in [(None, None), (0.3, 0.5)]:
         together = Summarizer(model, alpha, risk)(segments, draws)
+        settled = Settler(model, alpha, risk)(segments, draws)
         sizes = []
-        for segment, drawn, (summary, answer) in zip(segments, draws, together, strict=True):
+        for segment, drawn, (summary, answer), stretch in zip(segments, draws, together, settled, strict=True):
             alone = summarize(model, drawn)
             expected = conformal_answer(model, alone, segment.inputs, segment.seed, segment.samples, alpha, risk)
             assert answer.prediction_set.shape == (len(segment.inputs), 10) and answer.abstain.dtype == bool
             assert answer.note is not None and answer.alpha == (alpha or 0.1)
             assert_same_bits(alone, summary, "summary")
             assert_same_bits(expected, answer, f"conformal {score} alpha={alpha}")
+            assert_same_bits(expected, stretch[3], f"auto stretch's conformal {score} alpha={alpha}")
             sizes += answer.prediction_set.sum(axis=1).tolist()
         assert len(set(sizes)) > 1  # sets of several sizes: a check that could fail
     if score == "aps-randomized":  # another seed's tie-breaks give other sets: the per-row seeds were read

@@ -283,11 +283,18 @@ FIGURES = [
         None,
     ),
     (
-        f"/predict 1 instance, 32 conn: req/s vs before the refactor ({BEFORE})",
+        "/predict 1 instance, 32 conn: req/s vs ours-before (--before)",
         (OURS, "predict-1", 32, "rps"),
         ("ours-before", "predict-1", 32, "rps"),
         "/",
         NO_SLOWER,
+    ),
+    (
+        "/predict 1 instance, 1 conn: p50 minus ours-before's",
+        (OURS, "predict-1", 1, "p50_ms"),
+        ("ours-before", "predict-1", 1, "p50_ms"),
+        "-",
+        0.05,
     ),
     (
         "MC T=100 1 instance, 8 conn: req/s vs /predict's",
@@ -305,25 +312,18 @@ FIGURES = [
         0.6,
     ),
     (
-        "MC T=100 1 instance, 32 conn: req/s vs before MC batching",
+        "MC T=100 1 instance, 32 conn: req/s vs ours-before's",
         (OURS, "mc-100", 32, "rps"),
         ("ours-before", "mc-100", 32, "rps"),
         "/",
         None,
     ),
     (
-        "/predict 1 instance, 32 conn: req/s vs before MC batching",
-        (OURS, "predict-1", 32, "rps"),
-        ("ours-before", "predict-1", 32, "rps"),
+        "MC auto, mixed stream, 32 conn: req/s vs ours-before's",
+        (OURS, "mc-auto-mixed", 32, "rps"),
+        ("ours-before", "mc-auto-mixed", 32, "rps"),
         "/",
-        0.95,  # "does not get slower", within the benchmark's noise
-    ),
-    (
-        "/predict 1 instance, 1 conn: p50 minus before MC batching's",
-        (OURS, "predict-1", 1, "p50_ms"),
-        ("ours-before", "predict-1", 1, "p50_ms"),
-        "-",
-        0.05,
+        None,
     ),
     (
         "MC auto, mixed stream, 32 conn: req/s vs T=100 on the same stream",
@@ -562,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; medians of {args.rounds} rounds" if args.rounds > 1 else "")
     )
     print(tables(cells, sorted({*args.connections, *args.mc_connections, *args.mixed_connections})))
-    print("\nacceptance figures (issues 9, 18 and 21), this server with default settings\n")
+    before = results["servers"].get("ours-before", {}).get("description")
+    print("\nacceptance figures (issues 9, 18 and 21), this server with default settings")
+    print(f"(ours-before: {before})\n" if before else "")
     print(ratio_table(results["ratios"]))
     if args.rounds > 1:
         print("\nthe same figures round by round\n")

@@ -388,15 +388,14 @@ def _finish_auto(
     used = np.empty(count, np.int64)
     for rows, draws in sampler.finished:
         used[rows] = draws.outputs.shape[0]
+    samples = int(used.max())
     if answered is None:
         summary = merge([(rows, summarize(model, draws)) for rows, draws in sampler.finished], count)
-        conformal = conformal_answer(model, summary, batch, seed, int(used.max()), mc.alpha, mc.risk)
+        conformal = conformal_answer(model, summary, batch, seed, samples, mc.alpha, mc.risk)
     else:
         summary, conformal = answered
         observe_mc(model.name, model.version, model.task, summary)
-    result = InferResult(
-        model, None, summary, int(used.max()), seed, conformal=conformal, samples_used=used, tolerance=tolerance
-    )
+    result = InferResult(model, None, summary, samples, seed, None, conformal, samples_used=used, tolerance=tolerance)
     if encode is not None:
         result.encoded = encode(result)
     return result

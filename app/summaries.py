@@ -158,10 +158,7 @@ class Summarizer:
         return _by_t(segments, draws, self._answer)
 
     def _answer(self, joined: signatures.Samples, rows: np.ndarray, seed: int | np.ndarray) -> Answered:
-        model = self.model
-        summary = summarize(model, joined)
-        samples = joined.outputs.shape[0]
-        return summary, conformal_answer(model, summary, rows, seed, samples, self.alpha, self.risk)
+        return _answered(self.model, joined, rows, seed, self.alpha, self.risk)
 
 
 Settled = tuple[signatures.Samples, Summary, np.ndarray, ConformalAnswer | None]
@@ -190,9 +187,22 @@ class Settler:
     ) -> tuple[Summary, np.ndarray, ConformalAnswer | None]:
         model = self.model
         errors = adaptive.error_function(model.task, model.tau, model.predictive_temperature)
-        summary = summarize(model, joined, observe=False)
-        samples = joined.outputs.shape[0]
-        return summary, errors(joined), conformal_answer(model, summary, rows, seed, samples, self.alpha, self.risk)
+        summary, conformal = _answered(model, joined, rows, seed, self.alpha, self.risk, observe=False)
+        return summary, errors(joined), conformal
+
+
+def _answered(
+    model: ServedModel,
+    joined: signatures.Samples,
+    rows: np.ndarray,
+    seed: int | np.ndarray,
+    alpha: float | None,
+    risk: float | None,
+    observe: bool = True,
+) -> Answered:
+    """The summary and conformal answer of draws at their T (``Summarizer`` and ``Settler``)."""
+    summary = summarize(model, joined, observe)
+    return summary, conformal_answer(model, summary, rows, seed, joined.outputs.shape[0], alpha, risk)
 
 
 def _by_t(

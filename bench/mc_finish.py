@@ -49,11 +49,11 @@ def _worker(version_dir: Path, jobs: int, samples: int, best_of: Callable[..., f
     model = load_version(version_dir.parent.name, version_dir)
     draw = model.runner._segments._draw
     rows = load_digits().data.astype(np.float32)
-    before_18 = "batch" in inspect.signature(dataplane._answer).parameters  # _answer took the rows before
+    answer_takes_rows = "batch" in inspect.signature(dataplane._answer).parameters  # the code before e75dda0
     batch = []
     for seed in range(jobs):
         segment = Segment(rows[seed : seed + 1], seed, 0, samples)
-        head = (model, segment.inputs) if before_18 else (model,)
+        head = (model, segment.inputs) if answer_takes_rows else (model,)
         finish = partial(dataplane._answer, *head, samples, seed, MonteCarlo(samples, seed), _mc_answer)
         batch.append(_Job(segment, finish, Summarizer(model), None, samples))
     segments = [job.segment for job in batch]

@@ -29,7 +29,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--input-dropout", type=float, help="dropout rate on the inputs (0; regression: --dropout)")
     p.add_argument("--spatial-dropout", type=float, default=0.25, help="SpatialDropout2D rate (conv)")
-    p.add_argument("--weight-decay", type=float, help="L2 factor on every kernel (regression: from tau)")
+    p.add_argument(
+        "--weight-decay", type=float, help="L2 factor on every kernel (classification 1e-4; regression: from tau)"
+    )
     p.add_argument("--tau", type=float, help="regression model precision (default: fitted on validation rows)")
     p.add_argument(
         "--likelihood",
@@ -93,6 +95,16 @@ def _rate(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a rate or 'concrete', got {text!r}") from None
 
 
+def _weight_decay(given: float | None, regression: bool, concrete: bool) -> float:
+    """The L2 factor: a classifier's default is ``CLASSIFIER_WEIGHT_DECAY``; 0 lets a regression network take
+    Gal's prior from tau (``training.train``) and leaves Concrete Dropout to its own regularizers."""
+    from training.model import CLASSIFIER_WEIGHT_DECAY
+
+    if given is not None:
+        return given
+    return 0.0 if regression or concrete else CLASSIFIER_WEIGHT_DECAY
+
+
 def _run_train(args: argparse.Namespace) -> None:
     from training import data as datasets
 
@@ -122,7 +134,7 @@ def _run_train(args: argparse.Namespace) -> None:
         dropout=dropout,
         input_dropout=args.input_dropout if args.input_dropout is not None else (dropout if regression else 0.0),
         spatial_dropout=args.spatial_dropout,
-        weight_decay=args.weight_decay or 0.0,
+        weight_decay=_weight_decay(args.weight_decay, regression, concrete),
         learning_rate=args.learning_rate,
         concrete=concrete,
     )

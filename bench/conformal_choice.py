@@ -30,7 +30,7 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import artifact, conformal, metrics, signatures  # noqa: E402
+from training import artifact, conformal, conformity, metrics, signatures  # noqa: E402
 from training.report import held_out_rows  # noqa: E402
 from training.uncertainty import summarize_classification  # noqa: E402
 
@@ -119,7 +119,7 @@ def acceptance_by_size(models: list[dict]) -> dict[int, np.ndarray]:
     """Per size, each seed's mean share accepted by the served rule at ``RISK`` (delta 0.2) over ``RESAMPLES``
     calibration sets of that size drawn with replacement from its training-share calibration and validation
     rows, measured on those rows (a bootstrap: no row of the test share)."""
-    name = conformal.UNCERTAINTIES[1]
+    name = conformity.UNCERTAINTY
     out: dict[int, list[float]] = {n: [] for n in SIZES}
     for seed, m in enumerate(models):
         parts = (m["training share"], m["validation"])

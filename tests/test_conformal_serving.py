@@ -188,7 +188,7 @@ def test_a_model_without_scores_answers_without_the_fields_and_says_why(server, 
     calibrated = httpx.get(f"{server.url}/models/digits", timeout=10).json()["versions"][0]
     assert calibrated["conformal_unavailable"] is None and calibrated["conformal"]["rows"] == 468
     assert calibrated["conformal"]["score"] == "lac" and calibrated["conformal"]["delta"] == 0.2
-    assert calibrated["conformal"]["uncertainty"] == "1 - probability + mutual information"
+    assert calibrated["conformal"]["uncertainty"] == "1 - probability + 3 * mutual information"
     metadata = httpx.get(f"{server.url}/v2/models/plain", timeout=10).json()
     assert "prediction_set" not in metadata["parameters"]["mc_dropout_outputs"]
     assert (

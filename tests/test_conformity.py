@@ -143,6 +143,28 @@ def test_a_calibration_stored_before_lac_still_answers_with_its_own_aps_score(ca
     assert 0 < abstain.mean() < 1
 
 
+def test_a_calibration_stored_with_unit_weight_still_abstains_by_its_own_rule(calibrated, tiny_classifier):
+    """Versions exported before the mutual information's weight became 3 keep ``1 - p + MI``."""
+    path, meta = calibrated
+    rows, test = tiny_classifier.calibration, tiny_classifier.test
+    mc = tf.saved_model.load(str(path)).signatures["mc_dropout"]
+    cal = summarize_classification(*_draws(mc, rows.x, 5))
+    old = meta.conformal.model_copy(
+        update={
+            "uncertainty": "1 - probability + mutual information",
+            "uncertainties": (1 - cal.mean.max(-1) + cal.mutual_information).tolist(),
+        }
+    )
+    old = artifact.ConformalCalibration.model_validate(old.model_dump())  # as read back from its metadata
+    summary = summarize_classification(*_draws(mc, test.x, 1))
+    threshold = conformal.abstention_threshold(np.asarray(old.uncertainties), np.asarray(old.correct), 0.5, old.delta)
+    unit = 1 - summary.mean.max(-1) + summary.mutual_information
+    np.testing.assert_array_equal(conformity.abstentions(old, summary, 0.5), unit > threshold)
+    tripled = 1 - summary.mean.max(-1) + 3 * summary.mutual_information
+    assert meta.conformal.uncertainty == "1 - probability + 3 * mutual information"
+    assert not np.array_equal(unit > threshold, tripled > threshold)  # the weight changes which rows pass
+
+
 def _draws(mc, x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     draws = signatures.mc_draws(mc, x, 30, seed)
     return draws.outputs, draws.predictive

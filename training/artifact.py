@@ -152,7 +152,10 @@ class ConformalCalibration(BaseModel):
     seed: int = Field(description="mc_dropout seed of that predictive (and of the APS tie-breaks)")
     predictive_temperature: float | None = None
     tau: float | None = None
-    uncertainty: Literal["1 - probability", "1 - probability + mutual information"] | None = None
+    uncertainty: (
+        Literal["1 - probability", "1 - probability + mutual information", "1 - probability + 3 * mutual information"]
+        | None
+    ) = None
     uncertainties: list[float] | None = Field(None, description="classifiers: per calibration row, row order")
     correct: list[bool] | None = Field(None, description="classifiers: per calibration row, row order")
     default_risk: float | None = Field(None, description="classifiers: abstention risk when a request names none")

@@ -206,14 +206,20 @@ def top_uncertainty(probabilities: np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(probabilities, dtype=np.float64).max(axis=-1)
 
 
-UNCERTAINTIES = ("1 - probability", "1 - probability + mutual information")
-"""Abstention scores by their stored name."""
+MUTUAL_INFORMATION_WEIGHTS = {
+    "1 - probability": 0.0,
+    "1 - probability + mutual information": 1.0,
+    "1 - probability + 3 * mutual information": 3.0,
+}
+"""Abstention scores by their stored name: ``1 - max_k p_k`` plus this many times the MC samples' mutual information."""
+UNCERTAINTIES = tuple(MUTUAL_INFORMATION_WEIGHTS)
 
 
 def uncertainty(name: str, probabilities: np.ndarray, mutual_information: np.ndarray) -> np.ndarray:
-    """The abstention score ``name`` of each row: ``1 - max_k p_k``, plus the MC samples' mutual information
-    (nats) for the second. A deterministic prediction has none (its samples cannot disagree): pass zeros."""
-    if name not in UNCERTAINTIES:
+    """The abstention score ``name`` of each row: ``1 - max_k p_k``, plus its weight times the MC samples'
+    mutual information (nats). A deterministic prediction has none (its samples cannot disagree): pass zeros."""
+    weight = MUTUAL_INFORMATION_WEIGHTS.get(name)
+    if weight is None:
         raise ValueError(f"unknown abstention score {name!r}")
     top = top_uncertainty(probabilities)
-    return top if name == UNCERTAINTIES[0] else top + np.asarray(mutual_information, dtype=np.float64)
+    return top + weight * np.asarray(mutual_information, dtype=np.float64) if weight else top

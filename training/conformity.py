@@ -27,7 +27,7 @@ DEFAULT_RISK = 0.05
 DEFAULT_DELTA = 0.2
 SET_SCORE = "lac"
 """The classification score new calibrations store (``conformal.SET_SCORES``); see docs/conformal.md for the choice."""
-UNCERTAINTY = "1 - probability + mutual information"
+UNCERTAINTY = "1 - probability + 3 * mutual information"
 """The abstention score new calibrations store (``conformal.UNCERTAINTIES``)."""
 CALIBRATION_SAMPLES = 100
 """T of the calibration predictive: the server's default (``DROPOUT_SERVE_DEFAULT_SAMPLES``)."""

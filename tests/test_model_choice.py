@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from bench import model_choice, trained
-from training import conformal_report
+from training import artifact, conformal_report
+from training.model import CLASSIFIER_WEIGHT_DECAY
 
 TINY = ["--seed", "3", "--epochs", "2", "--hidden", "16"]
 
@@ -23,8 +24,10 @@ def test_other_frames_are_never_a_box_of_the_test_set():
 
 
 def test_candidates_are_weighed_on_validation_rows_and_shapes(tmp_path: Path):
-    trained.train(tmp_path / "decay", "digits-seed-3", TINY)
-    trained.train(tmp_path / "plain", "digits-seed-3", [*TINY, "--weight-decay", "0"])
+    decay, _ = trained.train(tmp_path / "decay", "digits-seed-3", TINY)
+    plain, _ = trained.train(tmp_path / "plain", "digits-seed-3", [*TINY, "--weight-decay", "0"])
+    weight_decay = {v: artifact.read_metadata(v).training["model"]["weight_decay"] for v in (decay, plain)}
+    assert weight_decay == {decay: CLASSIFIER_WEIGHT_DECAY, plain: 0.0}  # a classifier's default, and 0 when asked
     candidates = ["--candidate", f"decay={tmp_path / 'decay'}", "--candidate", f"plain={tmp_path / 'plain'}"]
     text = model_choice.main([*candidates, "--weights", "0", "3"])
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]

@@ -57,7 +57,7 @@ def test_evaluate_writes_scores_auroc_and_plots(tmp_path):
             assert set(rule["ood_abstained"]) == {"uniform noise", "inverted", "boxes"}
     assert (out / "risk_coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Conformal prediction sets (lac), 468 calibration rows" in result.stdout
-    assert "Abstention (accept when 1 - probability + mutual information is at most" in result.stdout
+    assert "Abstention (accept when 1 - probability + 3 * mutual information is at most" in result.stdout
 
 
 def test_evaluate_refuses_unknown_models(tmp_path):

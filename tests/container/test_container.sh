@@ -141,8 +141,11 @@ answer=$(post "$port" /v2/models/digits/infer "$v2")
 check "$answer" 'r["parameters"]["samples"] == 50 and {o["name"] for o in r["outputs"]} >= {"probabilities", "mutual_information"}' \
     "v2 infer with mc_dropout: wrong answer"
 echo "stripped TensorFlow runs serving_default (TF Serving :predict) and mc_dropout (v2 infer)"
-podman logs "$SERVED" 2>&1 | grep -q "ready: http://localhost:8000/docs" || fail "no ready line in the log"
-! podman logs "$SERVED" 2>&1 | grep -q "rebuild TensorFlow" || fail "TensorFlow's CPU-instruction note is shown"
+# The log is read whole first: `podman logs | grep -q` fails under pipefail whenever grep stops at its
+# match before podman has written the rest (podman then dies of SIGPIPE).
+log=$(podman logs "$SERVED" 2>&1)
+grep -q "ready: http://localhost:8000/docs" <<<"$log" || fail "no ready line in the log"
+! grep -q "rebuild TensorFlow" <<<"$log" || fail "TensorFlow's CPU-instruction note is shown"
 
 # /docs and /redoc name only the service's own URLs, and each answers: they work offline.
 for page in /docs /redoc; do

@@ -4,6 +4,7 @@ when the predictive it was computed from changes, and covering fresh rows at the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from training import artifact, conformal, conformity, export_model, signatures
-from training.uncertainty import summarize_classification
+from training.uncertainty import ClassificationSummary, summarize_classification
 
 
 @pytest.fixture(scope="module")
@@ -117,20 +118,17 @@ def test_sets_cover_fresh_rows_and_grow_as_alpha_shrinks(calibrated, tiny_classi
 
 def test_a_calibration_stored_before_lac_still_answers_with_its_own_aps_score(calibrated, tiny_classifier):
     """Versions exported with randomized APS and ``1 - probability`` keep their sets and abstention rule."""
-    path, meta = calibrated
-    rows, test = tiny_classifier.calibration, tiny_classifier.test
-    mc = tf.saved_model.load(str(path)).signatures["mc_dropout"]
-    cal = summarize_classification(*_draws(mc, rows.x, 5))
-    old = meta.conformal.model_copy(
-        update={
+    meta, test = calibrated[1], tiny_classifier.test
+    old, summary = _stored_before(
+        calibrated,
+        tiny_classifier,
+        lambda cal, rows: {
             "score": "aps-randomized",
             "scores": np.sort(conformal.aps_scores(cal.mean, rows.y, conformal.tie_breaks(rows.x, 5))).tolist(),
             "uncertainty": "1 - probability",
             "uncertainties": (1 - cal.mean.max(-1)).tolist(),
-        }
+        },
     )
-    old = artifact.ConformalCalibration.model_validate(old.model_dump())  # as read back from its metadata
-    summary = summarize_classification(*_draws(mc, test.x, 1))
     sets = conformity.prediction_sets(old, summary, test.x, 1, 0.1)
     threshold = conformal.quantile(np.asarray(old.scores), 0.1)
     np.testing.assert_array_equal(sets, conformal.aps_sets(summary.mean, threshold, conformal.tie_breaks(test.x, 1)))
@@ -145,24 +143,35 @@ def test_a_calibration_stored_before_lac_still_answers_with_its_own_aps_score(ca
 
 def test_a_calibration_stored_with_unit_weight_still_abstains_by_its_own_rule(calibrated, tiny_classifier):
     """Versions exported before the mutual information's weight became 3 keep ``1 - p + MI``."""
-    path, meta = calibrated
-    rows, test = tiny_classifier.calibration, tiny_classifier.test
-    mc = tf.saved_model.load(str(path)).signatures["mc_dropout"]
-    cal = summarize_classification(*_draws(mc, rows.x, 5))
-    old = meta.conformal.model_copy(
-        update={
+    meta = calibrated[1]
+    old, summary = _stored_before(
+        calibrated,
+        tiny_classifier,
+        lambda cal, _rows: {
             "uncertainty": "1 - probability + mutual information",
             "uncertainties": (1 - cal.mean.max(-1) + cal.mutual_information).tolist(),
-        }
+        },
     )
-    old = artifact.ConformalCalibration.model_validate(old.model_dump())  # as read back from its metadata
-    summary = summarize_classification(*_draws(mc, test.x, 1))
     threshold = conformal.abstention_threshold(np.asarray(old.uncertainties), np.asarray(old.correct), 0.5, old.delta)
     unit = 1 - summary.mean.max(-1) + summary.mutual_information
     np.testing.assert_array_equal(conformity.abstentions(old, summary, 0.5), unit > threshold)
     tripled = 1 - summary.mean.max(-1) + 3 * summary.mutual_information
     assert meta.conformal.uncertainty == "1 - probability + 3 * mutual information"
     assert not np.array_equal(unit > threshold, tripled > threshold)  # the weight changes which rows pass
+
+
+def _stored_before(
+    calibrated, tiny_classifier, stored: Callable[..., dict]
+) -> tuple[artifact.ConformalCalibration, ClassificationSummary]:
+    """The version's calibration as an earlier export stored it (``stored(summary, rows)`` of its calibration rows,
+    MC seed 5: the fields that differ), read back from metadata; and the summary of the test rows at seed 1."""
+    path, meta = calibrated
+    rows = tiny_classifier.calibration
+    mc = tf.saved_model.load(str(path)).signatures["mc_dropout"]
+    cal = summarize_classification(*_draws(mc, rows.x, 5))
+    old = meta.conformal.model_copy(update=stored(cal, rows))
+    old = artifact.ConformalCalibration.model_validate(old.model_dump())  # as read back from its metadata
+    return old, summarize_classification(*_draws(mc, tiny_classifier.test.x, 1))
 
 
 def _draws(mc, x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

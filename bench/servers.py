@@ -35,12 +35,13 @@ MLSERVER_REQUIREMENTS = ["mlserver==1.7.*", f"{_TF}==2.21.*", "httptools"]
 @dataclass(frozen=True)
 class Workload:
     """One kind of request: ``rows`` digit instances, plain prediction or MC dropout with ``samples``; with
-    ``stream``, each row is a request of its own and they are sent in turn."""
+    ``stream``, the rows are cut into requests of ``per_request`` rows each, sent in turn."""
 
     name: str
     rows: list[list[float]]
     samples: int | str | None = None
     stream: bool = False
+    per_request: int = 1
 
 
 @dataclass
@@ -125,7 +126,8 @@ def _uvicorn(app: str, port: int) -> list[str]:
 def _native(workload: Workload) -> str | list[str]:
     extra = {} if workload.samples is None else {"samples": workload.samples}
     if workload.stream:
-        return [json.dumps({"instances": [row], **extra}) for row in workload.rows]
+        rows, size = workload.rows, workload.per_request
+        return [json.dumps({"instances": rows[i : i + size], **extra}) for i in range(0, len(rows), size)]
     return json.dumps({"instances": workload.rows, **extra})
 
 

@@ -26,8 +26,10 @@ Servers (one process each, loopback only, no access logs):
 Workloads: predict-1 and predict-32 (1 and 32 digit instances per request), mc-100
 (/predict/mc-dropout, 1 instance, T = 100; at the --mc-connections counts), mc-100-mixed /
 mc-auto-mixed: the mixed stream of bench/adaptive.py (test digits plus 10 % boxes, noise and inverted
-digits), one instance per request in turn, T = 100 or samples "auto" (at --mixed-connections), and mc-10-mixed:
-T = 10, auto's first stretch alone, which bounds what auto can reach;
+digits), one instance per request in turn, T = 100 or samples "auto" (at --mixed-connections), mc-10-mixed:
+T = 10, auto's first stretch alone, mc-1 / mc-1-mixed: T = 1, the cheapest MC request, which bounds what
+any MC request and any auto schedule can reach, and mc-100-mixed-32 / mc-auto-mixed-32: the mixed stream
+cut into requests of 32 instances;
 for ours-batched also v2-1 (REST /v2/models/{m}/infer, JSON, 1 instance), grpc-v2-1 (gRPC
 ModelInfer, raw FP32, 1 instance) and grpc-live (gRPC ServerLive: a call that does nothing), the gRPC
 ones N concurrent calls on one HTTP/2 connection (one channel, as a gRPC client sends them) in the
@@ -90,7 +92,11 @@ WORKLOADS = [
     Workload("mc-100", [DIGIT_ZERO], samples=100),
     Workload("mc-100-mixed", mixed_rows(), samples=100, stream=True),
     Workload("mc-auto-mixed", mixed_rows(), samples="auto", stream=True),
-    Workload("mc-10-mixed", mixed_rows(), samples=10, stream=True),  # auto's first stretch alone: its ceiling
+    Workload("mc-10-mixed", mixed_rows(), samples=10, stream=True),  # auto's first stretch alone
+    Workload("mc-1", [DIGIT_ZERO], samples=1),  # the cheapest MC request: what any MC request can reach
+    Workload("mc-1-mixed", mixed_rows(), samples=1, stream=True),  # one sample: what any auto schedule can reach
+    Workload("mc-100-mixed-32", mixed_rows(), samples=100, stream=True, per_request=32),
+    Workload("mc-auto-mixed-32", mixed_rows(), samples="auto", stream=True, per_request=32),
 ]
 
 
@@ -126,7 +132,7 @@ def measure(server: servers.Server, args: argparse.Namespace, reference: dict) -
     specs = {w.name: w for w in WORKLOADS}
     for workload in [*server.requests, *server.grpc_calls]:
         spec = specs[ONE_ROW.get(workload, workload)]
-        rows = 1 if spec.stream else len(spec.rows)
+        rows = min(spec.per_request, len(spec.rows)) if spec.stream else len(spec.rows)
         probabilities = server.answer(workload)
         if probabilities is None:
             continue
@@ -333,9 +339,31 @@ FIGURES = [
         2,
     ),
     (
-        "MC T=10 (auto's first stretch alone), mixed stream, 32 conn: req/s vs T=100 (what auto can reach)",
+        "MC T=10 (auto's first stretch alone), mixed stream, 32 conn: req/s vs T=100",
         (OURS, "mc-10-mixed", 32, "rps"),
         (OURS, "mc-100-mixed", 32, "rps"),
+        "/",
+        None,
+    ),
+    # What bounds the two above: a request of one sample, the cheapest MC request there is.
+    (
+        "MC T=1 1 instance, 32 conn: req/s vs /predict's (what any MC request can reach)",
+        (OURS, "mc-1", 32, "rps"),
+        (OURS, "predict-1", 32, "rps"),
+        "/",
+        None,
+    ),
+    (
+        "MC T=1, mixed stream, 32 conn: req/s vs T=100 (what auto can reach: it runs at least one stretch)",
+        (OURS, "mc-1-mixed", 32, "rps"),
+        (OURS, "mc-100-mixed", 32, "rps"),
+        "/",
+        None,
+    ),
+    (
+        "MC auto, mixed stream of 32-instance requests, 32 conn: req/s vs T=100 on the same stream",
+        (OURS, "mc-auto-mixed-32", 32, "rps"),
+        (OURS, "mc-100-mixed-32", 32, "rps"),
         "/",
         None,
     ),

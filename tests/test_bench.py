@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import cpu, serving, wrk
+from bench import cpu, servers, serving, wrk
 from bench.serving import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,12 @@ def assert_complete(results: dict, expected: set[tuple[str, str, int]]) -> None:
         assert run["client_cpu_us_per_request"] > 0, run  # wrk's or bench/grpc_load.py's own CPU
 
 
+MC_ONE_ROW = ("mc-100", "mc-1")
+"""MC workloads of one digit per request, at the --mc-connections counts; the streams are at --mixed-connections."""
+MC_FIXED_STREAMS = ("mc-100-mixed", "mc-10-mixed", "mc-1-mixed", "mc-100-mixed-32")
+MC_AUTO_STREAMS = ("mc-auto-mixed", "mc-auto-mixed-32")
+
+
 def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_path):
     assert shutil.which("wrk"), wrk.INSTALL_HINT
     repository = tiny_classifier_dir.parents[1]
@@ -56,10 +62,9 @@ def test_quick_run_measures_every_server_and_workload(tiny_classifier_dir, tmp_p
     results = run_bench(repository, tmp_path / "r.json", "--servers", *servers, "ours-before", *arguments)
     predict = [("predict-1", c) for c in (1, 8)] + [("predict-32", c) for c in (1, 8)]
     expected = {("floor", "predict-1", c) for c in (1, 8)} | {("minimal", w, c) for w, c in predict}
-    mc = [("mc-100", 1), ("mc-100", 8), ("mc-100-mixed", 8), ("mc-10-mixed", 8)]
-    for ours in servers[2:]:
-        expected |= {(ours, w, c) for w, c in [*predict, *mc, ("mc-auto-mixed", 8)]}
-    expected |= {("ours-before", w, c) for w, c in [*predict, *mc, ("mc-auto-mixed", 8)]}  # its code has auto
+    mc = [(w, c) for w in MC_ONE_ROW for c in (1, 8)] + [(w, 8) for w in (*MC_FIXED_STREAMS, *MC_AUTO_STREAMS)]
+    for ours in [*servers[2:], "ours-before"]:  # the before tree is this one's code: it has auto
+        expected |= {(ours, w, c) for w, c in [*predict, *mc]}
     grpc_workloads = ("v2-1", "grpc-v2-1", "grpc-v2-1-conns", "grpc-live")
     expected |= {("ours-batched", w, c) for w in grpc_workloads for c in (1, 8)}  # the default
     assert_complete(results, expected)
@@ -117,7 +122,7 @@ def test_rounds_measure_every_server_again(tiny_classifier_dir, tmp_path):
     assert results["run"]["grpc_load_generator"] == "bench/grpc_load.py"
     rounds = {(r["server"], r["workload"], r["connections"], r["round"]) for r in results["runs"]}
     cells = {("floor", "predict-1", 8), ("ours-batched", "predict-1", 8), ("ours-batched", "predict-32", 8)}
-    cells |= {("ours-batched", w, 1) for w in ("mc-100", "mc-100-mixed", "mc-auto-mixed", "mc-10-mixed")}
+    cells |= {("ours-batched", w, 1) for w in (*MC_ONE_ROW, *MC_FIXED_STREAMS, *MC_AUTO_STREAMS)}
     cells |= {("ours-batched", w, 8) for w in ("v2-1", "grpc-v2-1", "grpc-v2-1-conns", "grpc-live")}
     assert rounds == {(*cell, k) for cell in cells for k in (1, 2)}
     assert len(results["ratios_per_round"]) == 2
@@ -147,8 +152,8 @@ def test_grpc_and_the_pre_refactor_server_are_measured_beside_rest(tiny_classifi
     workloads = ("predict-1", "predict-32", "v2-1", "grpc-v2-1", "grpc-v2-1-conns", "grpc-live")
     expected = {("ours-batched", w, c) for w in workloads for c in (1, 8)}
     expected |= {("ours-before", w, c) for w in ("predict-1", "predict-32") for c in (1, 8)}
-    expected |= {("ours-batched", w, 1) for w in ("mc-100", "mc-100-mixed", "mc-auto-mixed", "mc-10-mixed")}
-    expected |= {("ours-before", w, 1) for w in ("mc-100", "mc-100-mixed", "mc-10-mixed")}  # fixed T only
+    expected |= {("ours-batched", w, 1) for w in (*MC_ONE_ROW, *MC_FIXED_STREAMS, *MC_AUTO_STREAMS)}
+    expected |= {("ours-before", w, 1) for w in (*MC_ONE_ROW, *MC_FIXED_STREAMS)}  # fixed T only
     assert_complete(results, expected)
     grpc_generator = "h2load" if shutil.which("h2load") else "bench/grpc_load.py"
     for run in results["runs"]:
@@ -216,3 +221,13 @@ def test_mc_finish_checks_the_bodies_and_times_both_checkouts(calibrated_classif
     assert "3 jobs x T = 100: response bodies equal byte for byte: True" in done.stdout
     timed = [line for line in done.stdout.splitlines() if line.startswith("round 1")]
     assert len(timed) == 2 and all(float(line.split()[-1]) > 0 for line in timed), done.stdout
+
+
+def test_a_stream_is_cut_into_requests_of_its_size():
+    rows = [[float(i)] * 2 for i in range(5)]
+    bodies = servers._native(servers.Workload("w", rows, samples="auto", stream=True, per_request=2))
+    assert [json.loads(b)["instances"] for b in bodies] == [rows[0:2], rows[2:4], rows[4:5]]
+    assert {json.loads(b)["samples"] for b in bodies} == {"auto"}
+    assert [json.loads(b)["instances"] for b in servers._native(servers.Workload("w", rows, stream=True))] == [
+        [row] for row in rows
+    ]

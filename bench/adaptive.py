@@ -28,6 +28,8 @@ from training.data import digits, split  # noqa: E402
 TOLERANCES = (0.02, 0.03, 0.04, 0.05, 0.06)
 """The grid the default tolerance was chosen from (the smallest with a mean T within 30 on validation rows)."""
 REFERENCE_SAMPLES = 2000
+REQUEST_SIZES = (1, 32)
+"""Instances per request of the mixed stream, as bench/serving.py sends it (mc-auto-mixed, mc-auto-mixed-32)."""
 
 
 def held_out(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -67,6 +69,26 @@ def run_auto(segments, inputs: np.ndarray, seed: int, tolerance: float, temperat
         used[rows] = draws.outputs.shape[0]
         served[rows] = _served(draws.outputs, temperature)
     return used, served
+
+
+def rounds(segments, inputs: np.ndarray, seed: int, per_request: int, temperature: float | None, maximum: int):
+    """Each request's stretches (graph calls, if it ran alone) when ``inputs`` are sent ``per_request`` at a time:
+    a request waits for its slowest instance, so its rounds are the most any of its instances takes alone."""
+    error = adaptive.error_function("classification", None, temperature)
+    counts = []
+    for start in range(0, len(inputs), per_request):
+        calls = 0
+
+        def counted(stretches):
+            nonlocal calls
+            calls += 1
+            return segments(stretches)
+
+        adaptive.Adaptive(inputs[start : start + per_request], seed, error, adaptive.DEFAULT_TOLERANCE, maximum).run(
+            counted
+        )
+        counts.append(calls)
+    return np.array(counts)
 
 
 def _served(outputs: np.ndarray, temperature: float | None) -> np.ndarray:
@@ -111,7 +133,13 @@ def measure(version_dir: Path, seeds=(1, 2, 3), maximum: int = adaptive.DEFAULT_
     rows, strange = mixed_stream()
     mixed = compare(loaded, rows, adaptive.DEFAULT_TOLERANCE, temperature, seeds, maximum)
     strange_only = compare(loaded, rows[strange], adaptive.DEFAULT_TOLERANCE, temperature, seeds, maximum)
+    segments = partial(signatures.segment_draws, loaded.signatures[artifact.MC_SEGMENTS_SIGNATURE])
+    per_request = {
+        size: float(np.mean([rounds(segments, rows, seed, size, temperature, maximum) for seed in seeds]))
+        for size in REQUEST_SIZES
+    }
     return {
+        "mixed_stream_rounds": per_request,
         "maximum": maximum,
         "test": compare(loaded, test, adaptive.DEFAULT_TOLERANCE, temperature, seeds, maximum),
         "validation_sweep": [compare(loaded, validation, t, temperature, seeds, maximum) for t in TOLERANCES],
@@ -150,6 +178,8 @@ def report(results: dict) -> str:
             f"| {name} ({r['rows']}) | {r['mean_samples']:.1f} | {r['median_samples']:.0f} | "
             f"{r['p90_samples']:.0f} | {r['max_samples']} |"
         )
+    rounds = ", ".join(f"{size}: {mean:.2f}" for size, mean in results["mixed_stream_rounds"].items())
+    lines.append(f"\nstretches per request of the mixed stream, by instances per request: {rounds}")
     lines += [
         "\nchoosing the default on the validation rows\n",
         "| tolerance | mean T | label agreement | top within 2x tolerance |",

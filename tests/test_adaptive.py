@@ -97,3 +97,22 @@ def test_adaptive_sampling_stops_early_when_confident_longer_out_of_distribution
         alone = signatures.mc_draws(mc, inputs[row : row + 1], used[row], 7).outputs
         np.testing.assert_array_equal(draws.outputs, alone)  # = samples: T with that seed, T the one it used
         assert error(draws)[0] <= adaptive.DEFAULT_TOLERANCE or used[row] == 400
+
+
+def test_a_request_takes_as_many_stretches_as_its_slowest_instance_alone(
+    confident_classifier, confident_classifier_dir
+):
+    """bench/adaptive.py's stretch count: decisions are per instance, so a request of several instances runs as
+    many stretches as the one that takes most of them alone, and never fewer than one."""
+    from bench.adaptive import rounds
+    from training.data import digits
+
+    loaded = tf.saved_model.load(str(confident_classifier_dir))
+    noise = np.random.default_rng(4).uniform(0, 16, size=(3, 64)).astype(np.float32)
+    inputs = np.concatenate([digits().x[:5].astype(np.float32), noise])
+    call = partial(signatures.segment_draws, loaded.signatures[artifact.MC_SEGMENTS_SIGNATURE])
+    count = partial(rounds, call, inputs, 7, temperature=confident_classifier.predictive_temperature, maximum=400)
+    alone = count(per_request=1)
+    assert alone.shape == (8,) and alone.min() >= 1 and alone.max() > alone.min()  # confident digits and noise differ
+    assert count(per_request=8).tolist() == [alone.max()]
+    assert count(per_request=3).tolist() == [alone[0:3].max(), alone[3:6].max(), alone[6:8].max()]

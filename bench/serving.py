@@ -1,6 +1,6 @@
 """Serving throughput and latency against a floor and two peers, side by side in one run.
 
-    python bench/serving.py            # the full run: 10 s per measurement, 1/8/32/64 connections (~10 min)
+    python bench/serving.py            # the full run: 10 s per measurement, 1/8/32/64 connections (~20 min)
     python bench/serving.py --quick    # 2 s per measurement, 1/8/32 connections (~3 min)
     python bench/serving.py --servers floor ours-batched --connections 1 32 --duration 5
     python bench/serving.py --rounds 3 # every server three times, interleaved; figures from the medians

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -188,3 +189,14 @@ def test_export_without_dropout_cannot_be_calibrated(tmp_path):
     with pytest.raises(ValueError, match="needs MC dropout"):
         export_model(model, tmp_path, "plain", task="regression", calibration=rows)
     assert artifact.versions(tmp_path / "plain") == []
+
+
+def test_the_artifact_contract_names_exactly_the_scores_the_code_computes():
+    """The stored score names are listed in the contract (``artifact.ConformalCalibration``) and in
+    ``training.conformal``: a name in one and not the other would fail only when such an artifact is exported
+    or served."""
+    fields = artifact.ConformalCalibration.model_fields
+    (stored_uncertainties, _none) = get_args(fields["uncertainty"].annotation)
+    assert set(get_args(stored_uncertainties)) == set(conformal.UNCERTAINTIES)
+    assert conformity.UNCERTAINTY in conformal.UNCERTAINTIES
+    assert set(get_args(fields["score"].annotation)) == {*conformal.SET_SCORES, "normalized-residual"}
